@@ -1,0 +1,38 @@
+# The two commands of the README: `make test` and `make demo`, on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: test demo venv system-deps clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[export,serve,demo,test]'
+	touch $@
+
+# Debian packages the tests and the demo use: the Fashion-MNIST files and chromium for the
+# browser test. Installed only when we are root with apt; otherwise the tests that need them skip.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; \
+	  [ -d $(FMNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	  [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "apt-get install$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing; tests that need them will skip"; \
+	  fi; \
+	fi
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP) system-deps
+	$(VENV)/bin/fewstep demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

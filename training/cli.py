@@ -1,0 +1,100 @@
+"""`fewstep train`, `fewstep sample`, `fewstep eval`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help="rf, edm, cud, cud-distill, cd, ctm")
+    p.add_argument("--preset", help="tiny, toy, fmnist-cpu, fmnist, cifar10 (default: fmnist-cpu; toy for 2-D data)")
+    p.add_argument("--data", help="fmnist (default), mnist, cifar10, gmm, moons, checkerboard, or a folder of images")
+    p.add_argument("--data-dir", help="where the dataset files are")
+    p.add_argument("--teacher", help="teacher checkpoint (cd, ctm, cud-distill); 'exact' for the 2-D gmm")
+    p.add_argument("--iters", type=int, help="training iterations (overrides the preset)")
+    p.add_argument("--batch", type=int, help="global batch size (overrides the preset)")
+    p.add_argument("--out", help="run directory (default: runs/<method>-<data>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. lr=1e-4 train.ema=[0.999,0.9999] method.solver=heun")
+
+
+def run_train(args) -> int:
+    from fewstep.errors import UserError
+    from training.config import make_config
+    from training.loop import train
+
+    overrides = list(args.overrides)
+    if args.iters is not None:
+        overrides.append(f"train.iters={args.iters}")
+    if args.batch is not None:
+        overrides.append(f"train.batch={args.batch}")
+    cfg = make_config(args.method, data=args.data, preset=args.preset, data_dir=args.data_dir,
+                      teacher=args.teacher, overrides=overrides)
+    if args.iters is not None and args.iters < 1:
+        raise UserError(f"--iters must be >= 1, got {args.iters}")
+    data_tag = Path(cfg["data"]["name"]).name
+    out = args.out or f"runs/{cfg['method']['name']}-{data_tag}"
+    last = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if last is not None:
+        print(f"checkpoint: {last}")
+    return 0
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint dir or run dir (its latest checkpoint)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's default)")
+    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="seeds are seed, seed+1, ...")
+    p.add_argument("--gamma", type=float, help="stochastic sampling in [0, 1] (consistency models)")
+    p.add_argument("--label", type=int, help="class label (class-conditional models); default: cycle")
+    p.add_argument("--ema", default="default", help="EMA decay to use, or 'none' for the online weights")
+    p.add_argument("--out", required=True, help="output PNG")
+
+
+def run_sample(args) -> int:
+    import torch
+
+    from fewstep.errors import UserError
+    from training.build import load_model
+    from training.sample import class_labels, save_samples
+
+    if args.num < 1:
+        raise UserError(f"--num must be >= 1, got {args.num}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.ckpt, ema=None if args.ema == "none" else args.ema, device=device)
+    spec = model.method.sampler_spec()
+    steps = args.steps or spec["default_steps"]
+    if not 1 <= steps <= spec["max_steps"]:
+        raise UserError(f"--steps must be in [1, {spec['max_steps']}], got {steps}")
+    if args.gamma is not None and not 0.0 <= args.gamma <= 1.0:
+        raise UserError(f"--gamma must be in [0, 1], got {args.gamma}")
+    n_cls = model.num_classes
+    if args.label is not None:
+        if not n_cls:
+            raise UserError("--label given but the model is unconditional")
+        if not 0 <= args.label < n_cls:
+            raise UserError(f"--label must be in [0, {n_cls - 1}], got {args.label}")
+        labels = torch.full((args.num,), args.label, device=device)
+    else:
+        labels = class_labels(n_cls, args.num, device)
+    x = model.sample(steps, list(range(args.seed, args.seed + args.num)), labels=labels,
+                     gamma=args.gamma, device=device)
+    save_samples(x, args.out, f"{model.method.name} {steps} steps")
+    print(f"wrote {args.out} ({args.num} samples, {steps} steps, from {model.ckpt})", file=sys.stderr)
+    return 0
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    from training.evaluate import add_args
+    add_args(p)
+
+
+def run_eval(args) -> int:
+    from training.evaluate import run
+    return run(args)
+

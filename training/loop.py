@@ -1,0 +1,201 @@
+"""The one training loop every method shares.
+
+Adam/AdamW with linear warm-up, gradient clipping, EMAs, bf16 autocast on GPU, seeded
+randomness, atomic checkpoints and exact resume, JSONL metrics, PNG sample grids, and
+DistributedDataParallel under `torchrun` (gloo on CPU, nccl on GPU).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from fewstep.errors import UserError
+from training import checkpoint as ck
+from training.build import build_method, build_net, load_teacher_model, resolve_net_config
+
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world
+
+
+def _rng_tensors(device) -> dict:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def _restore_rng(tensors: dict, device) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+
+
+def _same_run(old: dict, new: dict) -> list[str]:
+    """Config fields that must not change on --resume."""
+    diffs = []
+    for sec in ("method", "net", "data"):
+        for k in set(old[sec]) | set(new[sec]):
+            if k in ("shape", "num_classes", "data_dir"):
+                continue
+            if old[sec].get(k) != new[sec].get(k):
+                diffs.append(f"{sec}.{k}")
+    for k in ("batch", "seed"):
+        if old["train"].get(k) != new["train"].get(k):
+            diffs.append(f"train.{k}")
+    return diffs
+
+
+def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Path | None:
+    """Train per cfg into out_dir; returns the last checkpoint path (rank 0) or None."""
+    from training.data import Batches, load_dataset
+
+    tcfg = cfg["train"]
+    if not isinstance(tcfg["iters"], int) or tcfg["iters"] < 1:
+        raise UserError(f"--iters must be a positive integer, got {tcfg['iters']!r}")
+    rank, world = _dist_env()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out = Path(out_dir)
+
+    start = 0
+    prev = None
+    if resume:
+        cks = ck.list_checkpoints(out)
+        if not cks:
+            raise UserError(f"--resume: no checkpoint in {out}/checkpoints")
+        prev = cks[-1]
+        old = ck.read_config(prev)
+        diffs = _same_run(old, cfg)
+        if diffs:
+            raise UserError(f"--resume: config differs from the checkpoint's in {', '.join(diffs)}")
+        start = int(old["step"])
+    elif rank == 0 and ck.list_checkpoints(out):
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+
+    # Data first: a missing dataset fails before anything is written.
+    d = cfg["data"]
+    ds = load_dataset(d["name"], "train", data_dir=d.get("data_dir"), limit=d.get("limit"),
+                      seed=tcfg["seed"], **({"image_size": d["image_size"]} if d.get("image_size") else {}))
+    resolve_net_config(cfg, ds.shape, ds.num_classes)
+    if tcfg["batch"] % world:
+        raise UserError(f"train.batch {tcfg['batch']} is not divisible by the {world} processes")
+    batches = Batches(ds, tcfg["batch"] // world, seed=tcfg["seed"], rank=rank, world=world)
+
+    teacher = load_teacher_model(cfg["teacher"], cfg, device) if cfg.get("teacher") else None
+    method = build_method(cfg, teacher=teacher)
+    if method.needs_teacher and teacher is None:
+        raise UserError(f"method {method.name} needs --teacher CKPT")
+    torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
+    net = build_net(cfg, method)
+    method.init_student(net)
+    net.to(device).train()
+    emas = {str(dcy): copy.deepcopy(net).eval().requires_grad_(False) for dcy in tcfg["ema"]}
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(tcfg["optimizer"])
+    if opt_cls is None:
+        raise UserError(f"train.optimizer must be adam or adamw, got {tcfg['optimizer']!r}")
+    opt = opt_cls(params, lr=tcfg["lr"], betas=tuple(tcfg["betas"]), weight_decay=tcfg["weight_decay"])
+
+    if prev is not None:
+        net.load_state_dict(ck.load_tensors(prev / "model.safetensors"))
+        for name, e in emas.items():
+            e.load_state_dict(ck.load_tensors(prev / f"ema-{name}.safetensors"))
+        tt = ck.load_tensors(prev / "train_state.safetensors")
+        meta = json.loads((prev / "train_state.json").read_text())
+        ck.optimizer_from_flat(opt, tt, meta["optimizer"])
+        if meta.get("world") == world and f"rng.cpu.{rank}" in tt:
+            tt["rng.cpu"] = tt[f"rng.cpu.{rank}"]
+        _restore_rng(tt, device)
+    else:
+        torch.manual_seed(tcfg["seed"] * 1000 + rank)  # per-rank noise from here on
+
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        ck.write_json(out / "config.json", cfg)
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"[fewstep] method={method.name} data={d['name']} {tuple(ds.shape)} n={len(ds)} "
+              f"net={cfg['net']['preset']} params={n_params:,} device={device} world={world}", file=sys.stderr)
+
+    amp = device.type == "cuda" and tcfg["bf16"]
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=tcfg["iters"], initial=start, disable=not progress or rank != 0, dynamic_ncols=True,
+               desc=f"train {method.name}")
+    last_ckpt = None
+    t_last, n_last = time.time(), start
+    for step in range(start, tcfg["iters"]):
+        x, y = batches.batch_at(step)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device) if (y is not None and cfg["net"].get("label_dim")) else None
+        for g in opt.param_groups:
+            g["lr"] = tcfg["lr"] * min(1.0, (step + 1) / max(1, tcfg["warmup"]))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, logs = method.loss(model, x, y, progress=step / tcfg["iters"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"loss is {loss.item()} at step {step}: stopping (last checkpoint kept)")
+        gnorm = torch.nn.utils.clip_grad_norm_(params, tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf"))
+        opt.step()
+        with torch.no_grad():
+            for dcy, e in emas.items():
+                for pe, pn in zip(e.parameters(), net.parameters()):
+                    pe.lerp_(pn.detach(), 1 - float(dcy))
+                for be, bn in zip(e.buffers(), net.buffers()):
+                    be.copy_(bn)
+        done = step + 1
+        bar.update(1)
+        if rank == 0 and (done % tcfg["log_every"] == 0 or done == tcfg["iters"]):
+            now = time.time()
+            ips = (done - n_last) * tcfg["batch"] / max(now - t_last, 1e-9)
+            t_last, n_last = now, done
+            rec = {"step": done, **logs, "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
+                   "images_per_s": round(ips, 2)}
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{ips:.0f}")
+        if rank == 0 and tcfg["sample_every"] and (done % tcfg["sample_every"] == 0 or done == tcfg["iters"]):
+            from training.sample import save_grid
+            first = next(iter(emas.values())) if emas else net
+            save_grid(method, first, cfg, out / "samples" / f"step-{done:07d}.png", device=device)
+        if done % tcfg["ckpt_every"] == 0 or done == tcfg["iters"]:
+            last_ckpt = _save(out, done, cfg, method, net, emas, opt, device, rank, world, tcfg["keep"])
+    bar.close()
+    if metrics:
+        metrics.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return last_ckpt
+
+
+def _save(out, step, cfg, method, net, emas, opt, device, rank, world, keep):
+    # Every rank's RNG state is gathered so a resumed DDP run continues each rank exactly.
+    rng = _rng_tensors(device)
+    tensors = dict(rng)
+    if world > 1 and dist.get_backend() == "gloo":
+        states = [torch.zeros_like(rng["rng.cpu"]) for _ in range(world)]
+        dist.all_gather(states, rng["rng.cpu"])
+        for r, s in enumerate(states):
+            tensors[f"rng.cpu.{r}"] = s
+    if rank != 0:
+        return None
+    otensors, ometa = ck.optimizer_to_flat(opt)
+    tensors.update(otensors)
+    return ck.save_checkpoint(out, step, cfg, net.state_dict(), {k: e.state_dict() for k, e in emas.items()},
+                              method.state_tensors(), tensors, {"optimizer": ometa, "world": world}, keep)

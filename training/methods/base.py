@@ -1,0 +1,69 @@
+"""What every training method provides to the shared loop, sampler and exporter."""
+from __future__ import annotations
+
+import torch
+
+from training import sampling
+
+
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample [B] tensor shaped to broadcast against x [B, ...]."""
+    return v.reshape((-1,) + (1,) * (x.dim() - 1)).to(x.dtype)
+
+
+class Method:
+    """A method = a loss (`loss`) + how its network moves along a trajectory (`jump`).
+
+    Subclasses set `name`, `defaults` (their options, overridable as method.KEY=VALUE),
+    and implement `loss`, `jump` and `sampler_spec`. A method holds no trainable
+    parameters: the network is passed in, so the same object serves training, sampling
+    and export.
+    """
+
+    name = "base"
+    defaults: dict = {}
+    needs_teacher = False
+
+    def __init__(self, opts: dict | None = None, teacher=None):
+        self.opts = dict(self.defaults)
+        unknown = set(opts or {}) - set(self.defaults)
+        if unknown:
+            raise KeyError(f"unknown option(s) for method {self.name}: {', '.join(sorted(unknown))}"
+                           f" (known: {', '.join(sorted(self.defaults)) or 'none'})")
+        self.opts.update(opts or {})
+        self.teacher = teacher
+
+    # --- network set-up -------------------------------------------------------------------
+    def net_overrides(self) -> dict:
+        """Network options this method needs (e.g. a second time input, extra heads)."""
+        return {}
+
+    def init_student(self, net: torch.nn.Module) -> None:
+        """Initialise a fresh network (e.g. from the teacher's weights)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the method needs at sampling time (saved with checkpoints and exports)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    # --- training ---------------------------------------------------------------------------
+    def loss(self, net, x: torch.Tensor, labels: torch.Tensor | None, progress: float = 0.0):
+        """Returns (scalar loss, dict of floats to log). `progress` = step / iters in [0, 1]."""
+        raise NotImplementedError
+
+    # --- sampling -----------------------------------------------------------------------------
+    def jump(self, net, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels=None) -> torch.Tensor:
+        """x_t -> x_s for per-sample times t, s [B] (s < t)."""
+        raise NotImplementedError
+
+    def sampler_spec(self) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, net, steps: int, seeds, shape, labels=None, gamma=None, device="cpu"):
+        """Samples at t_end through the shared sampler loop (torch float32)."""
+        proto = torch.zeros(1, device=device)
+        return sampling.sample(lambda x, t, s: self.jump(net, x, t, s, labels), self.sampler_spec(),
+                               steps, seeds, shape, gamma=gamma, like_x=proto)
