@@ -32,17 +32,19 @@ def _available(module: str, cmd: str) -> bool:
         return False
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for cmd, (module, help_) in COMMANDS.items():
-        if only is not None and cmd != only:
-            sub.add_parser(cmd, help=help_, add_help=False)
-            continue
-        p = sub.add_parser(cmd, help=help_, description=help_)
-        if only is not None:
-            getattr(importlib.import_module(module), f"add_{cmd}_args")(p)
+    for cmd, (_, help_) in COMMANDS.items():
+        sub.add_parser(cmd, help=help_, add_help=False)
     return parser
+
+
+def command_parser(cmd: str) -> argparse.ArgumentParser:
+    module, help_ = COMMANDS[cmd]
+    p = argparse.ArgumentParser(prog=f"fewstep {cmd}", description=help_)
+    getattr(importlib.import_module(module), f"add_{cmd}_args")(p)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if not _available(module, cmd):
         print(f"fewstep: error: '{cmd}' is not available in this build", file=sys.stderr)
         return 2
-    args = build_parser(only=cmd).parse_args(argv)
+    rest = list(argv)
+    rest.remove(cmd)
+    # intermixed: KEY=VALUE overrides may stand before or after the options
+    args = command_parser(cmd).parse_intermixed_args(rest)
+    args.command = cmd
     mod = importlib.import_module(module)
     try:
         rc = getattr(mod, f"run_{cmd}")(args)

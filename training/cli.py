@@ -12,6 +12,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="fmnist (default), mnist, cifar10, gmm, moons, checkerboard, or a folder of images")
     p.add_argument("--data-dir", help="where the dataset files are")
     p.add_argument("--teacher", help="teacher checkpoint (cd, ctm, cud-distill); 'exact' for the 2-D gmm")
+    p.add_argument("--precond", help="cd, ctm: cm, ctm or analytic (shorthand for method.precond=...)")
     p.add_argument("--iters", type=int, help="training iterations (overrides the preset)")
     p.add_argument("--batch", type=int, help="global batch size (overrides the preset)")
     p.add_argument("--out", help="run directory (default: runs/<method>-<data>)")
@@ -27,6 +28,8 @@ def run_train(args) -> int:
     from training.loop import train
 
     overrides = list(args.overrides)
+    if args.precond is not None:
+        overrides.append(f"method.precond={args.precond}")
     if args.iters is not None:
         overrides.append(f"train.iters={args.iters}")
     if args.batch is not None:
@@ -68,7 +71,7 @@ def run_sample(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.ckpt, ema=None if args.ema == "none" else args.ema, device=device)
     spec = model.method.sampler_spec()
-    steps = args.steps or spec["default_steps"]
+    steps = spec["default_steps"] if args.steps is None else args.steps
     if not 1 <= steps <= spec["max_steps"]:
         raise UserError(f"--steps must be in [1, {spec['max_steps']}], got {steps}")
     if args.gamma is not None and not 0.0 <= args.gamma <= 1.0:
@@ -98,3 +101,12 @@ def run_eval(args) -> int:
     from training.evaluate import run
     return run(args)
 
+
+def add_precond_args(p: argparse.ArgumentParser) -> None:
+    from training.precond_cli import add_args
+    add_args(p)
+
+
+def run_precond(args) -> int:
+    from training.precond_cli import run
+    return run(args)

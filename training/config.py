@@ -56,11 +56,30 @@ def default_preset(data_name: str) -> str:
     return "toy" if data_name in TOY_DATA else "fmnist-cpu"
 
 
+# Filled from the data at train time, not options.
+DATA_NET_KEYS = ("img_resolution", "in_channels", "out_channels", "label_dim", "dim")
+
+
+def net_defaults(preset: str) -> dict:
+    """A net preset with every constructor option spelled out, so each can be overridden."""
+    import inspect
+
+    from training.networks import MLP, PRESETS_NET, SongUNet
+    p = copy.deepcopy(PRESETS_NET[preset])
+    cls = {"unet": SongUNet, "mlp": MLP}[p["arch"]]
+    out = {"arch": p["arch"]}
+    for name, par in inspect.signature(cls.__init__).parameters.items():
+        if par.default is not inspect.Parameter.empty and name not in DATA_NET_KEYS:
+            v = par.default
+            out[name] = list(v) if isinstance(v, tuple) else v
+    out.update({k: list(v) if isinstance(v, tuple) else v for k, v in p.items()})
+    return out
+
+
 def make_config(method: str, data: str | None = None, preset: str | None = None,
                 data_dir: str | None = None, teacher: str | None = None,
                 overrides: list[str] | None = None) -> dict:
     from training.methods import method_class
-    from training.networks import PRESETS_NET
 
     mcls = method_class(method)
     if preset is not None and preset not in PRESETS:
@@ -70,8 +89,9 @@ def make_config(method: str, data: str | None = None, preset: str | None = None,
     p = PRESETS[preset]
     cfg = {
         "method": {"name": method, **copy.deepcopy(mcls.defaults)},
-        "data": {"name": data, "data_dir": data_dir, "limit": None, "image_size": None},
-        "net": {"preset": p["net"], **copy.deepcopy(PRESETS_NET[p["net"]])},
+        "data": {"name": data, "data_dir": data_dir, "limit": None, "image_size": None,
+                 "conditional": False},
+        "net": {"preset": p["net"], **net_defaults(p["net"])},
         "train": {**copy.deepcopy(TRAIN_DEFAULTS), **copy.deepcopy(p["train"])},
         "teacher": teacher,
     }

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from fewstep.errors import UserError
 from training import checkpoint as ck
+from training.config import DATA_NET_KEYS
 from training.build import build_method, build_net, load_teacher_model, resolve_net_config
 
 
@@ -50,7 +51,7 @@ def _same_run(old: dict, new: dict) -> list[str]:
     diffs = []
     for sec in ("method", "net", "data"):
         for k in set(old[sec]) | set(new[sec]):
-            if k in ("shape", "num_classes", "data_dir"):
+            if k in ("shape", "num_classes", "data_dir") or k in DATA_NET_KEYS:
                 continue
             if old[sec].get(k) != new[sec].get(k):
                 diffs.append(f"{sec}.{k}")
@@ -106,7 +107,11 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
     method.init_student(net)
     net.to(device).train()
     emas = {str(dcy): copy.deepcopy(net).eval().requires_grad_(False) for dcy in tcfg["ema"]}
-    params = [p for p in net.parameters() if p.requires_grad]
+    extra = method.train_modules()  # method-owned training modules (e.g. CUD's coupling encoder)
+    for m in extra.values():
+        m.to(device)
+    extra_params = [p for m in extra.values() for p in m.parameters() if p.requires_grad]
+    params = [p for p in net.parameters() if p.requires_grad] + extra_params
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(tcfg["optimizer"])
     if opt_cls is None:
         raise UserError(f"train.optimizer must be adam or adamw, got {tcfg['optimizer']!r}")
@@ -119,6 +124,9 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
         tt = ck.load_tensors(prev / "train_state.safetensors")
         meta = json.loads((prev / "train_state.json").read_text())
         ck.optimizer_from_flat(opt, tt, meta["optimizer"])
+        for name, m in extra.items():
+            pre = f"module.{name}."
+            m.load_state_dict({k[len(pre):]: v for k, v in tt.items() if k.startswith(pre)})
         if meta.get("world") == world and f"rng.cpu.{rank}" in tt:
             tt["rng.cpu"] = tt[f"rng.cpu.{rank}"]
         _restore_rng(tt, device)
@@ -149,6 +157,11 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
             loss, logs = method.loss(model, x, y, progress=step / tcfg["iters"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:  # DDP averages the net's gradients; the method's own modules by hand
+            for p in extra_params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"loss is {loss.item()} at step {step}: stopping (last checkpoint kept)")
         gnorm = torch.nn.utils.clip_grad_norm_(params, tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf"))
@@ -197,5 +210,7 @@ def _save(out, step, cfg, method, net, emas, opt, device, rank, world, keep):
         return None
     otensors, ometa = ck.optimizer_to_flat(opt)
     tensors.update(otensors)
+    for name, m in method.train_modules().items():
+        tensors.update({f"module.{name}.{k}": v for k, v in m.state_dict().items()})
     return ck.save_checkpoint(out, step, cfg, net.state_dict(), {k: e.state_dict() for k, e in emas.items()},
                               method.state_tensors(), tensors, {"optimizer": ometa, "world": world}, keep)

@@ -17,7 +17,7 @@ class Method:
     Subclasses set `name`, `defaults` (their options, overridable as method.KEY=VALUE),
     and implement `loss`, `jump` and `sampler_spec`. A method holds no trainable
     parameters: the network is passed in, so the same object serves training, sampling
-    and export.
+    and export (training-only helpers, e.g. CUD's coupling encoder, live in `train_modules`).
     """
 
     name = "base"
@@ -47,6 +47,13 @@ class Method:
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
+
+    def train_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules the method owns while training (e.g. CUD's coupling encoder, a student's own
+        EMA copy); built in `init_student`. The loop moves them to the device, optimises their
+        trainable parameters with the network's, and keeps their state in the training state
+        of checkpoints (not in the sampling weights)."""
+        return {}
 
     # --- training ---------------------------------------------------------------------------
     def loss(self, net, x: torch.Tensor, labels: torch.Tensor | None, progress: float = 0.0):

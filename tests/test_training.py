@@ -1,0 +1,124 @@
+"""The shared training loop: config overrides, atomic checkpoints, exact resume, DDP, CLI errors."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep.cli import main
+from fewstep.errors import UserError
+from training import checkpoint as ck
+from training.config import apply_override, make_config
+
+TOY = ["--data", "gmm", "--preset", "toy", "--no-progress", "net.hidden=32", "net.depth=2",
+       "train.batch=64", "train.sample_every=0", "train.log_every=1"]
+
+
+def train(tmp, *extra, method="rf"):
+    return main(["train", "--method", method, "--out", str(tmp), *TOY, *extra])
+
+
+def test_overrides_types_and_errors():
+    cfg = make_config("rf", data="gmm")
+    apply_override(cfg, "lr=1e-3")
+    apply_override(cfg, "train.ema=[0.9,0.99]")
+    apply_override(cfg, "method.solver=heun")
+    apply_override(cfg, "ema=0.5")
+    assert cfg["train"]["lr"] == 1e-3 and cfg["method"]["solver"] == "heun" and cfg["train"]["ema"] == [0.5]
+    for bad in ("nope=1", "train.nope=1", "lr", "lr=fast", "bf16=3"):
+        with pytest.raises(UserError):
+            apply_override(cfg, bad)
+    with pytest.raises(UserError, match="unknown method"):
+        make_config("nomethod")
+    with pytest.raises(UserError, match="unknown preset"):
+        make_config("rf", preset="huge")
+
+
+def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path):
+    sd = {"w": torch.arange(4.0)}
+    for step in (1, 2, 3, 4):
+        ck.save_checkpoint(tmp_path, step, {"method": {"name": "rf"}, "net": {}}, sd, {"0.9": sd}, keep=2)
+    names = [p.name for p in ck.list_checkpoints(tmp_path)]
+    assert names == ["step-0000003", "step-0000004"]
+    # a half-written checkpoint (temp dir) is never picked up
+    (tmp_path / "checkpoints" / ".tmp-step-0000009").mkdir()
+    assert ck.find_checkpoint(tmp_path).name == "step-0000004"
+    assert torch.equal(load_file(str(ck.find_checkpoint(tmp_path) / "ema-0.9.safetensors"))["w"], sd["w"])
+
+
+def test_resume_continues_exactly(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(a, "--iters", "12", "train.ckpt_every=6", "train.keep=5") == 0
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step-0000012")
+    lines = (b / "metrics.jsonl").read_text().splitlines()[:6]
+    (b / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert train(b, "--iters", "12", "train.ckpt_every=6", "train.keep=5", "--resume") == 0
+    la = [json.loads(l)["loss"] for l in (a / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (b / "metrics.jsonl").read_text().splitlines()]
+    assert la == lb and len(la) == 12
+    for f in ("model.safetensors", "ema-0.999.safetensors"):
+        wa = load_file(str(a / "checkpoints/step-0000012" / f))
+        wb = load_file(str(b / "checkpoints/step-0000012" / f))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_inputs_fail_cleanly_and_damage_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "--iters", "3") == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert train(run, "--iters", "3") == 2  # existing run without --resume
+    assert train(tmp_path / "x", "--iters", "0") == 2
+    assert train(tmp_path / "y", "--iters", "3", "bogus=1") == 2
+    assert main(["train", "--method", "nope", "--out", str(tmp_path / "z")]) == 2
+    assert main(["train", "--method", "rf", "--data", str(tmp_path / "empty_missing"), "--out",
+                 str(tmp_path / "w"), "--iters", "2"]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--method", "rf", "--data", str(empty), "--out", str(tmp_path / "v"), "--iters", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "unknown override key 'bogus'" in err and "unknown method" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert not (tmp_path / "x").exists() and not (tmp_path / "v").exists()
+    # sample: a checkpoint from another method's config / a corrupt weights file
+    ckpt = ck.find_checkpoint(run)
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    (bad / "ema-0.999.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["sample", "--ckpt", str(bad), "--out", str(tmp_path / "s.png")]) == 2
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["method"]["name"] = "edm"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert main(["sample", "--ckpt", str(bad), "--out", str(tmp_path / "s.png")]) == 2
+    assert main(["sample", "--ckpt", str(run), "--steps", "0", "--out", str(tmp_path / "s.png")]) == 2
+    assert not (tmp_path / "s.png").exists()
+    assert main(["sample", "--ckpt", str(run), "--steps", "2", "--num", "300", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_edm_on_2d_loss_falls(tmp_path):
+    assert train(tmp_path, "--iters", "150", method="edm") == 0
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-20:]) / 20 < 0.7 * sum(losses[:20]) / 20
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "fewstep", "train", "--method", "rf", "--out", str(tmp_path),
+           "--iters", "6", *TOY, "train.ckpt_every=3"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world=2" in r.stderr
+    st = load_file(str(tmp_path / "checkpoints/step-0000006/train_state.safetensors"))
+    assert "rng.cpu.0" in st and "rng.cpu.1" in st and not torch.equal(st["rng.cpu.0"], st["rng.cpu.1"])
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
