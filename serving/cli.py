@@ -1,0 +1,169 @@
+"""`fewstep serve` (Triton on exported models) and `fewstep generate` (a gRPC client)."""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fewstep.errors import UserError
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
+                   help="an exported model dir (repeatable); served as NAME (default: the manifest's name)")
+    p.add_argument("--repo", help="model repository to write (default: a temporary dir, removed on exit)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--instances", type=int, default=1, help="instances of each <name>_jump (default 1)")
+    p.add_argument("--sampler-instances", type=int, default=1, help="instances of each <name>_sampler (default 1)")
+    p.add_argument("--workers", type=int, default=8, help="sampler loops run at once per sampler instance")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="where the jump runs: auto = GPU instances only when a GPU (and a GPU runtime) is present")
+    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
+                   help="jump runtime (export.runner); auto = a TensorRT engine on GPU when one fits")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads per jump instance (0 = runtime default)")
+    p.add_argument("--no-png", action="store_true", help="do not offer the optional png output")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every model to be ready")
+    p.add_argument("--log-file", help="tritonserver log (default: a file in a temporary dir)")
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true",
+                   help="only write the model repository (to --repo, default ./model_repository)")
+
+
+def run_serve(args) -> int:
+    from serving.launcher import Server, find_triton, serve_forever
+    from serving.repository import Options, write_repository
+
+    for port in ("grpc_port", "http_port", "metrics_port"):
+        if not 0 <= getattr(args, port) <= 65535:
+            raise UserError(f"--{port.replace('_', '-')} must be in [0, 65535]")
+    if args.threads < 0 or args.workers < 1:
+        raise UserError("--threads must be >= 0 and --workers >= 1")
+    opts = Options(instances=args.instances, sampler_instances=args.sampler_instances, workers=args.workers,
+                   device=args.device, backend=args.backend, threads=args.threads, png=not args.no_png)
+    temp = None
+    if args.repo:
+        repo = Path(args.repo)
+    elif args.dry_run:
+        repo = Path("model_repository")
+    else:
+        temp = Path(tempfile.mkdtemp(prefix="fewstep-repo-"))
+        repo = temp
+    try:
+        written = write_repository(repo, args.model, opts)
+        for w in written:
+            print(f"{w['name']}: {', '.join(w['models'])} ({w['kind']}) from {w['source']}", file=sys.stderr)
+        if args.dry_run:
+            print(f"wrote the model repository {repo}", file=sys.stderr)
+            print(repo)
+            return 0
+        find_triton()
+        names = [n for w in written for n in w["models"]]
+        server = Server(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                        metrics_port=args.metrics_port, models=names,
+                        log_file=Path(args.log_file) if args.log_file else None, log_verbose=args.log_verbose)
+        server.ready_timeout = args.timeout
+
+        def ready(s):
+            print(f"ready: {', '.join(w['name'] for w in written)}", flush=True)
+            print(f"  gRPC     {s.grpc_url}", flush=True)
+            print(f"  HTTP     {s.http_url}", flush=True)
+            print(f"  metrics  {s.metrics_url}", flush=True)
+            print(f"  log      {s.log_file}", flush=True)
+            print("Ctrl-C (SIGINT) or SIGTERM stops the server.", flush=True)
+
+        rc = serve_forever(server, on_ready=ready)
+        print("stopped", file=sys.stderr)
+        return rc
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+# --- generate ----------------------------------------------------------------------------------
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC HOST:PORT")
+    p.add_argument("--model", required=True, help="model name (the ensemble, as `fewstep serve` printed)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's default)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
+    p.add_argument("--num", type=int, default=1, help="number of images")
+    p.add_argument("--class-label", type=int, help="class label (class-conditional models)")
+    p.add_argument("--gamma", type=float, help="sampler stochasticity in [0, 1]")
+    p.add_argument("--out", required=True, help="PNG file: one image, or a grid of --num images")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+
+
+def grid(images, cols: int | None = None, pad: int = 2):
+    """uint8 [K, H, W, C] -> one uint8 [H', W', C] grid."""
+    import numpy as np
+
+    k, h, w, c = images.shape
+    cols = cols or int(math.ceil(math.sqrt(k)))
+    rows = int(math.ceil(k / cols))
+    out = np.zeros((rows * (h + pad) - pad, cols * (w + pad) - pad, c), dtype=np.uint8)
+    for i in range(k):
+        r, q = divmod(i, cols)
+        out[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = images[i]
+    return out
+
+
+def save_png(img, path) -> None:
+    from PIL import Image
+
+    arr = img[:, :, 0] if img.shape[2] == 1 else img
+    Image.fromarray(arr).save(path)
+
+
+def _scatter(points, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.scatter(points[:, 0], points[:, 1], s=4)
+    ax.set_aspect("equal")
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_generate(args) -> int:
+    import numpy as np
+
+    from serving.client import Client, ServingError
+
+    if args.num < 1:
+        raise UserError("--num must be >= 1")
+    if args.seed < 0:
+        raise UserError("--seed must be >= 0")
+    out = Path(args.out)
+    try:
+        with Client(args.url, timeout=args.timeout) as client:
+            if not client.ready():
+                raise UserError(f"no ready server at {args.url}")
+            meta = client.meta(args.model)
+            seeds = list(range(args.seed, args.seed + args.num))
+            batch = max(1, meta.max_batch)
+            parts = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
+            labels = None if args.class_label is None else args.class_label
+            with ThreadPoolExecutor(max_workers=min(8, len(parts))) as pool:
+                results = list(pool.map(lambda s: client.generate(args.model, s, args.steps, labels, args.gamma),
+                                        parts))
+    except ServingError as e:
+        raise UserError(f"{args.model}: {e.message} ({e.code})") from None
+    data = np.concatenate(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if meta.is_image:
+        save_png(data[0] if len(data) == 1 else grid(data), out)
+    else:
+        _scatter(data, out)
+    print(out)
+    return 0

@@ -1,0 +1,96 @@
+"""`<name>_jump`: the exported jump x_s = jump(x_t, t, s[, class_label]) behind Triton.
+
+A Python-backend model around `export.runner` (ONNX Runtime on CPU or CUDA, a TensorRT
+engine where one was built). Triton's dynamic batcher (zero queue delay) hands execute()
+every request that queued while the previous batch ran; they are concatenated into one
+runner call and split again. t, s are per sample, so jumps of different step counts and
+of different sampler requests share a batch.
+
+Parameters (config.pbtxt): model_dir (relative to the version dir), backend
+(auto | onnxruntime | tensorrt), threads (intra-op threads; 0 = the runtime's default).
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _params(cfg):
+    return {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        params = _params(cfg)
+        model_dir = Path(params.get("model_dir", "model"))
+        if not model_dir.is_absolute():
+            model_dir = Path(args["model_repository"]) / args["model_version"] / model_dir
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            # one stub process per instance: pin it to its GPU before any CUDA library loads
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(args.get("model_instance_device_id", "0"))
+            device = "cuda"
+        threads = int(params.get("threads", "0") or 0) or None
+        from export.runner import load_runner
+
+        self.runner = load_runner(str(model_dir), backend=params.get("backend", "auto") or "auto",
+                                  device=device, threads=threads)
+        manifest = self.runner.manifest
+        self.num_classes = int(manifest.get("num_classes", 0))
+        self.shape = tuple(manifest["image"]["shape"])
+
+    def _read(self, request):
+        x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+        t = pb_utils.get_input_tensor_by_name(request, "t").as_numpy().reshape(-1)
+        s = pb_utils.get_input_tensor_by_name(request, "s").as_numpy().reshape(-1)
+        labels = None
+        if self.num_classes:
+            tensor = pb_utils.get_input_tensor_by_name(request, "class_label")
+            if tensor is None:
+                raise ValueError(f"class_label: required, an integer in [0, {self.num_classes - 1}]")
+            labels = tensor.as_numpy().reshape(-1).astype(np.int64)
+            if ((labels < 0) | (labels >= self.num_classes)).any():
+                raise ValueError(f"class_label: must be in [0, {self.num_classes - 1}]")
+        if not (np.isfinite(t).all() and np.isfinite(s).all()):
+            raise ValueError("t, s: must be finite")
+        if (s > t).any():
+            raise ValueError("s: must be <= t (a jump goes back in time)")
+        return x, t, s, labels
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        parts, sizes, keep = [], [], []
+        for i, request in enumerate(requests):
+            try:
+                part = self._read(request)
+            except ValueError as e:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+                continue
+            parts.append(part)
+            sizes.append(part[0].shape[0])
+            keep.append(i)
+        if parts:
+            x = np.ascontiguousarray(np.concatenate([p[0] for p in parts]), dtype=np.float32)
+            t = np.concatenate([p[1] for p in parts]).astype(np.float32)
+            s = np.concatenate([p[2] for p in parts]).astype(np.float32)
+            labels = np.concatenate([p[3] for p in parts]) if self.num_classes else None
+            try:
+                out = np.asarray(self.runner(x, t, s, labels), dtype=np.float32)
+            except Exception as e:  # noqa: BLE001 - reported to every caller of this batch
+                err = pb_utils.TritonError(f"jump failed: {type(e).__name__}: {e}")
+                for i in keep:
+                    responses[i] = pb_utils.InferenceResponse(error=err)
+                return responses
+            lo = 0
+            for i, n in zip(keep, sizes):
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("x_s", np.ascontiguousarray(out[lo:lo + n]))])
+                lo += n
+        return responses
+
+    def finalize(self):
+        self.runner = None

@@ -1,0 +1,297 @@
+"""Write a Triton model repository from exported model dirs.
+
+For a model dir whose manifest names it `NAME` (or `NAME=DIR` on the command line):
+
+    NAME_jump/     config.pbtxt, 1/model.py (serving/models/jump.py), 1/model/ (the export)
+    NAME_sampler/  config.pbtxt, 1/model.py (serving/models/sampler.py), 1/manifest.json
+    NAME_stream/   config.pbtxt, 1/model.py (serving/models/stream.py), 1/manifest.json
+    NAME/          config.pbtxt (an ensemble over NAME_sampler), 1/
+
+The config.pbtxt files are plain Triton model configuration (text protobuf); the jump
+is a Python-backend model here because the bundled server has only that backend (in
+NVIDIA's Triton container a `onnxruntime_onnx` or `tensorrt_plan` config could take its
+place, with the same inputs and outputs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fewstep.errors import UserError
+from serving.protocol import ModelInfo
+
+MODELS_DIR = Path(__file__).with_name("models")
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+SUFFIXES = ("_jump", "_sampler", "_stream")
+
+
+@dataclass
+class Options:
+    instances: int = 1            # jump instances (each its own process and runtime session)
+    sampler_instances: int = 1    # sampler instances (each runs many loops on worker threads)
+    workers: int = 8              # worker threads per sampler / stream instance
+    device: str = "auto"          # auto | cpu | gpu: where the jump runs
+    backend: str = "auto"         # export.runner backend: auto | onnxruntime | tensorrt
+    threads: int = 0              # intra-op threads per jump instance (0 = runtime default)
+    png: bool = True              # offer the optional `png` output
+
+
+def read_manifest(model_dir: Path) -> dict:
+    try:
+        from export.runner import read_manifest as _read
+    except ImportError:
+        from export.manifest import read_manifest as _read
+    return _read(model_dir)
+
+
+def parse_model_arg(text: str) -> tuple[str | None, Path]:
+    """`DIR` or `NAME=DIR`."""
+    name, sep, path = text.partition("=")
+    if sep and name and not os.path.exists(text):
+        return name, Path(path)
+    return None, Path(text)
+
+
+# --- config.pbtxt text -------------------------------------------------------------------------
+
+def _q(s: str) -> str:
+    return json.dumps(str(s))
+
+
+def _tensor(name: str, dtype: str, dims, optional: bool = False, comment: str = "") -> str:
+    lines = ["  {"]
+    if comment:
+        lines.append(f"    # {comment}")
+    lines += [f"    name: {_q(name)}", f"    data_type: {dtype}", f"    dims: [ {', '.join(str(d) for d in dims)} ]"]
+    if optional:
+        lines.append("    optional: true")
+    lines.append("  }")
+    return "\n".join(lines)
+
+
+def _block(key: str, entries: list[str]) -> str:
+    return f"{key} [\n" + ",\n".join(entries) + "\n]"
+
+
+def _params(params: dict) -> str:
+    return "\n".join(f"parameters {{ key: {_q(k)} value {{ string_value: {_q(v)} }} }}"
+                     for k, v in params.items())
+
+
+def _instance(count: int, kind: str) -> str:
+    return f"instance_group [ {{ count: {int(count)} kind: {kind} }} ]"
+
+
+def request_inputs(info: ModelInfo) -> list[str]:
+    """The inputs clients send to `<name>` and `<name>_stream` (one value per image)."""
+    label = (f"class label in [0, {info.num_classes - 1}]; required by this conditional model (checked by the sampler)"
+             if info.num_classes else "this model is unconditional: a class_label is refused")
+    return [
+        _tensor("seed", "TYPE_INT64", [1], comment="noise seed >= 0: the image depends only on it and the settings"),
+        _tensor("steps", "TYPE_INT32", [1], comment=f"sampler steps in [1, {info.max_steps}]"),
+        _tensor("class_label", "TYPE_INT32", [1], optional=True, comment=label),
+        _tensor("gamma", "TYPE_FP32", [1], optional=True,
+                comment=f"stochasticity in [0, 1] (default {info.spec.get('gamma', 0.0)})"),
+    ]
+
+
+def result_outputs(info: ModelInfo, png: bool, stream: bool = False) -> list[str]:
+    outs = []
+    if info.is_image:
+        outs.append(_tensor("image", "TYPE_UINT8", list(info.image_shape), comment="uint8 image, [H, W, C]"))
+        if png and not stream:
+            outs.append(_tensor("png", "TYPE_STRING", [1], comment="the image as PNG bytes"))
+    outs.append(_tensor("sample", "TYPE_FP32", list(info.shape),
+                        comment=f"the float sample in {list(info.value_range)}, before quantisation"))
+    if stream:
+        outs.append(_tensor("step", "TYPE_INT32", [1], comment="steps done so far (the last response: all)"))
+    return outs
+
+
+def jump_config(info: ModelInfo, opts: Options, kind: str) -> str:
+    inputs = [
+        _tensor("x", "TYPE_FP32", list(info.shape), comment="x_t"),
+        _tensor("t", "TYPE_FP32", [1], comment="the time of x (per sample)"),
+        _tensor("s", "TYPE_FP32", [1], comment="the time to jump to, s <= t (per sample)"),
+    ]
+    if info.num_classes:
+        inputs.append(_tensor("class_label", "TYPE_INT64", [1], comment=f"in [0, {info.num_classes - 1}]"))
+    return "\n".join([
+        f"# {info.name}_jump: x_s = jump(x_t, t, s) of the exported model (export.runner)",
+        f"name: {_q(info.name + '_jump')}",
+        'backend: "python"',
+        f"max_batch_size: {info.max_batch}",
+        "# a queue delay would be paid on every sampler step: none",
+        "dynamic_batching { max_queue_delay_microseconds: 0 }",
+        _block("input", inputs),
+        _block("output", [_tensor("x_s", "TYPE_FP32", list(info.shape), comment="the sample at time s")]),
+        _instance(opts.instances, kind),
+        _params({"model_dir": "model", "backend": opts.backend, "threads": str(opts.threads)}),
+        "",
+    ])
+
+
+def sampler_config(info: ModelInfo, opts: Options) -> str:
+    return "\n".join([
+        f"# {info.name}_sampler: the N-step sampler loop (BLS over {info.name}_jump)",
+        f"name: {_q(info.name + '_sampler')}",
+        'backend: "python"',
+        f"max_batch_size: {info.max_batch}",
+        "# every request queued meanwhile comes in one execute(); they are grouped by (steps, gamma)",
+        "dynamic_batching { max_queue_delay_microseconds: 0 }",
+        _block("input", request_inputs(info)),
+        _block("output", result_outputs(info, opts.png)),
+        _instance(opts.sampler_instances, "KIND_CPU"),
+        _params({"jump_model": info.name + "_jump", "jump_max_batch": str(info.max_batch),
+                 "model_name": info.name, "manifest": "manifest.json", "workers": str(opts.workers)}),
+        "",
+    ])
+
+
+def stream_config(info: ModelInfo, opts: Options) -> str:
+    return "\n".join([
+        f"# {info.name}_stream: one request = one image; a preview response after every step (gRPC streaming)",
+        f"name: {_q(info.name + '_stream')}",
+        'backend: "python"',
+        "max_batch_size: 0",
+        "model_transaction_policy { decoupled: true }",
+        _block("input", request_inputs(info)),
+        _block("output", result_outputs(info, opts.png, stream=True)),
+        _instance(1, "KIND_CPU"),
+        _params({"jump_model": info.name + "_jump", "jump_max_batch": str(info.max_batch),
+                 "model_name": info.name, "manifest": "manifest.json", "workers": str(opts.workers)}),
+        "",
+    ])
+
+
+def ensemble_config(info: ModelInfo, opts: Options, manifest: dict) -> str:
+    outputs = result_outputs(info, opts.png)
+    names = [re.search(r'name: "([^"]+)"', o).group(1) for o in outputs]
+    inputs = ["seed", "steps", "class_label", "gamma"]
+    step = ["    {", f"      model_name: {_q(info.name + '_sampler')}", "      model_version: -1"]
+    step += [f"      input_map {{ key: {_q(n)} value: {_q(n)} }}" for n in inputs]
+    step += [f"      output_map {{ key: {_q(n)} value: {_q(n)} }}" for n in names]
+    step.append("    }")
+    spec = info.spec
+    meta = {
+        "method": manifest.get("method", ""),
+        "image_shape": json.dumps(list(info.shape)),
+        "num_classes": str(info.num_classes),
+        "max_steps": str(info.max_steps),
+        "default_steps": str(spec.get("default_steps", 1)),
+        "gamma": str(spec.get("gamma", 0.0)),
+        "jump_lands": str(spec.get("jump_lands", "s")),
+        "value_range": json.dumps(list(info.value_range)),
+    }
+    return "\n".join([
+        f"# {info.name}: what clients call. seed/steps[/class_label/gamma] -> image (+ png, sample)",
+        f"# {len(inputs)} inputs of one value per image; up to {info.max_batch} images per request",
+        f"name: {_q(info.name)}",
+        'platform: "ensemble"',
+        f"max_batch_size: {info.max_batch}",
+        _block("input", request_inputs(info)),
+        _block("output", outputs),
+        "ensemble_scheduling {\n  step [\n" + "\n".join(step) + "\n  ]\n}",
+        "# the model's settings, for clients (GetModelConfig)",
+        _params(meta),
+        "",
+    ])
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def _copy_file(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_model_dir(src: Path, dst: Path, manifest: dict) -> None:
+    dst.mkdir(parents=True)
+    files = set(manifest.get("files", {})) | {"manifest.json", manifest.get("jump", {}).get("file", "jump.onnx")}
+    for f in sorted(files):
+        if (src / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            _copy_file(src / f, dst / f)
+
+
+def _write_python_model(model_root: Path, source: str, config: str, manifest: dict | None = None) -> None:
+    version = model_root / "1"
+    version.mkdir(parents=True)
+    shutil.copy2(MODELS_DIR / source, version / "model.py")
+    (model_root / "config.pbtxt").write_text(config)
+    if manifest is not None:
+        (version / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def instance_kind(device: str, manifest: dict) -> str:
+    from serving.launcher import gpu_present
+
+    if device == "cpu":
+        return "KIND_CPU"
+    if device == "gpu":
+        if not gpu_present():
+            raise UserError("--device gpu: no GPU is visible on this host")
+        return "KIND_GPU"
+    if device != "auto":
+        raise UserError(f"unknown device {device!r} (auto, cpu, gpu)")
+    return "KIND_GPU" if gpu_present() and _gpu_runtime_available(manifest) else "KIND_CPU"
+
+
+def _gpu_runtime_available(manifest: dict) -> bool:
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return True
+    except ImportError:
+        pass
+    if manifest.get("engines"):
+        import importlib.util
+
+        return importlib.util.find_spec("tensorrt") is not None
+    return False
+
+
+def write_repository(repo, model_args: list[str], opts: Options | None = None) -> list[dict]:
+    """Write (or refresh) the models of each exported dir into `repo`.
+
+    Returns one dict per model: name, the model names written, the source dir, the kind.
+    Other entries of `repo` are left alone; the four models of a name are replaced.
+    """
+    opts = opts or Options()
+    if opts.instances < 1 or opts.sampler_instances < 1:
+        raise UserError("--instances must be >= 1")
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, Path] = {}
+    written = []
+    for arg in model_args:
+        name, src = parse_model_arg(arg)
+        if not src.is_dir():
+            raise UserError(f"--model {src}: not a directory")
+        manifest = read_manifest(src)
+        name = name or manifest.get("name") or src.resolve().name
+        if not NAME_RE.match(name) or name.endswith(SUFFIXES):
+            raise UserError(f"model name {name!r}: use letters, digits and _ (and no suffix {', '.join(SUFFIXES)})")
+        if name in seen:
+            raise UserError(f"two models are named {name!r} ({seen[name]} and {src}); rename one with NAME=DIR")
+        seen[name] = src
+        info = ModelInfo.from_manifest(manifest, name=name)
+        kind = instance_kind(opts.device, manifest)
+        names = [name + "_jump", name + "_sampler", name + "_stream", name]
+        for n in names:
+            shutil.rmtree(repo / n, ignore_errors=True)
+        _write_python_model(repo / names[0], "jump.py", jump_config(info, opts, kind))
+        _copy_model_dir(src, repo / names[0] / "1" / "model", manifest)
+        _write_python_model(repo / names[1], "sampler.py", sampler_config(info, opts), manifest)
+        _write_python_model(repo / names[2], "stream.py", stream_config(info, opts), manifest)
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "config.pbtxt").write_text(ensemble_config(info, opts, manifest))
+        written.append({"name": name, "models": names, "source": str(src), "kind": kind, "info": info})
+    return written

@@ -1,0 +1,126 @@
+"""Shared fixtures.
+
+`triton_server` (session): a real `tritonserver` (the one nvidia-pytriton bundles) on free
+loopback ports, serving a tiny exported model; yields (grpc_url, model_name, model_dir).
+The demo and benchmark tests reuse it. It skips when Triton, tritonclient or ONNX
+export is unavailable.
+
+The exported test models are real `fewstep export` outputs of random-weight `tiny`
+checkpoints. Exporting takes a while on a small CPU, so they are kept in pytest's cache
+dir under a hash of the training and export sources (a change there re-exports them);
+FEWSTEP_TEST_NO_CACHE=1 always re-exports.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVED_MAX_BATCH = 16
+
+
+def _sources_key() -> str:
+    h = hashlib.sha256()
+    for pattern in ("training/*.py", "training/methods/*.py", "export/*.py", "export/*.json", "tests/conftest.py"):
+        for p in sorted(ROOT.glob(pattern)):
+            h.update(p.relative_to(ROOT).as_posix().encode())
+            h.update(p.read_bytes())
+    try:
+        import onnx
+        import torch
+        h.update(f"{torch.__version__} {onnx.__version__}".encode())
+    except ImportError:
+        pass
+    return h.hexdigest()[:16]
+
+
+def make_test_checkpoint(root: Path, name: str, data: str = "fmnist", conditional: bool = False,
+                         method: str = "rf") -> Path:
+    """A random-weight checkpoint (every layer perturbed, so each one matters) of a tiny
+    model: `tiny` U-Net at 1x28x28 for images, a small MLP for 2-D data."""
+    import torch
+
+    from training import checkpoint as ck
+    from training.build import build_method, build_net, resolve_net_config
+    from training.config import make_config
+
+    overrides = ["data.conditional=true"] if conditional else []
+    if data in ("gmm", "moons", "checkerboard"):
+        cfg = make_config(method, data=data, preset="toy", overrides=overrides)
+        cfg["net"].update(hidden=32, depth=1)
+        resolve_net_config(cfg, (2,), 4)
+    else:
+        cfg = make_config(method, data=data, preset="tiny", overrides=overrides)
+        resolve_net_config(cfg, (1, 28, 28), 10)
+    m = build_method(cfg)
+    net = build_net(cfg, m)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    sd = net.state_dict()
+    return ck.save_checkpoint(root / f"run-{name}", 1, cfg, sd, {str(cfg["train"]["ema"][0]): sd},
+                              m.state_tensors())
+
+
+def _export_models(dest: Path) -> None:
+    from export.cli import export_model
+
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, data, cond in (("tiny", "fmnist", False), ("toyc", "gmm", True)):
+        ckpt = make_test_checkpoint(tmp / "ckpt", name, data=data, conditional=cond)
+        export_model(ckpt, tmp / name, max_batch=SERVED_MAX_BATCH, name=name, parity_steps=2)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+@pytest.fixture(scope="session")
+def served_model_dirs(request, tmp_path_factory) -> dict:
+    """{"tiny": image model dir (unconditional), "toyc": 2-D class-conditional model dir}."""
+    pytest.importorskip("onnxruntime", reason="serving tests need onnxruntime (the export extra)")
+    pytest.importorskip("onnxscript", reason="serving tests export a model (the export extra)")
+    if os.environ.get("FEWSTEP_TEST_NO_CACHE"):
+        dest = tmp_path_factory.mktemp("served") / "models"
+    else:
+        dest = Path(request.config.cache.mkdir("fewstep-served-models")) / _sources_key()
+    if not (dest / "tiny" / "manifest.json").is_file() or not (dest / "toyc" / "manifest.json").is_file():
+        _export_models(dest)
+    return {"tiny": dest / "tiny", "toyc": dest / "toyc", "ckpt": dest / "ckpt"}
+
+
+@pytest.fixture(scope="session")
+def triton_stack(served_model_dirs, tmp_path_factory):
+    """The running server: SimpleNamespace(server, url, models, dirs, repo)."""
+    pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient[grpc] (the serve extra)")
+    from fewstep.errors import UserError
+    from serving.launcher import Server, find_triton
+    from serving.repository import Options, write_repository
+
+    try:
+        find_triton()
+    except UserError as e:
+        pytest.skip(f"no tritonserver: {e}")
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    written = write_repository(repo, [str(served_model_dirs["tiny"]), str(served_model_dirs["toyc"])],
+                               Options(device="cpu", threads=1))
+    names = [n for w in written for n in w["models"]]
+    server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=names,
+                    log_file=repo.parent / "tritonserver.log")
+    server.start(timeout=180)
+    try:
+        yield SimpleNamespace(server=server, url=server.grpc_url, models=names, dirs=served_model_dirs, repo=repo)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def triton_server(triton_stack):
+    """(grpc_url, model_name, model_dir) of a tiny unconditional image model behind a real tritonserver."""
+    return triton_stack.url, "tiny", triton_stack.dirs["tiny"]
