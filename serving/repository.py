@@ -237,6 +237,9 @@ def instance_kind(device: str, manifest: dict) -> str:
     if device == "gpu":
         if not gpu_present():
             raise UserError("--device gpu: no GPU is visible on this host")
+        if not _gpu_runtime_available(manifest):
+            raise UserError("--device gpu: no GPU runtime for the jump here (onnxruntime-gpu's "
+                            "CUDAExecutionProvider, or TensorRT with an engine in the model dir)")
         return "KIND_GPU"
     if device != "auto":
         raise UserError(f"unknown device {device!r} (auto, cpu, gpu)")

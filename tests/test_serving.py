@@ -130,6 +130,24 @@ def test_one_step_fast_path_equals_the_loop(served_model_dirs):
     np.testing.assert_array_equal(fast, loop)
 
 
+def test_launcher_reports_a_server_that_fails_to_start(tmp_path):
+    from fewstep.errors import UserError
+    from serving.launcher import Server, find_triton, process_group_members
+
+    try:
+        find_triton()
+    except UserError as e:
+        pytest.skip(f"no tritonserver: {e}")
+    (tmp_path / "repo" / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: oops\n')
+    server = Server(tmp_path / "repo", grpc_port=0, http_port=0, metrics_port=0, models=["broken"],
+                    log_file=tmp_path / "log.txt")
+    with pytest.raises(UserError, match="exited with code"):
+        server.start(timeout=60)
+    assert server.proc is None
+    assert "broken" in (tmp_path / "log.txt").read_text()
+
+
 # --- through the server ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
