@@ -1,0 +1,110 @@
+"""manifest.json: what serving needs to know about an exported model, and its checks.
+
+The manifest is a contract with the serving stack (see docs/export.md); its JSON Schema
+is `export/manifest.schema.json`. `fewstep export` validates what it writes and
+`read_manifest` validates what it reads. Fields may be added, never removed or renamed.
+This module imports neither torch nor onnxruntime.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from fewstep.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ONNX_FILE = "jump.onnx"
+SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+
+
+class ManifestError(UserError):
+    """A manifest (or the model dir it describes) is missing, malformed or inconsistent."""
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def sanitize_name(text: str) -> str:
+    """A model name clients can use: [A-Za-z0-9_]+ (anything else becomes '_')."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", str(text)).strip("_")
+    return name or "model"
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def validate(manifest: dict) -> None:
+    """Schema plus the cross-field rules a schema cannot say; raises ManifestError."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(manifest, schema())
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise ManifestError(f"manifest field {where}: {e.message}") from None
+    image = manifest["image"]
+    if len(image["shape"]) == 3 and image["channels"] != image["shape"][0]:
+        raise ManifestError(f"manifest: image.channels {image['channels']} != shape[0] {image['shape'][0]}")
+    lo, hi = image["value_range"]
+    if not lo < hi:
+        raise ManifestError(f"manifest: image.value_range {image['value_range']} is empty")
+    conditional = manifest["num_classes"] > 0
+    if ("class_label" in manifest["jump"]["inputs"]) != conditional:
+        raise ManifestError("manifest: jump.inputs must include class_label exactly when num_classes > 0")
+    spec = manifest["sampler"]
+    if spec["default_steps"] > spec["max_steps"]:
+        raise ManifestError("manifest: sampler.default_steps > sampler.max_steps")
+    for eng in manifest["engines"]:
+        if not eng["min_batch"] <= eng["opt_batch"] <= eng["max_batch"]:
+            raise ManifestError(f"manifest: engine {eng['file']}: needs min_batch <= opt_batch <= max_batch")
+        if eng["file"] not in manifest["files"]:
+            raise ManifestError(f"manifest: engine {eng['file']} has no hash in files")
+
+
+def write_manifest(model_dir, manifest: dict) -> Path:
+    validate(manifest)
+    path = Path(model_dir) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_manifest(model_dir, verify_files: bool = True) -> dict:
+    """Read and validate `<model_dir>/manifest.json`.
+
+    verify_files: also check that every file it lists exists with the hash it records.
+    """
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{model_dir} is not an exported model dir (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: not a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{path}: format_version {manifest.get('format_version')!r} is not supported "
+                            f"(this fewstep reads {FORMAT_VERSION})")
+    validate(manifest)
+    if verify_files:
+        for fname, digest in manifest["files"].items():
+            fpath = Path(model_dir) / fname
+            if not fpath.is_file():
+                raise ManifestError(f"{model_dir}: {fname} is listed in the manifest but missing")
+            if sha256_file(fpath) != digest:
+                raise ManifestError(f"{model_dir}: {fname} does not match its hash in the manifest (corrupt or replaced)")
+    return manifest
