@@ -9,6 +9,8 @@ from fewstep.errors import UserError
 METHODS = {
     "rf": "training.methods.rf:RectifiedFlow",
     "edm": "training.methods.edm:EDM",
+    "cud": "training.methods.cud:CUD",
+    "cud-distill": "training.methods.cud_distill:CUDDistill",
 }
 
 
