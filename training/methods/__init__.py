@@ -11,6 +11,8 @@ METHODS = {
     "edm": "training.methods.edm:EDM",
     "cud": "training.methods.cud:CUD",
     "cud-distill": "training.methods.cud_distill:CUDDistill",
+    "cd": "training.methods.cd:ConsistencyDistillation",
+    "ctm": "training.methods.ctm:CTM",
 }
 
 

@@ -1,0 +1,204 @@
+"""Consistency distillation (cd) and consistency trajectory models (ctm)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.errors import UserError
+from training import sampling
+from training.build import ExactGMMTeacher, Model, build_method, build_net, resolve_net_config
+from training.config import make_config
+
+SMALL_MLP = ["net.hidden=32", "net.depth=2", "net.emb_dim=16"]
+
+
+def cfg_for(method, shape=(2,), overrides=(), preset=None, teacher=None):
+    data = "gmm" if len(shape) == 1 else "fmnist"
+    cfg = make_config(method, data=data, preset=preset or ("toy" if data == "gmm" else "tiny"),
+                      teacher=teacher, overrides=list(overrides))
+    resolve_net_config(cfg, shape, 0)
+    return cfg
+
+
+def edm_teacher(shape=(2,), overrides=SMALL_MLP, seed=0):
+    """An edm Model with random weights (the init tests need a teacher, not a good one)."""
+    cfg = cfg_for("edm", shape, overrides)
+    method = build_method(cfg)
+    torch.manual_seed(seed)
+    net = build_net(cfg, method)
+    with torch.no_grad():  # a non-trivial output layer, so that D differs from c_skip x
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return Model(cfg, method, net.eval().requires_grad_(False))
+
+
+def student(method, teacher, shape=(2,), overrides=SMALL_MLP):
+    cfg = cfg_for(method, shape, overrides)
+    m = build_method(cfg, teacher=teacher)
+    net = build_net(cfg, m)
+    m.init_student(net)
+    return m, net.eval()
+
+
+def xts(shape, b=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((b,) + tuple(shape), generator=g)
+    t = torch.tensor([80.0, 10.0, 1.5, 0.4, 0.05, 0.01])[:b]
+    s = t * torch.tensor([0.5, 0.01, 0.9, 0.3, 0.2, 0.5])[:b]
+    return x, t, s.clamp(min=0.002)
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 8, 8)])
+def test_ctm_student_starts_as_the_teacher(shape):
+    ov = SMALL_MLP if len(shape) == 1 else []
+    teacher = edm_teacher(shape, ov)
+    m, net = student("ctm", teacher, shape, ov)
+    assert net.two_times
+    x, t, s = xts(shape, 4 if len(shape) > 1 else 6)
+    with torch.no_grad():
+        D = teacher.denoise(x, t)
+        for s_ in (s, t, torch.full_like(t, 0.002)):
+            torch.testing.assert_close(m.denoise(net, x, t, s_), D, rtol=1e-5, atol=1e-6)
+        # ctm preconditioning: the jump starts as one Euler (DDIM) step of the teacher
+        r = (s / t).reshape((-1,) + (1,) * len(shape))
+        torch.testing.assert_close(m.jump(net, x, t, s), r * x + (1 - r) * D, rtol=1e-5, atol=1e-6)
+
+
+def test_cd_student_starts_as_the_teacher_and_lands_at_eps():
+    teacher = edm_teacher()
+    m, net = student("cd", teacher, overrides=SMALL_MLP + ["method.precond=ctm"])
+    x, t, s = xts((2,))
+    with torch.no_grad():
+        D = teacher.denoise(x, t)
+        r = (0.002 / t)[:, None]
+        out = m.jump(net, x, t, s)
+        torch.testing.assert_close(out, r * x + (1 - r) * D, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.jump(net, x, t, None), out)  # s is ignored: always lands at eps
+    spec = m.sampler_spec()
+    assert spec["jump_lands"] == "end" and spec["t_end"] == 0.002 and spec["process"] == "ve"
+
+
+def test_student_must_match_the_teacher_net():
+    teacher = edm_teacher()
+    with pytest.raises(UserError, match="does not match"):
+        student("ctm", teacher, overrides=["net.hidden=16", "net.depth=2", "net.emb_dim=16"])
+
+
+def test_bad_options_are_user_errors():
+    for bad in (["method.precond=nope"], ["method.distance=nope"], ["method.gamma=2"]):
+        with pytest.raises(UserError):
+            build_method(cfg_for("ctm", overrides=bad))
+
+
+def _train(method_name, steps, seed=0, overrides=()):
+    torch.manual_seed(seed)
+    cfg = cfg_for(method_name, overrides=SMALL_MLP + list(overrides), teacher="exact")
+    teacher = ExactGMMTeacher(cfg)
+    m = build_method(cfg, teacher=teacher)
+    net = build_net(cfg, m)
+    m.init_student(net)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    data = teacher.gmm.sample(4096, torch.Generator().manual_seed(1))
+    xe = data[:512]
+
+    def eval_loss():
+        state = torch.get_rng_state()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            val = m.loss(net, xe, None)[0].item()
+        torch.set_rng_state(state)
+        return val
+
+    before = eval_loss()
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        x = data[torch.randint(0, len(data), (128,), generator=g)]
+        loss, _ = m.loss(net, x, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return before, eval_loss(), m, net
+
+
+def test_tiny_cd_run_lowers_its_loss():
+    before, after, m, _ = _train("cd", 60, overrides=["method.target_ema=0.9"])
+    assert math.isfinite(after) and after < 0.7 * before
+
+
+def test_tiny_ctm_run_lowers_its_loss():
+    before, after, m, net = _train("ctm", 60, overrides=["method.heun_steps=4", "method.N=10"])
+    assert math.isfinite(after) and after < 0.7 * before
+    assert set(m.train_modules()) == {"target"}
+    # the target moved towards the student but is not the student
+    pt, pn = next(m.target.parameters()), next(net.parameters())
+    assert not torch.equal(pt, pn)
+
+
+def _manual(m, net, steps, seeds, shape, gamma):
+    spec = m.sampler_spec()
+    grid = sampling.time_grid(spec, steps)
+    eps = spec["t_end"]
+    x = torch.from_numpy(sampling.noise(seeds, 0, shape)) * float(grid[0])
+    b = len(seeds)
+    for i in range(steps):
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        if gamma == 0.0 or i == steps - 1:
+            x = m.jump(net, x, torch.full((b,), t), torch.full((b,), t_next))
+        else:  # CM multistep: jump to eps, re-noise to t_next
+            x0 = m.jump(net, x, torch.full((b,), t), torch.full((b,), eps))
+            z = torch.from_numpy(sampling.noise(seeds, i + 1, shape))
+            x = x0 + math.sqrt(t_next ** 2 - eps ** 2) * z
+    return x
+
+
+def test_gamma_sampling_limits():
+    teacher = edm_teacher()
+    m, net = student("ctm", teacher)
+    seeds = [3, 4, 5, 6]
+    with torch.no_grad():
+        det = m.sample(net, 3, seeds, (2,), gamma=0.0)
+        torch.testing.assert_close(det, _manual(m, net, 3, seeds, (2,), 0.0))
+        torch.testing.assert_close(det, m.sample(net, 3, seeds, (2,), gamma=0.0))
+        cm = m.sample(net, 3, seeds, (2,), gamma=1.0)
+        torch.testing.assert_close(cm, _manual(m, net, 3, seeds, (2,), 1.0))
+        assert not torch.allclose(det, cm)
+        # 1 step: G(x_T, T, eps), whatever gamma is
+        one = m.sample(net, 1, seeds, (2,), gamma=0.5)
+        x_T = torch.from_numpy(sampling.noise(seeds, 0, (2,))) * 80.0
+        torch.testing.assert_close(one, m.jump(net, x_T, torch.full((4,), 80.0), torch.full((4,), 0.002)))
+    # cd always samples as CM multistep (gamma forced to 1)
+    mc, netc = student("cd", teacher)
+    with torch.no_grad():
+        torch.testing.assert_close(mc.sample(netc, 3, seeds, (2,), gamma=0.0), _manual(mc, netc, 3, seeds, (2,), 1.0))
+
+
+def test_ctm_analytic_end_to_end_through_the_loop(tmp_path, monkeypatch):
+    """train (fitting the tables first) -> checkpoint carries the tables and the target -> resume -> load."""
+    from safetensors.torch import load_file
+
+    from training.build import load_model
+    from training.loop import train
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    ov = SMALL_MLP + ["method.precond=analytic", "method.precond_points=30", "method.precond_samples=64",
+                      "method.heun_steps=3", "method.N=8", "train.batch=32", "train.iters=4", "train.ckpt_every=2",
+                      "train.sample_every=0", "train.log_every=1", "train.warmup=1"]
+    cfg = make_config("ctm", data="gmm", preset="toy", teacher="exact", overrides=ov)
+    cfg["data"]["limit"] = 512
+    last = train(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "cache" / "precond" / "gmm-exact.safetensors").is_file()
+    mt = load_file(str(last / "method.safetensors"))
+    assert {"precond.l", "precond.R", "precond.L", "precond.lam"} <= set(mt)
+    ts = load_file(str(last / "train_state.safetensors"))
+    assert any(k.startswith("module.target.") for k in ts)
+    cfg2 = make_config("ctm", data="gmm", preset="toy", teacher="exact", overrides=ov[:-5] + [
+        "train.iters=6", "train.ckpt_every=2", "train.sample_every=0", "train.log_every=1", "train.warmup=1"])
+    cfg2["data"]["limit"] = 512
+    last = train(cfg2, tmp_path / "run", resume=True, progress=False)
+    assert last.name == "step-0000006"
+    model = load_model(last)
+    assert model.method.precond.name == "analytic"
+    for steps in (1, 2):
+        x = model.sample(steps, list(range(16)))
+        assert x.shape == (16, 2) and torch.isfinite(x).all()

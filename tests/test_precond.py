@@ -1,0 +1,165 @@
+"""Preconditionings cm / ctm / analytic: boundary conditions, tables, the consistency gap, CLI."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.errors import UserError
+from training import precond as P
+
+SD = 0.5
+
+
+def gaussian_denoiser(x, sigma, labels=None):
+    """Exact EDM denoiser of N(0, SD^2 I) data."""
+    return (SD ** 2 / (SD ** 2 + sigma ** 2)).reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype) * x
+
+
+def gmm_denoiser():
+    from training.data import default_gmm
+    gmm = default_gmm()
+    return (lambda x, s, y=None: gmm.denoiser(x, s)), gmm.sample(2048, torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def gmm_tables():
+    den, x0 = gmm_denoiser()
+    return P.fit_analytic(den, x0, points=60, samples=256, progress=False)
+
+
+def all_preconds(tables):
+    return {"cm": P.CMPrecond(SD), "ctm": P.CTMPrecond(), "analytic": P.AnalyticPrecond(tables)}
+
+
+def test_boundary_condition_every_precond(gmm_tables):
+    t = torch.tensor([80.0, 31.7, 5.0, 1.0, 0.37, 0.05, 0.0123, 0.002])  # on and off the table nodes
+    for name, pc in all_preconds(gmm_tables).items():
+        f, g = pc.coeffs(t, t.clone())
+        assert torch.equal(f, torch.ones_like(t)), name
+        assert torch.equal(g, torch.zeros_like(t)), name
+
+
+def test_cm_is_the_consistency_model_parametrisation():
+    """G = f x + g D with D = c_skip x + c_out F equals CM's c_skip' x + c_out' F at s = eps."""
+    t = torch.tensor([80.0, 2.0, 0.1])
+    eps = torch.full_like(t, 0.002)
+    f, g = P.CMPrecond(SD).coeffs(t, eps)
+    x, F = torch.randn(3, 4), torch.randn(3, 4)
+    c_skip, c_out = SD ** 2 / (t ** 2 + SD ** 2), t * SD / (t ** 2 + SD ** 2).sqrt()
+    D = c_skip[:, None] * x + c_out[:, None] * F
+    cm_skip = SD ** 2 / ((t - 0.002) ** 2 + SD ** 2)
+    cm_out = SD * (t - 0.002) / (SD ** 2 + t ** 2).sqrt()
+    torch.testing.assert_close(f[:, None] * x + g[:, None] * D, cm_skip[:, None] * x + cm_out[:, None] * F)
+
+
+def test_zero_statistics_give_ctm_exactly():
+    lam = P.lambda_grid(40)
+    tabs = P.build_tables(lam, np.zeros(40), np.zeros(40))
+    assert np.all(np.float32(tabs["R"]) == 1.0)
+    an, ctm = P.AnalyticPrecond(tabs), P.CTMPrecond()
+    g = torch.Generator().manual_seed(0)
+    t = torch.exp(torch.rand(500, generator=g) * (math.log(80) - math.log(0.002)) + math.log(0.002))
+    s = t * torch.rand(500, generator=g)
+    s = s.clamp(min=0.002)
+    for a, b in zip(an.coeffs(t, s), ctm.coeffs(t, s)):
+        assert torch.equal(a, b)
+
+
+def test_gaussian_data_analytic_gap_vanishes_ctm_does_not():
+    x0 = torch.randn(2048, 3) * SD
+    tabs = P.fit_analytic(gaussian_denoiser, x0, points=60, samples=256, progress=False)
+    # the trace estimate of a multiple of the identity is exact
+    np.testing.assert_allclose(tabs["l"], SD ** 2 / (SD ** 2 + np.exp(-2 * tabs["lam"])), rtol=1e-5)
+    times = P.gap_times(5)
+    gaps = P.consistency_gap(gaussian_denoiser, x0, {"ctm": P.CTMPrecond(), "analytic": P.AnalyticPrecond(tabs)},
+                             times, samples=128, substeps=32)
+    iu = np.triu_indices(5, 1)
+    an, ct = gaps["analytic"][iu], gaps["ctm"][iu]
+    assert np.all(np.isfinite(an)) and np.all(np.isfinite(ct))
+    assert an.max() < 1e-4
+    assert ct.max() > 1e-2
+    assert np.all(an < ct)
+
+
+def test_tables_finite_and_order_one_on_the_whole_grid(gmm_tables):
+    for key in ("l", "rate", "L", "R", "f", "g"):
+        assert np.all(np.isfinite(gmm_tables[key])), key
+    assert np.all((gmm_tables["l"] > -0.1) & (gmm_tables["l"] < 1.1))
+    pc = P.AnalyticPrecond(gmm_tables)
+    ts = torch.tensor(P.gap_times(40), dtype=torch.float32)
+    T, S = torch.meshgrid(ts, ts, indexing="ij")
+    keep = T >= S
+    f, g = pc.coeffs(T[keep], S[keep])
+    assert torch.isfinite(f).all() and torch.isfinite(g).all()
+    assert g.abs().max() < 3.0 and f.abs().max() < 3.0
+    assert (g >= 0).all()
+    # the plain forward form is what explodes on long jumps (why `decay` is the default)
+    full = P.AnalyticPrecond(P.tables_variant(gmm_tables, "full"))
+    assert float(full.coeffs(T[keep], S[keep])[1].max()) > 10.0
+
+
+def test_gmm_analytic_lowers_the_gap(gmm_tables):
+    den, x0 = gmm_denoiser()
+    times = P.gap_times(5)
+    gaps = P.consistency_gap(den, x0, all_preconds(gmm_tables), times, samples=256, substeps=32)
+    iu = np.triu_indices(5, 1)
+    assert gaps["analytic"][iu].mean() < 0.5 * gaps["ctm"][iu].mean()
+    assert gaps["analytic"][iu].mean() < 0.5 * gaps["cm"][iu].mean()
+
+
+def test_tables_save_load_roundtrip(tmp_path, gmm_tables):
+    path = P.save_tables(tmp_path / "t.safetensors", gmm_tables, {"points": 60})
+    tabs, meta = P.load_tables(path)
+    assert meta["points"] == 60 and meta["format"] == P.TABLE_FORMAT
+    a, b = P.AnalyticPrecond(gmm_tables), P.AnalyticPrecond(tabs)
+    t, s = torch.tensor([3.0, 0.5]), torch.tensor([0.1, 0.002])
+    for u, v in zip(a.coeffs(t, s), b.coeffs(t, s)):
+        assert torch.equal(u, v)
+    st = a.state_tensors()
+    c = P.AnalyticPrecond.from_state(st)
+    assert torch.equal(c.coeffs(t, s)[0], a.coeffs(t, s)[0])
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError):
+        P.load_tables(tmp_path / "bad.safetensors")
+
+
+def test_analytic_coeffs_export_with_dynamic_batch(gmm_tables):
+    """The coefficient lookup is plain tensor code: torch.export (the ONNX exporter's front end)
+    captures it with the tables as constants and a dynamic batch, and it generalises."""
+    pc = P.AnalyticPrecond(gmm_tables)
+
+    class Coeffs(torch.nn.Module):
+        def forward(self, t, s):
+            return torch.stack(pc.coeffs(t, s))
+
+    batch = torch.export.Dim("batch", min=1)
+    prog = torch.export.export(Coeffs(), (torch.tensor([5.0, 2.0]), torch.tensor([1.0, 0.5])),
+                               dynamic_shapes={"t": {0: batch}, "s": {0: batch}})
+    t, s = torch.tensor([70.0, 0.3, 0.01]), torch.tensor([0.002, 0.2, 0.002])
+    torch.testing.assert_close(prog.module()(t, s), torch.stack(pc.coeffs(t, s)))
+
+
+def test_make_precond_errors():
+    with pytest.raises(UserError):
+        P.make_precond("nope")
+    with pytest.raises(UserError):
+        P.make_precond("analytic")
+    with pytest.raises(UserError):
+        P.variant_rate(np.zeros(3), "nope")
+
+
+def test_precond_cli_fit_and_gap(tmp_path, monkeypatch, capsys):
+    from fewstep.cli import main
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    assert main(["precond", "fit", "--teacher", "exact", "--points", "30", "--samples", "128",
+                 "--no-progress"]) == 0
+    assert (tmp_path / "cache" / "precond" / "gmm-exact.safetensors").is_file()
+    out = tmp_path / "gap.png"
+    assert main(["precond", "gap", "--teacher", "exact", "--precond", "cm,ctm,analytic", "--times", "4",
+                 "--samples", "64", "--substeps", "8", "--out", str(out), "--no-progress"]) == 0
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    table = capsys.readouterr().out
+    assert "gap analytic" in table and "| 80 | 0.002 |" in table
+    assert main(["precond", "gap", "--teacher", "exact", "--precond", "bogus"]) == 2
+    assert main(["precond", "fit", "--teacher", "exact", "--samples", "0"]) == 2

@@ -1,0 +1,503 @@
+"""Preconditionings of a consistency (trajectory) model's jump, and Analytic-Precond.
+
+Every student here (CD and CTM) jumps with
+
+    G(x_t, t, s) = f(t, s) x_t + g(t, s) D_theta(x_t, t, s)            f(t,t) = 1, g(t,t) = 0
+
+where D_theta is an EDM-preconditioned denoiser (c_skip(t) x + c_out(t) F(c_in(t) x, ...)), so
+a student initialised from an EDM teacher starts with D_theta = the teacher's denoiser D.
+A *preconditioning* is the pair of scalar functions (f, g):
+
+  ctm       f = s/t, g = 1 - s/t: one Euler (DDIM) step of the teacher ODE with D replaced
+            by the net (CTM's G = (s/t) x + (1 - s/t) g_theta).
+  cm        CM's c_skip'(t) = sd^2 / ((t - s)^2 + sd^2), c_out'(t) = sd (t - s) / sqrt(sd^2 + t^2)
+            on the raw net output F, rewritten against D_theta: g = c_out' / c_out = 1 - s/t,
+            f = c_skip' - g c_skip (for s = eps this is exactly the consistency model's f).
+  analytic  Analytic-Precond (docs/methods/analytic-precond.md): with lambda = -log t and
+            h = D - l x, dx/dlambda = -(1 - l) x + h; h modelled as exponential in lambda with
+            rate r_lambda along teacher trajectories. Then
+                g(t, s) = int_{lam_t}^{lam_s} exp(-int_tau^{lam_s} (1 - l)) exp(int_{lam_t}^tau r) dtau
+                f(t, s) = exp(-int_{lam_t}^{lam_s} (1 - l)) - l_t g(t, s)
+            l_t = E[tr dD/dx] / d (Hutchinson), r = E<h, dh/dlambda> / E|h|^2 on teacher
+            trajectories, both fitted once on a uniform lambda grid.
+
+The analytic coefficients are evaluated from tables as
+    f = (s/t) exp(L(lam_s) - L(lam_t)) - l(lam_t) g,      g = (1 - s/t) R(lam_t, lam_s)
+(L = int l dlambda, R = g / (1 - s/t), R(t, t) = 1), with linear / bilinear interpolation in
+lambda written in difference form, so that zero statistics give CTM's f, g bit for bit and
+f(t, t) = 1, g(t, t) = 0 hold exactly. The interpolation is plain torch (floor, gather),
+so the exported ONNX jump carries the tables as constants.
+
+The *consistency gap* of a preconditioning at (t, s) is E|g*(x_t) - D(x_t, t)|^2 / dim with
+g* = (Phi_{t->s}(x_t) - f x_t) / g the denoiser that would make the jump exact (Phi = the
+teacher's ODE flow, solved accurately): how far a student initialised from the teacher is from
+its optimum. `consistency_gap` measures it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewstep.errors import UserError
+
+PRECONDS = ("cm", "ctm", "analytic")
+SIGMA_DATA = 0.5
+T_MIN = 0.002
+T_MAX = 80.0
+DEFAULT_POINTS = 120
+DEFAULT_SAMPLES = 4096
+RATE_CLIP = 20.0          # |r_lambda| is clipped here (it never is on the teachers we measured)
+VARIANTS = ("decay", "full", "none")
+TABLE_FILE = "precond-analytic.safetensors"
+TABLE_FORMAT = 1
+
+
+def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape((-1,) + (1,) * (x.dim() - 1)).to(x.dtype)
+
+
+# --- the three preconditionings -------------------------------------------------------------
+
+class Precond:
+    name = "base"
+
+    def coeffs(self, t: torch.Tensor, s: torch.Tensor):
+        """(f, g) for per-sample times t >= s > 0 ([B] tensors)."""
+        raise NotImplementedError
+
+    def apply(self, x, t, s, denoised):
+        f, g = self.coeffs(t, s)
+        return _col(f, x) * x + _col(g, x) * denoised
+
+    def state_tensors(self) -> dict:
+        return {}
+
+
+class CTMPrecond(Precond):
+    name = "ctm"
+
+    def coeffs(self, t, s):
+        ratio = s / t
+        return ratio, 1 - ratio
+
+
+class CMPrecond(Precond):
+    name = "cm"
+
+    def __init__(self, sigma_data: float = SIGMA_DATA):
+        self.sigma_data = float(sigma_data)
+
+    def coeffs(self, t, s):
+        sd2 = self.sigma_data ** 2
+        c_skip_cm = sd2 / ((t - s) ** 2 + sd2)
+        c_skip_edm = sd2 / (t ** 2 + sd2)
+        g = 1 - s / t                      # = c_out' / c_out_edm
+        return c_skip_cm - g * c_skip_edm, g
+
+
+def _interp1(pos: torch.Tensor, table: torch.Tensor):
+    """Linear interpolation of table at fractional index pos (clamped to the ends)."""
+    n = table.shape[0]
+    i = pos.floor().clamp(0, n - 2)
+    w = (pos - i).clamp(0.0, 1.0)
+    i = i.long()
+    a = table[i]
+    return a + w * (table[i + 1] - a)
+
+
+def _interp2(pi: torch.Tensor, pj: torch.Tensor, table: torch.Tensor):
+    """Bilinear interpolation of a square table at fractional indices (pi, pj)."""
+    n = table.shape[0]
+    i = pi.floor().clamp(0, n - 2)
+    wi = (pi - i).clamp(0.0, 1.0)
+    j = pj.floor().clamp(0, n - 2)
+    wj = (pj - j).clamp(0.0, 1.0)
+    i, j = i.long(), j.long()
+    flat = table.reshape(-1)
+    k = i * n + j
+    r00, r01, r10, r11 = flat[k], flat[k + 1], flat[k + n], flat[k + n + 1]
+    r0 = r00 + wj * (r01 - r00)
+    r1 = r10 + wj * (r11 - r10)
+    return r0 + wi * (r1 - r0)
+
+
+class AnalyticPrecond(Precond):
+    """Analytic-Precond from fitted tables (see `fit_analytic` and `build_tables`)."""
+    name = "analytic"
+    KEYS = ("lam", "l", "rate", "L", "R")
+
+    def __init__(self, tables: dict):
+        missing = [k for k in self.KEYS if k not in tables]
+        if missing:
+            raise UserError(f"Analytic-Precond tables lack {', '.join(missing)}")
+        self.tables = {k: torch.as_tensor(np.asarray(tables[k]) if not torch.is_tensor(tables[k])
+                                           else tables[k]).detach().to(torch.float32).cpu()
+                       for k in tables}
+        lam = self.tables["lam"].double()
+        self.n = int(lam.shape[0])
+        self.lam0 = float(lam[0])
+        self.dlam = float(lam[1] - lam[0])
+        n = self.n
+        if self.tables["R"].shape != (n, n) or any(self.tables[k].shape != (n,) for k in ("l", "rate", "L")):
+            raise UserError("Analytic-Precond tables have inconsistent shapes")
+        if not all(bool(torch.isfinite(v).all()) for v in self.tables.values()):
+            raise UserError("Analytic-Precond tables hold non-finite values")
+        self._dev = {}
+
+    def _tab(self, name, like):
+        key = (name, like.device, like.dtype)
+        if key not in self._dev:
+            self._dev[key] = self.tables[name].to(device=like.device, dtype=like.dtype)
+        return self._dev[key]
+
+    def coeffs(self, t, s):
+        pos_t = (-t.log() - self.lam0) / self.dlam
+        pos_s = (-s.log() - self.lam0) / self.dlam
+        L, l, R = self._tab("L", t), self._tab("l", t), self._tab("R", t)
+        ratio = s / t
+        g = (1 - ratio) * _interp2(pos_t, pos_s, R)
+        f = ratio * (_interp1(pos_s, L) - _interp1(pos_t, L)).exp() - _interp1(pos_t, l) * g
+        return f, g
+
+    def state_tensors(self):
+        return {f"precond.{k}": v for k, v in self.tables.items()}
+
+    @classmethod
+    def from_state(cls, tensors: dict):
+        tabs = {k[len("precond."):]: v for k, v in tensors.items() if k.startswith("precond.")}
+        return cls(tabs) if tabs else None
+
+
+def make_precond(name: str, sigma_data: float = SIGMA_DATA, tables: dict | None = None) -> Precond:
+    if name == "ctm":
+        return CTMPrecond()
+    if name == "cm":
+        return CMPrecond(sigma_data)
+    if name == "analytic":
+        if tables is None:
+            raise UserError("the analytic preconditioning needs fitted tables (fewstep precond fit)")
+        return AnalyticPrecond(tables)
+    raise UserError(f"unknown preconditioning {name!r} (known: {', '.join(PRECONDS)})")
+
+
+# --- tables from statistics ---------------------------------------------------------------------
+
+def lambda_grid(points: int = DEFAULT_POINTS, t_min: float = T_MIN, t_max: float = T_MAX) -> np.ndarray:
+    """Uniform grid in lambda = -log t, ascending (t descending from t_max to t_min)."""
+    if points < 3:
+        raise UserError(f"--points must be >= 3, got {points}")
+    return np.linspace(-math.log(t_max), -math.log(t_min), int(points))
+
+
+def _cumtrapz(y: np.ndarray, h: float) -> np.ndarray:
+    out = np.zeros_like(y)
+    out[1:] = np.cumsum(0.5 * h * (y[1:] + y[:-1]))
+    return out
+
+
+def build_tables(lam: np.ndarray, l: np.ndarray, rate: np.ndarray) -> dict:
+    """Tables of the analytic coefficients from the statistics l, r on a uniform lambda grid.
+
+    R[i, j] = g(t_i, t_j) / (1 - t_j / t_i), with g's integral done cell by cell: the factor
+    exp(tau - lam_j) is integrated exactly and the rest, exp(L_j - L_tau + S_tau - S_i)
+    (S = int r), linearly in each cell, so that l = r = 0 gives R = 1 to rounding.
+    Only entries with j >= i - 1 (s <= t, plus the first band above, which bilinear
+    interpolation near s = t touches) are meaningful; the others are set to 1.
+    Also returns f and g on the nodes (j >= i; identity elsewhere) for inspection.
+    """
+    lam = np.asarray(lam, np.float64)
+    l = np.asarray(l, np.float64)
+    rate = np.asarray(rate, np.float64)
+    n = lam.shape[0]
+    h = float(lam[1] - lam[0])
+    L = _cumtrapz(l, h)
+    S = _cumtrapz(rate, h)
+    R = np.ones((n, n))
+    G = np.zeros((n, n))
+    F = np.ones((n, n))
+    for j in range(n):
+        E = np.exp(lam - lam[j])                          # kernel exp(tau - lam_j) at the nodes
+        K1 = E[1:] - E[:-1]                               # int_cell exp(tau - lam_j)
+        K2 = (E[1:] * (h - 1) + E[:-1]) / h               # int_cell exp(tau - lam_j) (tau - a) / h
+        rows = np.arange(0, min(j + 2, n))               # rows i <= j + 1 are needed
+        # w_i(c) = exp(L_j - L_c + S_c - S_i): per row i, cells between i and j
+        q = L[j] - L + S                                  # exponent without the -S_i part
+        for i in rows:
+            if i == j:
+                continue
+            a, b = (i, j) if i < j else (j, i)
+            w = np.exp(q[a:b + 1] - S[i])
+            cell = w[:-1] * K1[a:b] + (w[1:] - w[:-1]) * K2[a:b]
+            gij = cell.sum() * (1.0 if i < j else -1.0)
+            denom = 1.0 - math.exp(lam[i] - lam[j])
+            R[i, j] = gij / denom
+            if i < j:
+                G[i, j] = gij
+                F[i, j] = math.exp(-(lam[j] - lam[i]) + L[j] - L[i]) - l[i] * gij
+    return {"lam": lam, "l": l, "rate": rate, "L": L, "S": S, "R": R, "f": F, "g": G}
+
+
+# --- fitting the statistics -----------------------------------------------------------------------
+
+def _progress(total, desc, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+def _heun(denoise, x, t: float, s: float, labels=None):
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+    ss = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
+    d1 = (x - denoise(x, tt, labels)) / t
+    xe = x + (s - t) * d1
+    if s <= 0:
+        return xe
+    d2 = (xe - denoise(xe, ss, labels)) / s
+    return x + (s - t) * 0.5 * (d1 + d2)
+
+
+def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, *, points: int = DEFAULT_POINTS, samples: int = DEFAULT_SAMPLES,
+                 t_min: float = T_MIN, t_max: float = T_MAX, batch: int = 512, seed: int = 0,
+                 progress: bool = True, variant: str = "decay") -> dict:
+    """Estimate l_lambda and r_lambda of a teacher denoiser and tabulate f, g.
+
+    denoise(x, sigma[B], labels[B] or None) -> D (the teacher); x0: data samples [N, ...]
+    (drawn with replacement to `samples`), labels: their class labels or None. For each of `points` lambdas: x_t = x0 + t z,
+    l = mean Hutchinson estimate of tr(dD/dx) / dim (one Rademacher probe per sample);
+    one Heun step of the teacher ODE to the next grid point gives dh/dlambda by a finite
+    difference along the trajectory, and r = E<h, dh/dlambda> / E|h|^2.
+    Returns the tables of `build_tables` (float64 numpy; r per `variant_rate`) plus the raw
+    rate `rate_raw` and E|h|^2 / dim `hh`.
+    """
+    if samples < 1:
+        raise UserError(f"--samples must be >= 1, got {samples}")
+    lam = lambda_grid(points, t_min, t_max)
+    ts = np.exp(-lam)
+    n = len(lam)
+    dev = x0.device
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = torch.randint(0, x0.shape[0], (int(samples),), generator=gen)
+    dim = int(np.prod(x0.shape[1:]))
+    l_sum = np.zeros(n)
+    # moments for r: <D,D'>, <x,D'>, <D,x'>, <x,x'>, |D|^2, <D,x>, |x|^2 (sums over samples)
+    mom = np.zeros((n, 7))
+    bar = _progress(n, "precond fit", progress)
+    for i in range(n):
+        t = float(ts[i])
+        t_next = float(ts[i + 1]) if i + 1 < n else None
+        g_i = torch.Generator().manual_seed(int(seed) * 100003 + i)
+        for k in range(0, int(samples), batch):
+            xb = x0[idx[k:k + batch]].to(dev)
+            yb = None if labels is None else labels[idx[k:k + batch]].to(dev)
+            z = torch.randn(xb.shape, generator=g_i).to(dev, xb.dtype)
+            v = (torch.randint(0, 2, xb.shape, generator=g_i) * 2 - 1).to(dev, xb.dtype)
+            x = (xb + t * z).detach().requires_grad_(True)
+            tt = torch.full((x.shape[0],), t, device=dev, dtype=x.dtype)
+            with torch.enable_grad():
+                D = denoise(x, tt, yb)
+                (grad,) = torch.autograd.grad((D * v).sum(), x)
+            l_sum[i] += float((grad * v).double().sum()) / dim
+            if t_next is None:
+                continue
+            with torch.no_grad():
+                x = x.detach()
+                D = D.detach()
+                d1 = (x - D) / t
+                xe = x + (t_next - t) * d1
+                sn = torch.full_like(tt, t_next)
+                d2 = (xe - denoise(xe, sn, yb)) / t_next
+                x2 = x + (t_next - t) * 0.5 * (d1 + d2)
+                D2 = denoise(x2, sn, yb)
+                f64 = lambda a, b: float((a.double() * b.double()).sum())  # noqa: E731
+                mom[i] += [f64(D, D2), f64(x, D2), f64(D, x2), f64(x, x2), f64(D, D), f64(D, x), f64(x, x)]
+        bar.update(1)
+    bar.close()
+    l = l_sum / samples
+    rate = np.zeros(n)
+    h = float(lam[1] - lam[0])
+    for i in range(n - 1):
+        DD2, xD2, Dx2, xx2, DD, Dx, xx = mom[i]
+        li, lj = l[i], l[i + 1]
+        hh = DD - 2 * li * Dx + li * li * xx                    # E|h_i|^2 (sums)
+        hh2 = (DD2 - li * xD2) - lj * (Dx2 - li * xx2)          # E<h_i, h_{i+1}>
+        if hh > 1e-10 * max(xx, 1e-30):
+            rate[i] = (hh2 - hh) / (h * hh)
+    rate[n - 1] = rate[n - 2]
+    tables = build_tables(lam, l, variant_rate(rate, variant))
+    tables["rate_raw"] = rate
+    tables["hh"] = (mom[:, 4] - 2 * l * mom[:, 5] + l * l * mom[:, 6]) / (samples * dim)
+    return tables
+
+
+def variant_rate(rate_raw, variant: str = "decay") -> np.ndarray:
+    """The rate r the tables use: `decay` = min(r, 0) (the default: h is extrapolated only where
+    it shrinks along the trajectory, which keeps g O(1) on every jump), `full` = r as measured
+    (the plain forward form; g explodes on long jumps), `none` = 0 (only l: no model of h)."""
+    r = np.clip(np.asarray(rate_raw, np.float64), -RATE_CLIP, RATE_CLIP)
+    if variant == "decay":
+        return np.minimum(r, 0.0)
+    if variant == "full":
+        return r
+    if variant == "none":
+        return np.zeros_like(r)
+    raise UserError(f"unknown Analytic-Precond variant {variant!r} (known: {', '.join(VARIANTS)})")
+
+
+def tables_variant(tables: dict, variant: str) -> dict:
+    """Rebuild saved tables for another rate variant (from the raw statistics they keep)."""
+    as_np = {k: (v.double().numpy() if torch.is_tensor(v) else np.asarray(v, np.float64)) for k, v in tables.items()}
+    out = build_tables(as_np["lam"], as_np["l"], variant_rate(as_np["rate_raw"], variant))
+    out["rate_raw"], out["hh"] = as_np["rate_raw"], as_np.get("hh", np.zeros_like(as_np["l"]))
+    return out
+
+
+# --- saving and loading ---------------------------------------------------------------------------
+
+def save_tables(path, tables: dict, meta: dict) -> Path:
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tens = {k: torch.as_tensor(np.asarray(v, np.float64)).to(torch.float32).contiguous() for k, v in tables.items()}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tens, str(tmp), metadata={"fewstep_precond": json.dumps({"format": TABLE_FORMAT, **meta})})
+    os.replace(tmp, path)
+    return path
+
+
+def load_tables(path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("fewstep_precond", "{}"))
+            tabs = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing error
+        raise UserError(f"unreadable Analytic-Precond tables {path}: {e}") from None
+    return tabs, meta
+
+
+# --- teachers: where their tables live, their data, their denoiser -----------------------------------
+
+def teacher_tables_path(teacher) -> Path:
+    """Beside the teacher checkpoint; for the exact gmm teacher, in the fewstep cache."""
+    ckpt = getattr(teacher, "ckpt", None)
+    if ckpt is not None:
+        ema = getattr(teacher, "ema", None)
+        return Path(ckpt) / (TABLE_FILE if not ema else f"precond-analytic-ema{ema}.safetensors")
+    cache = Path(os.path.expanduser(os.environ.get("FEWSTEP_CACHE") or "~/.cache/fewstep"))
+    return cache / "precond" / "gmm-exact.safetensors"
+
+
+def teacher_device(teacher) -> torch.device:
+    net = getattr(teacher, "net", None)
+    if net is not None:
+        for p in net.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def teacher_data(teacher, n: int, seed: int = 0):
+    """n training samples (and labels, for conditional teachers) of the teacher's data."""
+    d = teacher.config["data"]
+    if d.get("name") == "gmm" and getattr(teacher, "gmm", None) is not None:
+        return teacher.gmm.sample(int(n), torch.Generator().manual_seed(int(seed))), None
+    from training.data import DataError, load_dataset
+    kw = {"image_size": d["image_size"]} if d.get("image_size") else {}
+    try:
+        ds = load_dataset(d["name"], "train", data_dir=d.get("data_dir"), limit=d.get("limit"), seed=0, **kw)
+    except DataError as e:
+        raise UserError(f"the teacher's data: {e}") from None
+    labels = ds.labels if getattr(teacher, "num_classes", 0) else None
+    return ds.x, labels
+
+
+def fit_teacher(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, seed=0, batch=512,
+                progress=True, out=None) -> tuple[dict, Path]:
+    """Fit the tables of a teacher and save them (default: beside its checkpoint)."""
+    import time
+    x0, labels = teacher_data(teacher, max(int(samples), 1), seed)
+    dev = teacher_device(teacher)
+    start = time.time()
+    tables = fit_analytic(teacher.denoise, x0.to(dev), labels, points=points, samples=samples, seed=seed, batch=batch,
+                          progress=progress)
+    meta = {"points": int(points), "samples": int(samples), "seed": int(seed),
+            "teacher": str(getattr(teacher, "ckpt", None) or "exact"), "ema": getattr(teacher, "ema", None),
+            "seconds": round(time.time() - start, 2)}
+    path = save_tables(out or teacher_tables_path(teacher), tables, meta)
+    return tables, path
+
+
+def teacher_tables(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, progress=True, log=True) -> dict:
+    """The saved tables of a teacher, fitted (and saved) first if there are none."""
+    path = teacher_tables_path(teacher)
+    if path.is_file():
+        tabs, _ = load_tables(path)
+        return tabs
+    if log:
+        print(f"[fewstep] fitting Analytic-Precond statistics ({points} points, {samples} samples) "
+              f"-> {path}", file=sys.stderr)
+    tabs, _ = fit_teacher(teacher, points=points, samples=samples, progress=progress)
+    return tabs
+
+
+# --- the consistency gap ---------------------------------------------------------------------------
+
+def gap_times(n: int = 8, t_min: float = T_MIN, t_max: float = T_MAX, rho: float = 7.0) -> np.ndarray:
+    """n descending Karras times from t_max to t_min."""
+    u = np.arange(n) / (n - 1)
+    return (t_max ** (1 / rho) + u * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
+
+
+@torch.no_grad()
+def consistency_gap(denoise, x0: torch.Tensor, preconds: dict, times, labels=None, *, samples: int = 512,
+                    substeps: int = 64, seed: int = 0, batch: int = 512, progress: bool = False) -> dict:
+    """E|g* - D|^2 / dim for every pair times[i] > times[j] and every preconditioning.
+
+    The teacher ODE is solved from each t with Heun on a rho=7 grid of `substeps` steps
+    down to the last time, passing through every later time of `times`.
+    Returns {name: [K, K] numpy array (NaN where j <= i)}.
+    """
+    times = np.asarray(times, np.float64)
+    k = len(times)
+    out = {name: np.full((k, k), np.nan) for name in preconds}
+    acc = {name: np.zeros((k, k)) for name in preconds}
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = torch.randint(0, x0.shape[0], (int(samples),), generator=gen)
+    dim = int(np.prod(x0.shape[1:]))
+    dev = x0.device
+    bar = _progress(k - 1, "consistency gap", progress)
+    for i in range(k - 1):
+        t = float(times[i])
+        # sub-grid from t to times[-1] that contains times[i+1:]
+        sub = gap_times(substeps + 1, float(times[-1]), t)
+        sub = np.unique(np.concatenate([sub, times[i:]]))[::-1]
+        g_i = torch.Generator().manual_seed(int(seed) * 7919 + i)
+        for b in range(0, int(samples), batch):
+            xb = x0[idx[b:b + batch]].to(dev)
+            yb = None if labels is None else labels[idx[b:b + batch]].to(dev)
+            xt = xb + t * torch.randn(xb.shape, generator=g_i).to(dev, xb.dtype)
+            tt = torch.full((xt.shape[0],), t, device=dev, dtype=xt.dtype)
+            D = denoise(xt, tt, yb)
+            x = xt
+            for a, c in zip(sub[:-1], sub[1:]):
+                x = _heun(denoise, x, float(a), float(c), yb)
+                hit = np.nonzero(np.isclose(times, c, rtol=1e-12, atol=0))[0]
+                for j in hit:
+                    if j <= i:
+                        continue
+                    ss = torch.full_like(tt, float(times[j]))
+                    for name, pc in preconds.items():
+                        f, g = pc.coeffs(tt, ss)
+                        gstar = (x - _col(f, x) * xt) / _col(g, x)
+                        acc[name][i, j] += float(((gstar - D).double() ** 2).sum()) / dim
+        bar.update(1)
+    bar.close()
+    for name in preconds:
+        m = np.triu(np.ones((k, k), bool), 1)
+        out[name][m] = acc[name][m] / samples
+    return out
