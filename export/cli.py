@@ -28,6 +28,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="steps of the end-to-end sampler parity check (default: the model's default, at most 8)")
     p.add_argument("--timing-cache", help="TensorRT timing cache file (default: under $FEWSTEP_CACHE)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampling option of the model's method baked into the jump, e.g. solver=heun, "
+                        "sample_head=2 (cud)")
 
 
 def _formats(text: str) -> list[str]:
@@ -58,7 +61,7 @@ def _solver(method) -> str | None:
 
 def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", max_batch=64,
                  opt_batch=None, name=None, opset=18, parity_steps=None, timing_cache=None,
-                 force=False, log=None) -> dict:
+                 force=False, log=None, method_opts=None) -> dict:
     """Export a checkpoint to a model dir; returns the manifest written. Raises UserError."""
     from fewstep.errors import UserError
 
@@ -90,7 +93,7 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
     from training.build import load_model
 
     t0 = time.time()
-    model = load_model(ckpt, ema=None if ema == "none" else ema, device="cpu")
+    model = load_model(ckpt, ema=None if ema == "none" else ema, device="cpu", method_opts=method_opts)
     spec = model.method.sampler_spec()
     if parity_steps is not None and parity_steps > int(spec["max_steps"]):
         raise UserError(f"--parity-steps must be in [1, {spec['max_steps']}], got {parity_steps}")
@@ -189,10 +192,11 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def run_export(args) -> int:
+    from training.cli import parse_sets
     manifest = export_model(
         args.ckpt, args.out, formats=_formats(args.format), ema=args.ema, precision=args.precision,
         max_batch=args.max_batch, opt_batch=args.opt_batch, name=args.name, opset=args.opset,
         parity_steps=args.parity_steps, timing_cache=args.timing_cache, force=args.force,
-        log=lambda msg: print(f"[export] {msg}", file=sys.stderr))
+        method_opts=parse_sets(args.set), log=lambda msg: print(f"[export] {msg}", file=sys.stderr))
     print(args.out)
     return 0 if manifest else 1

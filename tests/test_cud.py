@@ -344,7 +344,7 @@ def _losses(run: Path, key="loss"):
 def cud_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cud") / "run"
     rc = main(["train", "--method", "cud", "--out", str(out), "--iters", "200", *TOY,
-               "method.pred_step=2", "method.prior_shakedrop=false", "train.ckpt_every=100"])
+               "method.pred_step=2", "train.ckpt_every=100"])
     assert rc == 0
     return out
 
@@ -357,16 +357,26 @@ def test_tiny_cud_run_loss_falls_and_keeps_its_encoder(cud_run):
     assert any(k.startswith("module.encoder.") for k in st)
     model_keys = load_file(str(last / "model.safetensors"))
     assert any(k.startswith("heads.0.") for k in model_keys)  # pred_step 2: one extra head
-    # sampling from either head works through the CLI
-    assert main(["sample", "--ckpt", str(cud_run), "--steps", "2", "--num", "16",
-                 "--out", str(cud_run / "s.png")]) == 0
+    # sampling from either head, with either solver, through the CLI
+    for extra in ([], ["--set", "sample_head=2", "--set", "solver=heun"]):
+        assert main(["sample", "--ckpt", str(cud_run), "--steps", "2", "--num", "16", *extra,
+                     "--out", str(cud_run / "s.png")]) == 0
+    assert main(["sample", "--ckpt", str(cud_run), "--set", "pred_step=3", "--out", str(cud_run / "s.png")]) == 2
+    assert main(["sample", "--ckpt", str(cud_run), "--set", "sample_head=3", "--out", str(cud_run / "s.png")]) == 2
+    from training.build import load_model
+    m1 = load_model(cud_run)
+    m2 = load_model(cud_run, method_opts={"sample_head": 2})
+    x, t, s = torch.randn(8, 2), torch.ones(8), torch.zeros(8)
+    assert m2.method.opts["sample_head"] == 2
+    assert torch.allclose(m2.jump(x, t, s), x - m2.net(x, t, heads=True)[1])
+    assert not torch.allclose(m1.jump(x, t, s), m2.jump(x, t, s))
 
 
 def test_tiny_cud_distill_run(cud_run, tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "distill"
     rc = main(["train", "--method", "cud-distill", "--teacher", str(cud_run), "--out", str(out), "--iters", "90",
-               *TOY, "method.prior_shakedrop=false", "method.num_trajs=512", "method.gen_batch=256",
+               *TOY, "method.num_trajs=512", "method.gen_batch=256",
                "train.log_every=5"])
     assert rc == 0
     files = list((tmp_path / "cache" / "cud-distill").glob("*.safetensors"))
@@ -382,3 +392,21 @@ def test_tiny_cud_distill_run(cud_run, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="time_scale"):
         CUDDistill({"prior_shakedrop": False, "time_scale": 999.0},
                    teacher=SimpleNamespace(method=cud(prior_shakedrop=False), net=FakeNet()))
+
+
+def test_export_bakes_the_chosen_head_and_solver(cud_run, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "model"
+    assert main(["export", "--ckpt", str(cud_run), "--out", str(out), "--parity-steps", "2",
+                 "--set", "sample_head=2", "--set", "solver=heun"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "cud" and manifest["solver"] == "heun"
+    assert manifest["training"]["config"]["method"]["sample_head"] == 2
+    from export.runner import OrtJump
+    from training.build import load_model
+    ref = load_model(cud_run, method_opts={"sample_head": 2, "solver": "heun"})
+    x = torch.randn(4, 2)
+    t, s = torch.full((4,), 0.75), torch.full((4,), 0.5)
+    got = OrtJump(out / "jump.onnx", "cpu", threads=1)(x.numpy(), t.numpy(), s.numpy(), None)
+    assert torch.allclose(torch.from_numpy(got), ref.jump(x, t, s), atol=1e-5)

@@ -69,14 +69,24 @@ class Model:
         return self.method.sample(self.net, steps, seeds, self.shape, labels=labels, gamma=gamma, device=device)
 
 
-def load_model(path, ema: str | None = "default", device="cpu", load_teacher: bool = False) -> Model:
+def load_model(path, ema: str | None = "default", device="cpu", load_teacher: bool = False,
+               method_opts: dict | None = None) -> Model:
     """Load a checkpoint (or a run dir's latest) for sampling.
 
     ema: "default" = the config's first EMA decay, None = the online weights, or a decay
-    such as "0.999".
+    such as "0.999". method_opts: sampling options of the method to change (only those in
+    its `sample_options`, e.g. a CUD model's solver and sample_head).
     """
     ckpt = ck.find_checkpoint(path)
     cfg = ck.read_config(ckpt)
+    if method_opts:
+        from training.methods import method_class
+        allowed = tuple(getattr(method_class(cfg["method"]["name"]), "sample_options", ()))
+        bad = sorted(set(method_opts) - set(allowed))
+        if bad:
+            raise UserError(f"{', '.join(bad)}: not a sampling option of method {cfg['method']['name']} "
+                            f"(its sampling options: {', '.join(allowed) or 'none'})")
+        cfg["method"].update(method_opts)
     teacher = None
     if load_teacher and cfg.get("teacher"):
         teacher = load_teacher_model(cfg["teacher"], cfg, device)

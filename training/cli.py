@@ -54,6 +54,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, help="stochastic sampling in [0, 1] (consistency models)")
     p.add_argument("--label", type=int, help="class label (class-conditional models); default: cycle")
     p.add_argument("--ema", default="default", help="EMA decay to use, or 'none' for the online weights")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampling option of the model's method, e.g. solver=heun, sample_head=2 (cud)")
     p.add_argument("--out", required=True, help="output PNG")
 
 
@@ -69,7 +71,8 @@ def run_sample(args) -> int:
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.ckpt, ema=None if args.ema == "none" else args.ema, device=device)
+    model = load_model(args.ckpt, ema=None if args.ema == "none" else args.ema, device=device,
+                       method_opts=parse_sets(args.set))
     spec = model.method.sampler_spec()
     steps = spec["default_steps"] if args.steps is None else args.steps
     if not 1 <= steps <= spec["max_steps"]:
@@ -90,6 +93,19 @@ def run_sample(args) -> int:
     save_samples(x, args.out, f"{model.method.name} {steps} steps")
     print(f"wrote {args.out} ({args.num} samples, {steps} steps, from {model.ckpt})", file=sys.stderr)
     return 0
+
+
+def parse_sets(items) -> dict:
+    """--set KEY=VALUE items -> {KEY: JSON value (else the string)}."""
+    from fewstep.errors import UserError
+    from training.config import parse_value
+    out = {}
+    for item in items or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set {item!r} is not KEY=VALUE")
+        out[key] = parse_value(text)
+    return out
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

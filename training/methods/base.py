@@ -23,6 +23,9 @@ class Method:
     name = "base"
     defaults: dict = {}
     needs_teacher = False
+    # options that may change after training (how the net is stepped, not the net itself):
+    # `fewstep sample --set KEY=VALUE` accepts these
+    sample_options: tuple = ()
 
     def __init__(self, opts: dict | None = None, teacher=None):
         self.opts = dict(self.defaults)

@@ -86,6 +86,7 @@ def net_dims(net) -> tuple:
 
 class CUD(RectifiedFlow):
     name = "cud"
+    sample_options = ("solver", "sample_head")
     defaults = {
         **RectifiedFlow.defaults,
         # The authors feed the raw flow time t in [0, 1] to the net (prior ShakeDrop reads it).

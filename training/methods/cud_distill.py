@@ -112,6 +112,7 @@ def read_meta(path) -> dict:
 class CUDDistill(RectifiedFlow):
     name = "cud-distill"
     needs_teacher = True
+    sample_options = ("solver",)
     defaults = {
         **RectifiedFlow.defaults,
         "time_scale": 1.0,         # must match the teacher's (CUD feeds raw t)

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""CUD ablation: rectified flow vs CUD RK12 / RK23 / RK34 (equal iterations and seeds), then
+CUD + its 1-step stage; the metric at 1, 2, 4, 8, 16 sampling steps.
+
+    nice -n 10 .venv/bin/python scripts/ablation_cud.py                      # 2-D track (gmm)
+    nice -n 10 .venv/bin/python scripts/ablation_cud.py --data fmnist --preset fmnist-cpu \\
+        --seeds 0 --iters 4000 --distill-iters 2000 --out runs/ablation-cud-fmnist
+
+Every run goes through the real commands (`fewstep train`, `fewstep eval`) in this process,
+with the same data order and initial weights per seed (train.seed). The metric is what
+`fewstep eval` reports: sliced Wasserstein distance on 2-D data (lower is better; the
+data-vs-data floor is printed too), FID on the project's classifier features for images.
+Runs already finished in --out are reused, so an interrupted ablation picks up where it
+stopped. Writes <out>/ablation.json and <out>/table.md (mean +- sample std over seeds).
+
+Arms (names for --arms): rf, rk12, rk23, rk34; `--distill-from ARM` adds ARM+1step, the
+cud-distill student of each seed's ARM run (evaluated at 1 step; more steps are shown for
+completeness but it is trained for 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from fewstep.cli import main as fewstep  # noqa: E402
+from training import checkpoint as ck  # noqa: E402
+
+ARMS = {
+    "rf": ("rf", []),
+    "rk12": ("cud", ["method.pred_step=1"]),
+    "rk23": ("cud", ["method.pred_step=2"]),
+    "rk34": ("cud", ["method.pred_step=3"]),
+}
+
+
+def finished(run: Path, iters: int) -> bool:
+    cks = ck.list_checkpoints(run)
+    return bool(cks) and ck.read_config(cks[-1]).get("step") == iters
+
+
+def train(run: Path, method: str, args, extra: list[str], iters: int, teacher: Path | None = None) -> float:
+    if finished(run, iters):
+        return 0.0
+    if run.exists():  # an unfinished run: start it again (runs are short)
+        import shutil
+        shutil.rmtree(run)
+    argv = ["train", "--method", method, "--data", args.data, "--out", str(run), "--iters", str(iters),
+            "--no-progress", f"train.seed={args.seed_now}", "train.sample_every=0",
+            f"train.ckpt_every={iters}", "train.log_every=50"]
+    if args.preset:
+        argv += ["--preset", args.preset]
+    if args.batch:
+        argv += ["--batch", str(args.batch)]
+    if teacher is not None:
+        argv += ["--teacher", str(teacher)]
+    argv += list(args.common) + extra
+    c0 = time.process_time()
+    rc = fewstep(argv)
+    if rc != 0:
+        raise SystemExit(f"training failed: {' '.join(argv)}")
+    return time.process_time() - c0
+
+
+def evaluate(run: Path, args) -> dict:
+    out = run / "eval.json"
+    if not out.is_file():
+        argv = ["eval", "--ckpt", str(run), "--steps", args.steps, "--no-progress", "--out", str(out)]
+        if args.eval_num:
+            argv += ["--num", str(args.eval_num)]
+        if fewstep(argv) != 0:
+            raise SystemExit(f"eval failed: {' '.join(argv)}")
+    return json.loads(out.read_text())
+
+
+def mean_std(values):
+    n = len(values)
+    m = sum(values) / n
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return m, s
+
+
+def table(results: dict, steps: list[int], metric: str, seeds: list[int]) -> str:
+    lines = [f"| arm | " + " | ".join(f"{k} step{'s' if k > 1 else ''}" for k in steps) + " |",
+             "|---|" + "---:|" * len(steps)]
+    for arm, per_seed in results.items():
+        cells = []
+        for k in steps:
+            vals = [per_seed[s][k] for s in seeds if s in per_seed and k in per_seed[s]]
+            if not vals:
+                cells.append("")
+                continue
+            m, sd = mean_std(vals)
+            cells.append(f"{m:.4f} ± {sd:.4f}" if len(vals) > 1 else f"{m:.4f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="gmm")
+    p.add_argument("--preset", help="default: the data's default preset (toy for 2-D)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--iters", type=int, default=3000, help="training iterations of every arm")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--arms", default="rf,rk12,rk23,rk34")
+    p.add_argument("--distill-from", default="rk12", help="arm whose runs get the 1-step stage ('' = none)")
+    p.add_argument("--distill-iters", type=int, default=1500)
+    p.add_argument("--distill-opts", default="", help="extra KEY=VALUE for cud-distill, comma-separated")
+    p.add_argument("--steps", default="1,2,4,8,16")
+    p.add_argument("--eval-num", type=int, help="samples per step count (default: fewstep eval's)")
+    p.add_argument("--common", nargs="*", default=["net.hidden=128", "net.depth=3"],
+                   help="KEY=VALUE overrides for every arm (default: a 128x3 MLP for the 2-D track)")
+    p.add_argument("--arm-opts", action="append", default=[], metavar="ARM:KEY=VALUE",
+                   help="an override for one arm, e.g. rf:method.time_scale=1")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 on a small busy CPU)")
+    p.add_argument("--out", default="runs/ablation-cud")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    steps = [int(s) for s in args.steps.split(",")]
+    arms = [a for a in args.arms.split(",") if a]
+    for a in arms:
+        if a not in ARMS:
+            raise SystemExit(f"unknown arm {a!r} (known: {', '.join(ARMS)})")
+    arm_opts: dict[str, list[str]] = {}
+    for item in args.arm_opts:
+        arm, _, kv = item.partition(":")
+        arm_opts.setdefault(arm, []).append(kv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results: dict[str, dict[int, dict[int, float]]] = {}
+    cpu: dict[str, float] = {}
+    metric = None
+    floor = []
+    for seed in seeds:
+        args.seed_now = seed
+        for arm in arms:
+            method, extra = ARMS[arm]
+            run = out / f"{arm}-s{seed}"
+            cpu[arm] = cpu.get(arm, 0.0) + train(run, method, args, extra + arm_opts.get(arm, []), args.iters)
+            rep = evaluate(run, args)
+            metric = rep["metric"]
+            key = "swd" if metric == "swd" else "fid"
+            results.setdefault(arm, {})[seed] = {r["steps"]: r[key] for r in rep["results"]}
+            floor.append(rep["reference"].get(key))
+            print(f"[ablation] seed {seed} {arm}: " + ", ".join(f"{r['steps']}:{r[key]:.4f}" for r in rep["results"]),
+                  file=sys.stderr)
+        if args.distill_from:
+            teacher = out / f"{args.distill_from}-s{seed}"
+            run = out / f"{args.distill_from}+1step-s{seed}"
+            dopts = [o for o in args.distill_opts.split(",") if o] + arm_opts.get("distill", [])
+            name = f"{args.distill_from}+1step"
+            cpu[name] = cpu.get(name, 0.0) + train(run, "cud-distill", args, dopts, args.distill_iters, teacher)
+            rep = evaluate(run, args)
+            key = "swd" if rep["metric"] == "swd" else "fid"
+            results.setdefault(name, {})[seed] = {r["steps"]: r[key] for r in rep["results"]}
+            print(f"[ablation] seed {seed} {name}: " + ", ".join(f"{r['steps']}:{r[key]:.4f}" for r in rep["results"]),
+                  file=sys.stderr)
+
+    md = table(results, steps, metric, seeds)
+    fl = [f for f in floor if f is not None]
+    note = (f"\n\nmetric: {metric} (lower is better), mean ± sample std over seeds {seeds}; "
+            f"data-vs-data floor {sum(fl) / len(fl):.4f}" if fl else "")
+    (out / "table.md").write_text(md + note + "\n")
+    (out / "ablation.json").write_text(json.dumps({
+        "argv": sys.argv, "metric": metric, "seeds": seeds, "steps": steps, "iters": args.iters,
+        "distill_iters": args.distill_iters, "results": results,
+        "train_cpu_seconds_this_invocation": cpu}, indent=2) + "\n")
+    print(md + note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
