@@ -30,6 +30,7 @@ TRAIN_DEFAULTS = {
     "sample_every": 1000, # PNG grid of samples; 0 = off
     "log_every": 50,
     "bf16": True,         # autocast on GPU only
+    "threads": 0,         # CPU threads for torch; 0 = torch's default (1 is faster on a busy machine)
 }
 
 # preset -> net preset (training.networks.PRESETS_NET) + training settings

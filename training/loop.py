@@ -68,6 +68,8 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
     tcfg = cfg["train"]
     if not isinstance(tcfg["iters"], int) or tcfg["iters"] < 1:
         raise UserError(f"--iters must be a positive integer, got {tcfg['iters']!r}")
+    if tcfg.get("threads"):
+        torch.set_num_threads(int(tcfg["threads"]))
     rank, world = _dist_env()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
