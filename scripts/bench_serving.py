@@ -79,9 +79,33 @@ def interleaved(fa, fb, reps: int, warmup: int = 5) -> tuple[list[float], list[f
     return a, b
 
 
+def group_cpu_s(pids) -> float:
+    """utime + stime (s) of the given processes (the server and its stubs), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        rest = stat[stat.rindex(")") + 2:].split()
+        total += int(rest[11]) + int(rest[12])
+    return total / tick
+
+
+def cpu_per_call(fn, reps: int, pids=()) -> float:
+    """CPU ms per call: this process's CPU time plus that of `pids` (robust to a busy host)."""
+    fn()
+    c0, s0 = time.process_time(), group_cpu_s(pids)
+    for _ in range(reps):
+        fn()
+    return ((time.process_time() - c0) + (group_cpu_s(pids) - s0)) * 1e3 / reps
+
+
 def summary(ms: list[float]) -> dict:
     a = np.asarray(ms)
-    return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)),
+    return {"median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
+            "p90_ms": float(np.percentile(a, 90)),
             "mean_ms": float(a.mean()), "n": len(ms)}
 
 
@@ -149,10 +173,14 @@ def main(argv=None) -> int:
             for n in steps_list:
                 settings.append((f"steps_{n}", lambda n=n: local(n),
                                  lambda n=n: client.generate(name, [0], n, class_labels=lab)))
+            pids = server.pids()
             for key, fa, fb in settings:
                 a, b = interleaved(fa, fb, args.reps)
+                tkey = "jump_direct" if key == "jump" else key
                 res["inprocess"][key] = summary(a)
-                res["triton"]["jump_direct" if key == "jump" else key] = summary(b)
+                res["triton"][tkey] = summary(b)
+                res["inprocess"][key]["cpu_ms"] = cpu_per_call(fa, args.reps)
+                res["triton"][tkey]["cpu_ms"] = cpu_per_call(fb, args.reps, pids)
             stats = raw.get_inference_statistics(name + "_jump", as_json=True)["model_stats"][0]
             inf = stats["inference_stats"]
             count = int(inf["success"]["count"])
@@ -161,35 +189,44 @@ def main(argv=None) -> int:
             raw.close()
         res["load_avg_after"] = os.getloadavg()[0]
 
-    med_l = [res["inprocess"][f"steps_{n}"]["median_ms"] for n in steps_list]
-    med_t = [res["triton"][f"steps_{n}"]["median_ms"] for n in steps_list]
-    slope_l, icpt_l = fit(steps_list, med_l)
-    slope_t, icpt_t = fit(steps_list, med_t)
-    jump = res["inprocess"]["jump"]["median_ms"]
-    res["fit"] = {"inprocess_ms_per_step": slope_l, "inprocess_intercept_ms": icpt_l,
-                  "triton_ms_per_step": slope_t, "triton_intercept_ms": icpt_t,
-                  "bls_overhead_ms_per_step": slope_t - jump,
-                  "one_step_triton_minus_inprocess_ms": res["triton"]["steps_1"]["median_ms"]
-                  - res["inprocess"]["steps_1"]["median_ms"] if 1 in steps_list else None}
+    res["fit"] = {}
+    for stat in ("median_ms", "p10_ms", "cpu_ms"):
+        loc = [res["inprocess"][f"steps_{n}"][stat] for n in steps_list]
+        tri = [res["triton"][f"steps_{n}"][stat] for n in steps_list]
+        slope_l, icpt_l = fit(steps_list, loc)
+        slope_t, icpt_t = fit(steps_list, tri)
+        jump = res["inprocess"]["jump"][stat]
+        res["fit"][stat] = {"inprocess_ms_per_step": slope_l, "inprocess_intercept_ms": icpt_l,
+                            "triton_ms_per_step": slope_t, "triton_intercept_ms": icpt_t,
+                            "bls_overhead_ms_per_step": slope_t - jump,
+                            "triton_minus_inprocess_ms_per_step": slope_t - slope_l}
+        if 1 in steps_list:
+            res["fit"][stat]["one_step_triton_minus_inprocess_ms"] = (
+                res["triton"]["steps_1"][stat] - res["inprocess"]["steps_1"][stat])
 
     print(f"\nload average {res['load_avg_before']:.1f} -> {res['load_avg_after']:.1f} on {res['cpus']} CPUs")
-    print(f"\n| setting | in-process ORT median (p90) ms | Triton median (p90) ms |")
+    print("\n| setting | in-process ORT: median (p10, p90) ms; CPU ms | Triton: median (p10, p90) ms; CPU ms |")
     print("|---|---|---|")
-    print(f"| jump alone, batch 1 | {jump:.3f} ({res['inprocess']['jump']['p90_ms']:.3f}) | "
-          f"{res['triton']['jump_direct']['median_ms']:.3f} ({res['triton']['jump_direct']['p90_ms']:.3f}) "
-          f"(gRPC to `{name}_jump`) |")
+
+    def cell(d):
+        return f"{d['median_ms']:.2f} ({d['p10_ms']:.2f}, {d['p90_ms']:.2f}); {d['cpu_ms']:.2f}"
+
+    print(f"| jump alone, batch 1 | {cell(res['inprocess']['jump'])} | {cell(res['triton']['jump_direct'])} "
+          f"(gRPC straight to `{name}_jump`) |")
     for n in steps_list:
-        a, b = res["inprocess"][f"steps_{n}"], res["triton"][f"steps_{n}"]
-        print(f"| {n} step{'s' if n > 1 else ''} | {a['median_ms']:.3f} ({a['p90_ms']:.3f}) | "
-              f"{b['median_ms']:.3f} ({b['p90_ms']:.3f}) |")
-    f = res["fit"]
-    print(f"\nper step: in-process {f['inprocess_ms_per_step']:.3f} ms, Triton {f['triton_ms_per_step']:.3f} ms; "
-          f"BLS loop overhead beyond the jump: {f['bls_overhead_ms_per_step']:.3f} ms/step")
-    print(f"Triton jump compute (stub, per execution): {res['triton']['jump_compute_infer_ms']:.3f} ms, "
-          f"queue {res['triton']['jump_queue_ms']:.3f} ms")
-    if f["one_step_triton_minus_inprocess_ms"] is not None:
-        print(f"1 step: Triton {res['triton']['steps_1']['median_ms']:.3f} ms vs in-process "
-              f"{res['inprocess']['steps_1']['median_ms']:.3f} ms (+{f['one_step_triton_minus_inprocess_ms']:.3f} ms)")
+        print(f"| {n} step{'s' if n > 1 else ''} | {cell(res['inprocess'][f'steps_{n}'])} | "
+              f"{cell(res['triton'][f'steps_{n}'])} |")
+    print()
+    for stat, f in res["fit"].items():
+        line = (f"[{stat[:-3]}] ms per step: in-process {f['inprocess_ms_per_step']:.2f} ms, Triton "
+                f"{f['triton_ms_per_step']:.2f} ms; BLS loop overhead beyond the jump "
+                f"{f['bls_overhead_ms_per_step']:.2f} ms/step (beyond an in-process step: "
+                f"{f['triton_minus_inprocess_ms_per_step']:.2f})")
+        if "one_step_triton_minus_inprocess_ms" in f:
+            line += f"; 1 step through Triton: +{f['one_step_triton_minus_inprocess_ms']:.2f} ms"
+        print(line)
+    print(f"Triton's statistics for {name}_jump: compute {res['triton']['jump_compute_infer_ms']:.2f} ms, "
+          f"queue {res['triton']['jump_queue_ms']:.2f} ms per execution")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     return 0

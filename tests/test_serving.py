@@ -219,8 +219,18 @@ def test_64_concurrent_mixed_requests_are_correct_and_deterministic(triton_stack
         with ThreadPoolExecutor(max_workers=64) as pool:
             return list(pool.map(lambda r: client.infer("tiny", r[0], r[1], outputs=("image", "sample")), reqs))
 
+    def jump_stats():
+        c = grpcclient.InferenceServerClient(triton_stack.url)
+        st = c.get_inference_statistics("tiny_jump", as_json=True)["model_stats"][0]
+        c.close()
+        return int(st.get("inference_count", 0)), int(st.get("execution_count", 0))
+
+    inf0, ex0 = jump_stats()
     first = fire()
+    inf1, ex1 = jump_stats()
     second = fire()
+    # concurrent loops share jump calls: far fewer runtime executions than samples jumped
+    assert inf1 - inf0 >= 1.5 * (ex1 - ex0) > 0, (inf1 - inf0, ex1 - ex0)
     # every image equals the in-process ONNX Runtime sampler run for its seed alone
     for (seeds, steps), res in zip(reqs, first):
         for b, (seed, n) in enumerate(zip(seeds, steps)):
