@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -116,9 +117,16 @@ def test_ddp_two_processes_gloo(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", "-m", "fewstep", "train", "--method", "rf", "--out", str(tmp_path),
            "--iters", "6", *TOY, "train.ckpt_every=3"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "world=2" in r.stderr
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:  # never leave worker processes behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "world=2" in err
     st = load_file(str(tmp_path / "checkpoints/step-0000006/train_state.safetensors"))
     assert "rng.cpu.0" in st and "rng.cpu.1" in st and not torch.equal(st["rng.cpu.0"], st["rng.cpu.1"])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
