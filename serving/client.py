@@ -57,6 +57,8 @@ class ModelMeta:
     max_batch: int
     gamma: float
     outputs: tuple
+    method: str = ""        # the method that trained it (manifest), e.g. "cud"
+    jump_lands: str = "s"   # "end": a consistency model, which re-noises after every jump
 
     @property
     def is_image(self) -> bool:
@@ -71,7 +73,8 @@ class ModelMeta:
         return cls(name=cfg["name"], shape=tuple(json.loads(p["image_shape"])), num_classes=int(p["num_classes"]),
                    max_steps=int(p["max_steps"]), default_steps=int(p["default_steps"]),
                    max_batch=int(cfg.get("max_batch_size", 0)), gamma=float(p.get("gamma", 0.0)),
-                   outputs=tuple(o["name"] for o in cfg.get("output", [])))
+                   outputs=tuple(o["name"] for o in cfg.get("output", [])),
+                   method=p.get("method", ""), jump_lands=p.get("jump_lands", "s") or "s")
 
 
 def _as_list(v, n: int, name: str):
