@@ -74,8 +74,10 @@ def _export_models(dest: Path) -> None:
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, data, cond in (("tiny", "fmnist", False), ("toyc", "gmm", True)):
-        ckpt = make_test_checkpoint(tmp / "ckpt", name, data=data, conditional=cond)
+    # tiny: rectified flow, images; toyc: a consistency model (jumps land at t_end, the
+    # sampler re-noises between steps) on 2-D data with class labels
+    for name, data, cond, method in (("tiny", "fmnist", False, "rf"), ("toyc", "gmm", True, "cd")):
+        ckpt = make_test_checkpoint(tmp / "ckpt", name, data=data, conditional=cond, method=method)
         export_model(ckpt, tmp / name, max_batch=SERVED_MAX_BATCH, name=name, parity_steps=2)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
@@ -83,7 +85,7 @@ def _export_models(dest: Path) -> None:
 
 @pytest.fixture(scope="session")
 def served_model_dirs(request, tmp_path_factory) -> dict:
-    """{"tiny": image model dir (unconditional), "toyc": 2-D class-conditional model dir}."""
+    """{"tiny": rf image model dir (unconditional), "toyc": cd 2-D class-conditional model dir, "ckpt": their runs}."""
     pytest.importorskip("onnxruntime", reason="serving tests need onnxruntime (the export extra)")
     pytest.importorskip("onnxscript", reason="serving tests export a model (the export extra)")
     if os.environ.get("FEWSTEP_TEST_NO_CACHE"):

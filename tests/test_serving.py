@@ -193,7 +193,9 @@ def test_image_parity_with_pytorch(triton_stack, client, steps, gamma):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), got["image"][b, :, :, 0])
 
 
-def test_conditional_2d_parity_with_pytorch(triton_stack, client):
+def test_conditional_consistency_2d_parity_with_pytorch(triton_stack, client):
+    # toyc is a consistency model: every jump lands at t_end and the loop re-noises from the seed
+    assert client.meta("toyc").gamma == 1.0
     seeds, labels = [5, 6, 7, 8], [0, 1, 2, 3]
     got = client.generate("toyc", seeds, 3, class_labels=labels)
     ref = _torch_samples(triton_stack.dirs["ckpt"] / "run-toyc", 3, seeds, labels=labels)
