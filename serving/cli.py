@@ -167,3 +167,17 @@ def run_generate(args) -> int:
         _scatter(data, out)
     print(out)
     return 0
+
+
+# --- bench (serving/bench.py) ----------------------------------------------------------------------
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    from serving.bench import add_bench_args as add
+
+    add(p)
+
+
+def run_bench(args) -> int:
+    from serving.bench import run_bench as run
+
+    return run(args)

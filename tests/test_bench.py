@@ -1,0 +1,187 @@
+"""`fewstep bench` end to end against a real tritonserver (the `triton_stack` fixture), and its errors."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from fewstep.cli import main
+from serving import bench
+
+STEPS = (1, 2)
+CONC = (1, 2)
+REQUESTS = 6
+
+
+def _run(argv, capsys):
+    rc = main(["bench", "--no-progress", *argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def bench_run(triton_stack, tmp_path_factory):
+    """One benchmark run on the tiny model: both baselines, a quality report, two step counts."""
+    out = tmp_path_factory.mktemp("bench")
+    quality = out / "eval.json"
+    quality.write_text(json.dumps({"metric": "fid-classifier",
+                                   "results": [{"steps": 1, "fid": 80.5}, {"steps": 2, "fid": 41.25},
+                                               {"steps": 4, "fid": 20.0}]}))
+    argv = ["bench", "--no-progress", "--url", triton_stack.url, "--model", "tiny",
+            "--steps", ",".join(map(str, STEPS)), "--concurrency", ",".join(map(str, CONC)),
+            "--requests", str(REQUESTS), "--warmup", "2", "--batch", "2",
+            "--export", str(triton_stack.dirs["tiny"]), "--ckpt", str(triton_stack.dirs["ckpt"] / "run-tiny"),
+            "--threads", "1", "--quality", str(quality), "--out", str(out / "res")]
+    assert main(argv) == 0
+    return out / "res"
+
+
+def test_writes_every_output(bench_run):
+    for name in ("bench.csv", "bench.json", "latency_vs_steps.png", "throughput_vs_concurrency.png",
+                 "quality_vs_latency.png"):
+        p = bench_run / name
+        assert p.is_file() and p.stat().st_size > 0, name
+    assert (bench_run / "latency_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_numbers_are_consistent(bench_run):
+    report = json.loads((bench_run / "bench.json").read_text())
+    rows = report["results"]
+    # one Triton row per (steps, concurrency), one row per baseline per step count
+    assert sorted((r["steps"], r["concurrency"]) for r in rows if r["source"] == "triton") == \
+        sorted((s, c) for s in STEPS for c in CONC)
+    for source in ("onnxruntime", "pytorch"):
+        assert sorted(r["steps"] for r in rows if r["source"] == source) == list(STEPS)
+    for r in rows:
+        assert r["errors"] == 0 and r["requests"] == REQUESTS, r
+        assert r["images"] == REQUESTS * 2
+        assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["min_ms"] > 0
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["wall_s"])
+        assert r["wall_s"] * 1e3 >= r["max_ms"]
+        if r["concurrency"] == 1:
+            # one request at a time: the wall time is at least the sum of the latencies
+            assert r["wall_s"] * 1e3 >= r["avg_ms"] * r["requests"] - 1e-6
+        assert r["quality"] == {1: 80.5, 2: 41.25}[r["steps"]]
+    for r in (r for r in rows if r["source"] == "triton"):
+        srv = r["server"]
+        # Triton counted exactly the measured requests (warm-up excluded) ...
+        assert srv["tiny"]["requests"] == REQUESTS and srv["tiny"]["failed"] == 0
+        assert srv["tiny_sampler"]["inferences"] == REQUESTS * 2
+        # ... and one jump per image per step (the 1-step fast path: one jump)
+        assert srv["tiny_jump"]["inferences"] == REQUESTS * 2 * r["steps"]
+        assert 1 <= srv["tiny_jump"]["executions"] <= srv["tiny_jump"]["requests"]
+        assert srv["tiny_jump"]["avg_batch"] >= 2
+        assert srv["tiny"]["request_ms"] >= srv["tiny_jump"]["compute_ms"] > 0
+        # the server's time is part of what the client waited
+        assert srv["tiny"]["request_ms"] <= r["avg_ms"]
+    sm = report["summary"]
+    assert {int(k) for k in sm["p50_ratio_triton_vs_onnxruntime"]} == set(STEPS)
+    assert sm["errors"] == 0
+    assert np.isfinite(sm["triton_ms_per_step"]) and np.isfinite(sm["bls_overhead_ms_per_step"])
+    assert {int(k) for k in sm["throughput_ratio_c2_vs_c1"]} == set(STEPS)
+    assert report["jump"]["threads"] == "1" and report["machine"]["cpus"] >= 1
+
+
+def test_csv_matches_json(bench_run):
+    report = json.loads((bench_run / "bench.json").read_text())
+    with open(bench_run / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == bench.CSV_COLUMNS
+    assert len(rows) == len(report["results"])
+    for c, j in zip(rows, report["results"]):
+        assert (c["Source"], int(c["Steps"]), int(c["Concurrency"])) == (j["source"], j["steps"], j["concurrency"])
+        assert int(c["Requests"]) == j["requests"] and int(c["Errors"]) == 0
+        # perf_analyzer's units: latencies in microseconds
+        assert int(c["p50 latency"]) == round(j["p50_ms"] * 1e3)
+        assert int(c["p50 latency"]) <= int(c["p90 latency"]) <= int(c["p95 latency"]) <= int(c["p99 latency"])
+        assert float(c["Inferences/Second"]) == pytest.approx(j["images_per_s"], rel=1e-3, abs=1e-3)
+        if j["source"] == "triton":
+            assert int(c["Jump Executions"]) == j["server"]["tiny_jump"]["executions"]
+
+
+def test_console_table(triton_stack, tmp_path, capsys):
+    rc, out, err = _run(["--url", triton_stack.url, "--model", "tiny", "--steps", "1", "--concurrency", "1",
+                         "--requests", "3", "--warmup", "0", "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    head, row = out.splitlines()[:2]
+    assert head.split()[:5] == ["source", "steps", "conc", "ok", "err"]
+    assert row.split()[:5] == ["triton", "1", "1", "3", "0"]
+    assert "bench.csv" in err
+
+
+def test_class_conditional_2d_model(triton_stack, tmp_path, capsys):
+    rc, out, err = _run(["--url", triton_stack.url, "--model", "toyc", "--steps", "2", "--concurrency", "2",
+                         "--requests", "4", "--warmup", "1", "--export", str(triton_stack.dirs["toyc"]),
+                         "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(r["source"], r["requests"], r["errors"]) for r in rows] == [("onnxruntime", 4, 0), ("triton", 4, 0)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "tiny", "--steps", "1,65"], "--steps: 65 is above the model's max_steps (64)"),
+    (["--model", "nosuch"], "--model nosuch: model: unknown model 'nosuch' (this server has: tiny, toyc)"),
+    (["--model", "tiny", "--batch", "17"], "--batch: 17 is above the model's max batch (16)"),
+    (["--model", "tiny", "--export", "{toyc}"], "is not the served model"),
+])
+def test_bad_arguments_against_the_server(triton_stack, tmp_path, capsys, argv, message):
+    argv = [a.replace("{toyc}", str(triton_stack.dirs["toyc"])) for a in argv]
+    rc, out, err = _run(["--url", triton_stack.url, "--requests", "1", "--out", str(tmp_path / "o"), *argv], capsys)
+    assert rc == 2
+    assert message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_server(tmp_path, capsys):
+    pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
+    from serving.launcher import free_port
+
+    url = f"127.0.0.1:{free_port()}"
+    rc, out, err = _run(["--url", url, "--model", "tiny", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2
+    assert f"cannot reach a Triton server at {url}" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0,1"], "--steps: values must be >= 1, got 0"),
+    (["--steps", "1,x"], "--steps: expected comma-separated integers"),
+    (["--concurrency", ""], "--concurrency: expected at least one value"),
+    (["--requests", "0"], "--requests must be >= 1"),
+    (["--duration", "-1"], "--duration must be > 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--serve"], "--serve needs --export DIR"),
+    (["--quality", "/nonexistent/eval.json"], "--quality /nonexistent/eval.json: cannot read it"),
+    (["--export", "/nonexistent"], "--export /nonexistent: not a directory"),
+])
+def test_bad_arguments(tmp_path, capsys, argv, message):
+    rc, out, err = _run(["--url", "127.0.0.1:1", "--model", "tiny", *argv], capsys)
+    assert rc == 2
+    assert message in err
+
+
+def test_quality_report_is_checked(tmp_path):
+    p = tmp_path / "eval.json"
+    p.write_text(json.dumps({"results": [{"steps": 1, "seconds": 2.0}]}))
+    with pytest.raises(bench.UserError, match="every result needs 'steps' and 'fid'"):
+        bench.read_quality(p)
+    p.write_text(json.dumps({"metric": "swd", "results": [{"steps": 2, "swd": 0.5}]}))
+    assert bench.read_quality(p)["values"] == {2: 0.5}
+
+
+def test_stats_delta_and_summary():
+    before = {"m": {"inference_count": 2, "execution_count": 2, "success_count": 2, "success_ns": 4_000_000,
+                    "fail_count": 0, "fail_ns": 0, "queue_count": 2, "queue_ns": 0, "compute_input_count": 2,
+                    "compute_input_ns": 0, "compute_infer_count": 2, "compute_infer_ns": 2_000_000,
+                    "compute_output_count": 2, "compute_output_ns": 0}}
+    after = {"m": dict(before["m"], inference_count=10, execution_count=4, success_count=6,
+                       success_ns=12_000_000, queue_ns=400_000, compute_infer_ns=6_000_000)}
+    d = bench.stats_delta(before, after, ["m", "absent"])["m"]
+    assert d["requests"] == 4 and d["inferences"] == 8 and d["executions"] == 2 and d["avg_batch"] == 4
+    assert d["request_ms"] == pytest.approx(2.0) and d["queue_ms"] == pytest.approx(0.1)
+    assert d["compute_ms"] == pytest.approx(1.0)
+    js = {"model_stats": [{"name": "m", "inference_count": "3", "execution_count": "1",
+                           "inference_stats": {"success": {"count": "1", "ns": "5"}}}]}
+    assert bench.parse_stats(js)["m"]["success_ns"] == 5 and bench.parse_stats(js)["m"]["queue_ns"] == 0
