@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Ship a checkpoint as one of the demo's default models (`demo/models/<name>/`).
+
+    .venv/bin/python scripts/ship_demo_models.py runs/demo/cud-fmnist --name cud_fmnist
+    .venv/bin/python scripts/ship_demo_models.py runs/demo/cd-fmnist/checkpoints/step-0003000 --name cd_fmnist
+
+A run dir stands for its latest checkpoint. What is copied: the checkpoint's config.json,
+ONE weights file (an EMA: by default the one its eval.json was measured on, else the
+config's first EMA decay; `--ema none` takes the online weights), method.safetensors
+(tensors some methods need at sampling time) and eval.json when present. `ship.json`
+records the source, step, EMA, file hashes and a summary of the eval figures.
+`fewstep demo` exports the shipped models on its first start (see demo/shipped.py).
+Optimizer state and the other EMAs are not copied: a shipped model stays well under 25 MB.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from demo.shipped import MODELS_DIR, SHIP_FILE  # noqa: E402
+
+SIZE_LIMIT = 25 * 1024 * 1024
+
+
+def find_checkpoint(path: Path) -> Path:
+    if (path / "model.safetensors").is_file():
+        return path
+    ckdir = path / "checkpoints"
+    cks = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step-")) if ckdir.is_dir() else []
+    if not cks:
+        sys.exit(f"ship_demo_models: no checkpoint in {path} (expected model.safetensors or checkpoints/step-*/)")
+    return cks[-1]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def eval_summary(report) -> dict | None:
+    """The figures of an eval.json worth showing: {metric: {steps: value}} where found."""
+    if not isinstance(report, dict):
+        return None
+    out = {k: report[k] for k in ("metric", "feature", "num", "ema", "gamma") if k in report}
+    results = report.get("results") or report.get("steps")
+    if results is not None:
+        out["results"] = results
+    return out
+
+
+def pick_weights(ckpt: Path, cfg: dict, ema: str | None, report) -> str:
+    names = sorted(p.name for p in ckpt.glob("ema-*.safetensors"))
+    if ema == "none":
+        return "model.safetensors"
+    if ema is None and isinstance(report, dict) and report.get("ema") not in (None, ""):
+        ema = str(report["ema"])
+    if ema is None:
+        emas = (cfg.get("train") or {}).get("ema") or []
+        ema = str(emas[0]) if emas else None
+    if ema is None:
+        return "model.safetensors"
+    name = f"ema-{ema}.safetensors"
+    if name not in names:
+        sys.exit(f"ship_demo_models: {ckpt} has no EMA {ema} (has: {', '.join(names) or 'none'})")
+    return name
+
+
+def ship(src: Path, name: str, ema: str | None, models_dir: Path, note: str | None) -> Path:
+    ckpt = find_checkpoint(src)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    report = None
+    if (ckpt / "eval.json").is_file():
+        report = json.loads((ckpt / "eval.json").read_text())
+    weights = pick_weights(ckpt, cfg, ema, report)
+    dest = models_dir / name
+    tmp = models_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = ["config.json", weights] + [f for f in ("method.safetensors", "eval.json") if (ckpt / f).is_file()]
+    for f in files:
+        shutil.copy2(ckpt / f, tmp / f)
+    size = sum((tmp / f).stat().st_size for f in files)
+    if size > SIZE_LIMIT:
+        shutil.rmtree(tmp)
+        sys.exit(f"ship_demo_models: {name} would be {size / 1e6:.1f} MB (limit {SIZE_LIMIT / 1e6:.0f} MB)")
+    info = {
+        "name": name,
+        "method": (cfg.get("method") or {}).get("name"),
+        "data": (cfg.get("data") or {}).get("name"),
+        "preset": (cfg.get("net") or {}).get("preset"),
+        "step": cfg.get("step"),
+        "weights": weights,
+        "ema": weights[len("ema-"):-len(".safetensors")] if weights.startswith("ema-") else None,
+        "source": str(ckpt.resolve().relative_to(ROOT) if ckpt.resolve().is_relative_to(ROOT) else ckpt.resolve()),
+        "files": {f: sha256(tmp / f) for f in files},
+        "bytes": size,
+        "eval": eval_summary(report),
+        "note": note,
+        "shipped": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (tmp / SHIP_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt", help="checkpoint dir, or run dir (its latest checkpoint)")
+    p.add_argument("--name", help="model name in the demo ([A-Za-z0-9_]; default: the run dir's name)")
+    p.add_argument("--ema", help="EMA decay to ship, or 'none' (default: eval.json's, else the config's first)")
+    p.add_argument("--models-dir", default=str(MODELS_DIR), help=f"default {MODELS_DIR.relative_to(ROOT)}")
+    p.add_argument("--note", help="a line recorded in ship.json (e.g. 'development model, not the default')")
+    args = p.parse_args(argv)
+    src = Path(args.ckpt)
+    default = src.name if src.parent.name != "checkpoints" else src.parent.parent.name
+    name = re.sub(r"[^A-Za-z0-9_]", "_", args.name or default).strip("_")
+    if not name or name.endswith(("_jump", "_sampler", "_stream")):
+        sys.exit(f"ship_demo_models: bad model name {name!r}")
+    dest = ship(src, name, args.ema, Path(args.models_dir), args.note)
+    info = json.loads((dest / SHIP_FILE).read_text())
+    print(f"{dest}: {info['method']} step {info['step']} ({info['weights']}, {info['bytes'] / 1e6:.2f} MB) "
+          f"from {info['source']}" + ("" if info["eval"] else "; no eval.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
