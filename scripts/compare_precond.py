@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""CTM with the `ctm` vs the `analytic` preconditioning: sample quality against training iterations.
+
+Trains CTM twice per seed through the real training loop (`fewstep train --method ctm`), same
+seed, data, budget and options, differing only in method.precond; evaluates every checkpoint
+at 1 and 2 sampling steps, and reports the curves (PNG), the speed-up (the ratio of
+iterations each needs to reach the same 2-step metric) and a JSON of everything.
+
+  2-D gmm with its exact teacher (metric: sliced Wasserstein-2 to fresh data, lower is better):
+    nice -n 10 python scripts/compare_precond.py gmm --seeds 0,1,2 --iters 1200 --every 100 \
+        --out runs/compare-precond-gmm
+  Fashion-MNIST with an edm teacher (metric: FID on the project's classifier features):
+    nice -n 10 python scripts/compare_precond.py fmnist --teacher runs/edm-fmnist --seeds 0 \
+        --iters 2000 --every 250 --out runs/compare-precond-fmnist
+
+Runs that already finished in --out are not trained again (the script can be resumed).
+Extra KEY=VALUE arguments are passed to both runs as config overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRECONDS = ("ctm", "analytic")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", choices=("gmm", "fmnist"))
+    p.add_argument("--teacher", help="edm teacher checkpoint (fmnist); gmm uses the exact teacher by default")
+    p.add_argument("--preset", help="default: toy (gmm), fmnist-cpu (fmnist)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--iters", type=int, default=1200)
+    p.add_argument("--every", type=int, default=100, help="checkpoint / evaluation interval")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--samples", type=int, default=5000, help="samples per evaluation")
+    p.add_argument("--ema", default="0.99", help="EMA decay evaluated (trained alongside)")
+    p.add_argument("--out", required=True)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    return p.parse_intermixed_args(argv)
+
+
+def run_dir(out: Path, pc: str, seed: int) -> Path:
+    return out / f"{pc}-seed{seed}"
+
+
+def train_one(args, pc: str, seed: int) -> float:
+    from training import checkpoint as ck
+    from training.config import make_config
+    from training.loop import train
+    d = run_dir(Path(args.out), pc, seed)
+    cks = ck.list_checkpoints(d)
+    if cks and int(ck.read_config(cks[-1])["step"]) >= args.iters:
+        return 0.0
+    teacher = args.teacher or ("exact" if args.data == "gmm" else None)
+    if teacher is None:
+        raise SystemExit("fmnist needs --teacher (an edm checkpoint)")
+    ov = [f"method.precond={pc}", f"train.seed={seed}", f"train.iters={args.iters}", f"train.batch={args.batch}",
+          f"train.ckpt_every={args.every}", "train.keep=0", "train.sample_every=0", f"train.ema=[{args.ema}]",
+          f"train.log_every={min(50, args.every)}"] + list(args.overrides)
+    cfg = make_config("ctm", data=args.data, preset=args.preset, teacher=teacher, overrides=ov)
+    start = time.time()
+    train(cfg, d, resume=bool(cks), progress=False)
+    return time.time() - start
+
+
+class GMMMetric:
+    name = "sliced W2"
+
+    def __init__(self, n):
+        from training.data import default_gmm
+        self.ref = default_gmm().sample(n, torch.Generator().manual_seed(12345))
+
+    def __call__(self, x):
+        from training.evaluate import sliced_wasserstein
+        return sliced_wasserstein(x, self.ref, n_proj=256, seed=0)
+
+
+class FIDMetric:
+    name = "FID (classifier features)"
+
+    def __init__(self, n, cfg):
+        from training import evaluate as ev
+        d = cfg["data"]
+        self.ev = ev
+        self.clf = ev.get_classifier(d["name"], d.get("data_dir"))
+        test = ev._load_data(d["name"], "test", d.get("data_dir"))
+        self.ref = ev.feature_stats(self.clf.features(test.x[:n]))
+
+    def __call__(self, x):
+        mu, sig = self.ev.feature_stats(self.clf.features(x.clamp(-1, 1)))
+        return self.ev.frechet_distance(mu, sig, *self.ref)
+
+
+def evaluate_run(args, pc, seed, metric) -> dict:
+    from training import checkpoint as ck
+    from training.build import load_model
+    d = run_dir(Path(args.out), pc, seed)
+    cache = d / "compare-eval.json"
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    for c in ck.list_checkpoints(d):
+        step = str(int(ck.read_config(c)["step"]))
+        if step in done:
+            continue
+        model = load_model(c, ema=args.ema)
+        row = {}
+        for steps in (1, 2):
+            xs = [model.sample(steps, list(range(k, min(k + 1000, args.samples))))
+                  for k in range(0, args.samples, 1000)]
+            row[str(steps)] = float(metric(torch.cat(xs)))
+        done[step] = row
+        cache.write_text(json.dumps(done, indent=1))
+    return {int(k): v for k, v in done.items()}
+
+
+def best_so_far(curve):
+    return np.minimum.accumulate(np.asarray(curve, float))
+
+
+def iters_to(level, its, curve):
+    """First iteration where the best-so-far curve reaches `level`, interpolated linearly in
+    log(metric) between checkpoints; None if it never does."""
+    b = np.log(best_so_far(curve))
+    its = np.asarray(its, float)
+    lv = np.log(level)
+    hit = np.nonzero(b <= lv + 1e-12)[0]
+    if not len(hit):
+        return None
+    k = int(hit[0])
+    if k == 0 or b[k - 1] == b[k]:
+        return float(its[k])
+    w = (b[k - 1] - lv) / (b[k - 1] - b[k])
+    return float(its[k - 1] + w * (its[k] - its[k - 1]))
+
+
+def speedup(its, ctm_curve, an_curve, level=None):
+    """Iterations ctm needs to reach `level` over those analytic needs (default level: ctm's
+    final best-so-far value)."""
+    level = float(best_so_far(ctm_curve)[-1]) if level is None else float(level)
+    a, b = iters_to(level, its, ctm_curve), iters_to(level, its, an_curve)
+    return {"level": level, "iters_ctm": a, "iters_analytic": b,
+            "ratio": (a / b) if (a and b) else None}
+
+
+def levels_of(curve, fractions=(0.5, 0.75, 0.9)):
+    """Levels a fraction of the way (in log) from the first checkpoint's value to the best."""
+    c = np.asarray(curve, float)
+    first, best = c[0], c.min()
+    return [float(first * (best / first) ** q) for q in fractions]
+
+
+def plot(results, its, out: Path, metric_name, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, steps in zip(axes, ("1", "2")):
+        for pc, color in zip(PRECONDS, ("C0", "C3")):
+            curves = np.array([[results[pc][s][i][steps] for i in its] for s in results[pc]])
+            for c in curves:
+                ax.plot(its, c, color=color, alpha=0.25, lw=0.8)
+            ax.plot(its, curves.mean(0), color=color, lw=2, label=f"{pc} (mean of {len(curves)} seeds)")
+        ax.set_title(f"{steps}-step", fontsize=10)
+        ax.set_xlabel("training iterations")
+        ax.set_ylabel(metric_name)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    times = {}
+    for seed in seeds:
+        for pc in PRECONDS:
+            print(f"[compare] training ctm precond={pc} seed={seed}", file=sys.stderr, flush=True)
+            times[f"{pc}-{seed}"] = round(train_one(args, pc, seed), 1)
+    if args.data == "gmm":
+        metric = GMMMetric(args.samples)
+    else:
+        from training import checkpoint as ck
+        metric = FIDMetric(args.samples, ck.read_config(ck.find_checkpoint(run_dir(out, "ctm", seeds[0]))))
+    results = {pc: {s: evaluate_run(args, pc, s, metric) for s in seeds} for pc in PRECONDS}
+    its = sorted(set.intersection(*(set(r) for pc in PRECONDS for r in results[pc].values())))
+    its_a = np.asarray(its)
+    summary = {"data": args.data, "metric": metric.name, "iters": its, "seeds": seeds, "train_seconds": times,
+               "argv": sys.argv[1:], "speedup": {}, "final": {}}
+    for steps in ("1", "2"):
+        per_seed = []
+        for s in seeds:
+            c = [results["ctm"][s][i][steps] for i in its]
+            a = [results["analytic"][s][i][steps] for i in its]
+            per_seed.append(speedup(its_a, c, a))
+        mc = np.mean([[results["ctm"][s][i][steps] for i in its] for s in seeds], 0)
+        ma = np.mean([[results["analytic"][s][i][steps] for i in its] for s in seeds], 0)
+        summary["speedup"][steps] = {"mean_curve": speedup(its_a, mc, ma), "per_seed": per_seed,
+                                     "levels": [speedup(its_a, mc, ma, lv) for lv in levels_of(mc)]}
+        summary["final"][steps] = {"ctm": float(mc[-1]), "analytic": float(ma[-1]),
+                                   "ctm_best": float(mc.min()), "analytic_best": float(ma.min())}
+        summary[f"curve_{steps}"] = {"ctm": mc.tolist(), "analytic": ma.tolist()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(results, its, out / "curves.png", metric.name,
+         f"CTM on {args.data}: ctm vs analytic preconditioning (seeds {args.seeds})")
+    # markdown
+    print(f"| iters | 1-step ctm | 1-step analytic | 2-step ctm | 2-step analytic |")
+    print("|---|---|---|---|---|")
+    for k, i in enumerate(its):
+        print(f"| {i} | {summary['curve_1']['ctm'][k]:.4g} | {summary['curve_1']['analytic'][k]:.4g} | "
+              f"{summary['curve_2']['ctm'][k]:.4g} | {summary['curve_2']['analytic'][k]:.4g} |")
+    def fmt(v, nd=0):
+        return "n/a" if v is None else f"{v:.{nd}f}"
+    for steps in ("1", "2"):
+        sp = summary["speedup"][steps]
+        m = sp["mean_curve"]
+        seeds_r = ", ".join(fmt(p["ratio"], 2) for p in sp["per_seed"])
+        print(f"\n{steps}-step, mean curve: ctm reaches its final best {m['level']:.4g} at {fmt(m['iters_ctm'])} iters, "
+              f"analytic at {fmt(m['iters_analytic'])} -> ratio {fmt(m['ratio'], 2)} (per seed: {seeds_r})")
+        for q, lv in zip((0.5, 0.75, 0.9), sp["levels"]):
+            print(f"{steps}-step, level {lv['level']:.4g} ({int(q * 100)}% of the way from first to best ctm value, "
+                  f"in log): ctm {fmt(lv['iters_ctm'])} iters, analytic {fmt(lv['iters_analytic'])} -> "
+                  f"ratio {fmt(lv['ratio'], 2)}")
+    print(f"\nwrote {out / 'curves.png'} and {out / 'summary.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
