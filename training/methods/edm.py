@@ -19,6 +19,7 @@ def edm_precond(sigma: torch.Tensor, sigma_data: float):
 
 class EDM(Method):
     name = "edm"
+    sample_options = ("solver",)
     defaults = {
         "sigma_data": 0.5,
         "p_mean": -1.2,

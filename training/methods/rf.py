@@ -9,6 +9,7 @@ from training.methods.base import Method, bcast
 
 class RectifiedFlow(Method):
     name = "rf"
+    sample_options = ("solver",)
     defaults = {
         "eps": 1e-5,          # t ~ U(eps, 1), as the CUD authors train their flows
         "time_scale": 999.0,  # the net embeds t * time_scale: positional embeddings want a wide range
