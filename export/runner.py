@@ -72,15 +72,20 @@ class Runner:
 # --- ONNX Runtime -----------------------------------------------------------------------------
 
 def ort_session(onnx_path, device: str = "cpu", threads: int | None = None, tensorrt_ep: bool = False,
-                fp16: bool = False, cache_dir=None):
+                fp16: bool = False, cache_dir=None, spinning: bool = False):
     """An InferenceSession tuned for latency: all graph optimisations, sequential execution,
-    `threads` intra-op threads (default: ONNX Runtime's, one per physical core)."""
+    `threads` intra-op threads (default: ONNX Runtime's, one per physical core) that do not
+    spin while idle (spinning=True lets them busy-wait: lower latency on cores of its own)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
+    # idle intra-op threads sleep instead of spinning: with several Triton instances (or other
+    # processes) on the same cores, spinning threads burn the CPU the others need
+    # (fmnist jump, 2 threads on 2 busy cores: 33.7 -> 20.6 ms CPU per call; docs/PERFORMANCE.md)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads is not None:
         if int(threads) < 1:
             raise UserError(f"threads must be >= 1, got {threads}")
@@ -125,10 +130,10 @@ class OrtJump:
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, model_dir, manifest, device="cpu", threads=None, tensorrt_ep=False):
+    def __init__(self, model_dir, manifest, device="cpu", threads=None, tensorrt_ep=False, spinning=False):
         super().__init__(model_dir, manifest, device)
         self.jump = OrtJump(self.model_dir / manifest["jump"]["file"], device, threads, tensorrt_ep=tensorrt_ep,
-                            fp16=manifest["precision"] == "fp16")
+                            fp16=manifest["precision"] == "fp16", spinning=spinning)
         self.providers = self.jump.session.get_providers()
 
     def _run(self, x, t, s, labels):
@@ -229,13 +234,14 @@ def _tensorrt_engine_for(manifest):
 
 
 def load_runner(model_dir, backend: str = "auto", device: str = "cpu", threads: int | None = None,
-                tensorrt_ep: bool = False, verify_files: bool = True) -> Runner:
+                tensorrt_ep: bool = False, verify_files: bool = True, spinning: bool = False) -> Runner:
     """A Runner for an exported model dir.
 
     backend: "onnxruntime", "tensorrt" (an engine of the model dir built for this GPU and
     TensorRT version), or "auto" (the engine when device is "cuda" and one fits, else ONNX
     Runtime). device: "cpu" or "cuda" (ONNX Runtime's CUDA EP; with tensorrt_ep=True its
     TensorRT EP first). threads: ONNX Runtime intra-op threads (default: one per core).
+    spinning: let ONNX Runtime's idle threads busy-wait (default off: cores are often shared).
     """
     if backend not in BACKENDS:
         raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -248,4 +254,4 @@ def load_runner(model_dir, backend: str = "auto", device: str = "cpu", threads: 
             return TensorRTRunner(model_dir, manifest, engine)
         if backend == "tensorrt":
             raise UserError(f"{model_dir}: cannot run the TensorRT backend: {why}")
-    return OnnxRuntimeRunner(model_dir, manifest, device, threads, tensorrt_ep=tensorrt_ep)
+    return OnnxRuntimeRunner(model_dir, manifest, device, threads, tensorrt_ep=tensorrt_ep, spinning=spinning)

@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+if "--passive" in sys.argv:  # must be set before torch (OpenMP) loads
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,6 +63,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=50, help="timed calls per backend and batch")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both backends")
+    ap.add_argument("--passive", action="store_true",
+                    help="PyTorch's idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning, "
+                         "as ONNX Runtime's do in export.runner; matters on shared, busy cores")
+    ap.add_argument("--ort-spin", action="store_true", help="let ONNX Runtime's idle threads spin")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
@@ -76,7 +83,7 @@ def main(argv=None) -> int:
         export_model(ckpt, model_dir, log=lambda m: print(f"[export] {m}", file=sys.stderr))
         print(f"[bench] exported in {time.time() - t0:.1f}s", file=sys.stderr)
     model = load_model(ckpt)
-    runner = load_runner(model_dir, threads=args.threads)
+    runner = load_runner(model_dir, threads=args.threads, spinning=args.ort_spin)
     man = runner.manifest
     n_params = sum(p.numel() for p in model.net.parameters())
 
@@ -99,14 +106,19 @@ def main(argv=None) -> int:
             run_torch()
             run_ort()
         times = {"torch": [], "onnxruntime": []}
+        cpu = {"torch": [], "onnxruntime": []}
         for _ in range(args.repeats):  # alternate, so both backends see the same load
             for name, fn in (("torch", run_torch), ("onnxruntime", run_ort)):
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
         row = {"batch": b, "max_abs_diff": err}
         for name, v in times.items():
-            row[name] = {"median_ms": statistics.median(v), "p10_ms": pct(v, 10), "p90_ms": pct(v, 90)}
+            # cpu_ms: CPU time of this process per call (all its threads); on a loaded machine
+            # it is steadier than the wall clock, which also counts time spent descheduled
+            row[name] = {"median_ms": statistics.median(v), "p10_ms": pct(v, 10), "p90_ms": pct(v, 90),
+                         "cpu_median_ms": statistics.median(cpu[name])}
         row["speedup"] = row["torch"]["median_ms"] / row["onnxruntime"]["median_ms"]
         rows.append(row)
         print(f"[bench] batch {b}: torch {row['torch']['median_ms']:.2f} ms, "
@@ -115,19 +127,21 @@ def main(argv=None) -> int:
     import onnxruntime
     info = {"method": man["method"], "preset": man["training"]["config"]["net"].get("preset"),
             "params": n_params, "shape": man["image"]["shape"], "solver": man["solver"],
-            "threads": args.threads, "repeats": args.repeats, "cpu": platform.processor() or platform.machine(),
+            "threads": args.threads, "torch_passive": args.passive, "ort_spin": args.ort_spin, "repeats": args.repeats, "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "load_avg": os.getloadavg()}
     print(f"\n{info['method']} / {info['preset']} net ({n_params / 1e6:.2f}M params, {info['shape']}), "
-          f"{args.threads} threads, medians of {args.repeats} calls (p10-p90), "
+          f"{args.threads} threads (PyTorch OpenMP {'passive' if args.passive else 'default'}, "
+          f"ONNX Runtime {'spinning' if args.ort_spin else 'not spinning'}), medians of {args.repeats} calls (p10-p90), "
           f"torch {info['torch']}, onnxruntime {info['onnxruntime']}, load avg {info['load_avg'][0]:.1f}\n")
-    print("| batch | PyTorch eager (ms) | ONNX Runtime CPU (ms) | speed-up | max abs diff |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| batch | PyTorch eager, ms (p10-p90) | ONNX Runtime CPU, ms (p10-p90) | speed-up "
+          "| CPU time ms: PyTorch / ORT | max abs diff |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         pt, ox = r["torch"], r["onnxruntime"]
-        print(f"| {r['batch']} | {pt['median_ms']:.2f} ({pt['p10_ms']:.2f}-{pt['p90_ms']:.2f}) "
-              f"| {ox['median_ms']:.2f} ({ox['p10_ms']:.2f}-{ox['p90_ms']:.2f}) | {r['speedup']:.2f}x "
-              f"| {r['max_abs_diff']:.1e} |")
+        print(f"| {r['batch']} | {pt['median_ms']:.1f} ({pt['p10_ms']:.1f}-{pt['p90_ms']:.1f}) "
+              f"| {ox['median_ms']:.1f} ({ox['p10_ms']:.1f}-{ox['p90_ms']:.1f}) | {r['speedup']:.2f}x "
+              f"| {pt['cpu_median_ms']:.1f} / {ox['cpu_median_ms']:.1f} | {r['max_abs_diff']:.1e} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
     tmp.cleanup()
