@@ -143,7 +143,8 @@ def gap_heatmap(times, gaps: dict, path, title=""):
     names = list(gaps)
     vals = np.concatenate([np.log10(np.maximum(v[np.isfinite(v)], 1e-12)) for v in gaps.values()])
     vmin, vmax = float(vals.min()), float(vals.max())
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 0.8, 3.6), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names) + 1.2, 3.4), dpi=110, squeeze=False,
+                             layout="constrained")
     k = len(times)
     labels = [f"{t:.3g}" for t in times]
     im = None
@@ -154,8 +155,9 @@ def gap_heatmap(times, gaps: dict, path, title=""):
         ax.set_xticks(range(k), labels, rotation=90, fontsize=6)
         ax.set_yticks(range(k), labels, fontsize=6)
         ax.set_xlabel("s", fontsize=8)
-        ax.set_ylabel("t", fontsize=8)
-    fig.colorbar(im, ax=axes[0].tolist(), label="log10 gap")
+        if ax is axes[0][0]:
+            ax.set_ylabel("t", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), label="log10 gap", shrink=0.9)
     if title:
         fig.suptitle(title, fontsize=9)
     path = Path(path)
