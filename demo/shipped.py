@@ -29,8 +29,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 SHIP_FILE = "ship.json"
 EXPORT_MAX_BATCH = 16  # the page asks for 1..16 images in one request
-# the code an export runs: a change there re-exports (the export is then what this code makes)
-_CODE_GLOBS = ("training/*.py", "training/methods/*.py", "export/*.py", "export/*.json")
+# the code an export runs (loading the checkpoint, the net, the method's jump, the sampler for
+# the parity check, the exporter): a change there re-exports, so the export is what this code makes
+_CODE_GLOBS = ("training/build.py", "training/networks.py", "training/sampling.py", "training/config.py",
+               "training/checkpoint.py", "training/methods/*.py", "export/*.py", "export/*.json")
 
 
 def default_cache_dir() -> Path:
