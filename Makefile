@@ -28,8 +28,10 @@ system-deps:
 	  fi; \
 	fi
 
+# One torch thread per process: the suite runs a Triton server beside the tests, and on two
+# cores oversubscribed threads are many times slower than one.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP) system-deps
 	$(VENV)/bin/fewstep demo
