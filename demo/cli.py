@@ -75,6 +75,11 @@ def run_demo(args) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UserError("the demo needs gradio: pip install -e '.[demo]'") from None
+    dirs = None
+    if not args.url:
+        from serving.launcher import find_triton
+        find_triton()
+        dirs = _model_dirs(args)  # before our signal handlers: Ctrl-C stops an export at once
 
     stop = {"signal": None}
 
@@ -90,11 +95,9 @@ def run_demo(args) -> int:
         if args.url:
             url = args.url
         else:
-            from serving.launcher import Server, find_triton
+            from serving.launcher import Server
             from serving.repository import Options, read_manifest, write_repository
 
-            find_triton()
-            dirs = _model_dirs(args)
             temp = Path(tempfile.mkdtemp(prefix="fewstep-demo-"))
             written = write_repository(temp / "repo", dirs, Options(instances=args.instances, threads=args.threads))
             for w in written:
