@@ -82,6 +82,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", action="store_true",
                    help="start a tritonserver on the --export dir for this run (ignores --url)")
     p.add_argument("--instances", type=int, default=1, help="with --serve: instances of <model>_jump")
+    p.add_argument("--jump", default="bls", choices=("bls", "inline"),
+                   help="with --serve: how the sampler runs its steps (see `fewstep serve --jump`)")
     p.add_argument("--quality", metavar="EVAL.json",
                    help="a `fewstep eval` report: adds FID (or SWD) per step count and the quality-vs-latency plot")
     p.add_argument("--seed", type=int, default=0, help="first seed; every image gets its own (default 0)")
@@ -382,6 +384,23 @@ class Bench:
         js = await self.raw.get_inference_statistics("", as_json=True, client_timeout=30)
         return parse_stats(js)
 
+    async def _settled_stats(self, before: dict | None, sent: int, wait_s: float = 2.0) -> dict:
+        """Statistics once Triton has counted every request sent since `before` and they stopped
+        moving (Triton updates them just after a response leaves, so a snapshot taken at once
+        can miss the last requests, warm-up ones included)."""
+        before = before or {}
+        deadline = time.perf_counter() + wait_s
+        last = None
+        while True:
+            after = await self._stats()
+            a, b = after.get(self.model, {}), before.get(self.model, {})
+            counted = sum(a.get(k, 0) - b.get(k, 0) for k in ("success_count", "fail_count"))
+            # every request counted by the ensemble, and nothing moved since the last look
+            if (counted >= sent and after == last) or time.perf_counter() > deadline:
+                return after
+            last = after
+            await asyncio.sleep(0.02)
+
     def _server_cpu(self) -> float | None:
         return process_cpu_s(self.server_pids()) if self.server_pids else None
 
@@ -406,7 +425,7 @@ class Bench:
 
             await asyncio.gather(*(warm() for _ in range(min(conc, plan.warmup))))
 
-        before = await self._stats()
+        before = await self._settled_stats(None, 0)
         server_cpu0 = self._server_cpu()
         deadline = time.perf_counter() + plan.duration if plan.duration else None
         issued = 0
@@ -438,7 +457,7 @@ class Bench:
             client_cpu = time.process_time() - c0
         for s in paired:
             base[s].wall_s = sum(base[s].latencies_ms) / 1e3
-        after = await self._stats()
+        after = await self._settled_stats(before, len(cell.latencies_ms) + sum(cell.errors.values()))
         server_cpu1 = self._server_cpu()
         cell.server = stats_delta(before, after, self.composing)
         if server_cpu0 is not None:
@@ -494,6 +513,13 @@ class Bench:
             self.jump_kind = ",".join(sorted({g.get("kind", "") for g in cfg.get("instance_group", [])}))
         except InferenceServerException:
             self.jump_instances, self.jump_kind = None, None
+        self.sampler_params = {}
+        try:
+            cfg = (await self.raw.get_model_config(self.model + "_sampler", as_json=True))["config"]
+            self.sampler_params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+            self.sampler_params["instances"] = sum(int(g.get("count", 1)) for g in cfg.get("instance_group", []))
+        except InferenceServerException:
+            pass
         return client
 
     def check_against_model(self) -> None:
@@ -567,7 +593,10 @@ class Bench:
             "meta": {"shape": list(meta.shape), "num_classes": meta.num_classes, "max_steps": meta.max_steps,
                      "max_batch": meta.max_batch, "default_steps": meta.default_steps, "gamma": meta.gamma},
             "jump": {"instances": self.jump_instances, "kind": self.jump_kind,
-                     "threads": self.jump_params.get("threads"), "backend": self.jump_params.get("backend")},
+                     "threads": self.jump_params.get("threads"), "backend": self.jump_params.get("backend"),
+                     "mode": self.sampler_params.get("jump_mode", "bls")},
+            "sampler": {"instances": self.sampler_params.get("instances"),
+                        "workers": self.sampler_params.get("workers")},
             "settings": {"steps": plan.steps, "concurrency": plan.concurrency, "batch": plan.batch,
                          "requests": plan.requests, "duration": plan.duration, "warmup": plan.warmup,
                          "seed": args.seed, "gamma": args.gamma, "served_by_bench": bool(args.serve),
@@ -891,7 +920,7 @@ def _run_served(args, plan: Plan, out: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="fewstep-bench-") as tmp:
         repo = Path(tmp) / "repo"
         written = write_repository(repo, [f"{name}={args.export}"], Options(
-            device="cpu", threads=args.threads or 0, instances=args.instances))
+            device="cpu", threads=args.threads or 0, instances=args.instances, jump=args.jump))
         print(f"starting tritonserver on {args.export} as '{name}'", file=sys.stderr)
         with Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=written[0]["models"],
                     log_file=Path(tmp) / "tritonserver.log") as server:

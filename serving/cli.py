@@ -30,6 +30,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
                    help="jump runtime (export.runner); auto = a TensorRT engine on GPU when one fits")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per jump instance (0 = runtime default)")
+    p.add_argument("--jump", default="bls", choices=("bls", "inline"),
+                   help="how the sampler runs each step: bls = a request to <name>_jump (batched across "
+                        "loops, GPU-capable); inline = ONNX Runtime inside the sampler (CPU; no per-step hop)")
     p.add_argument("--no-png", action="store_true", help="do not offer the optional png output")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every model to be ready")
     p.add_argument("--log-file", help="tritonserver log (default: a file in a temporary dir)")
@@ -48,7 +51,8 @@ def run_serve(args) -> int:
     if args.threads < 0 or args.workers < 1:
         raise UserError("--threads must be >= 0 and --workers >= 1")
     opts = Options(instances=args.instances, sampler_instances=args.sampler_instances, workers=args.workers,
-                   device=args.device, backend=args.backend, threads=args.threads, png=not args.no_png)
+                   device=args.device, backend=args.backend, threads=args.threads, png=not args.no_png,
+                   jump=args.jump)
     temp = None
     if args.repo:
         repo = Path(args.repo)

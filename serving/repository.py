@@ -38,6 +38,7 @@ class Options:
     backend: str = "auto"         # export.runner backend: auto | onnxruntime | tensorrt
     threads: int = 0              # intra-op threads per jump instance (0 = runtime default)
     png: bool = True              # offer the optional `png` output
+    jump: str = "bls"             # the sampler's jump: "bls" (requests to <name>_jump) or "inline"
 
 
 def read_manifest(model_dir: Path) -> dict:
@@ -146,8 +147,7 @@ def sampler_config(info: ModelInfo, opts: Options) -> str:
         _block("input", request_inputs(info)),
         _block("output", result_outputs(info, opts.png)),
         _instance(opts.sampler_instances, "KIND_CPU"),
-        _params({"jump_model": info.name + "_jump", "jump_max_batch": str(info.max_batch),
-                 "model_name": info.name, "manifest": "manifest.json", "workers": str(opts.workers)}),
+        _params(_loop_params(info, opts)),
         "",
     ])
 
@@ -162,10 +162,19 @@ def stream_config(info: ModelInfo, opts: Options) -> str:
         _block("input", request_inputs(info)),
         _block("output", result_outputs(info, opts.png, stream=True)),
         _instance(1, "KIND_CPU"),
-        _params({"jump_model": info.name + "_jump", "jump_max_batch": str(info.max_batch),
-                 "model_name": info.name, "manifest": "manifest.json", "workers": str(opts.workers)}),
+        _params(_loop_params(info, opts)),
         "",
     ])
+
+
+def _loop_params(info: ModelInfo, opts: Options) -> dict:
+    """Parameters of the models that run the sampler loop (sampler, stream)."""
+    p = {"jump_model": info.name + "_jump", "jump_max_batch": str(info.max_batch),
+         "model_name": info.name, "manifest": "manifest.json", "workers": str(opts.workers)}
+    if opts.jump == "inline":
+        # the export dir inside <name>_jump, relative to the repository root
+        p.update(jump_mode="inline", jump_dir=f"{info.name}_jump/1/model", threads=str(opts.threads))
+    return p
 
 
 def ensemble_config(info: ModelInfo, opts: Options, manifest: dict) -> str:
@@ -270,6 +279,8 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
     opts = opts or Options()
     if opts.instances < 1 or opts.sampler_instances < 1:
         raise UserError("--instances must be >= 1")
+    if opts.jump not in ("bls", "inline"):
+        raise UserError(f"--jump must be bls or inline, got {opts.jump!r}")
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     seen: dict[str, Path] = {}
@@ -287,6 +298,9 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
         seen[name] = src
         info = ModelInfo.from_manifest(manifest, name=name)
         kind = instance_kind(opts.device, manifest)
+        if opts.jump == "inline" and kind == "KIND_GPU":
+            raise UserError("--jump inline runs the jump on the CPU inside the sampler; "
+                            "for a GPU use --jump bls (the default) or --device cpu")
         names = [name + "_jump", name + "_sampler", name + "_stream", name]
         for n in names:
             shutil.rmtree(repo / n, ignore_errors=True)

@@ -185,3 +185,65 @@ def test_stats_delta_and_summary():
     js = {"model_stats": [{"name": "m", "inference_count": "3", "execution_count": "1",
                            "inference_stats": {"success": {"count": "1", "ns": "5"}}}]}
     assert bench.parse_stats(js)["m"]["success_ns"] == 5 and bench.parse_stats(js)["m"]["queue_ns"] == 0
+
+
+# --- the serving speed options the benchmark measures --------------------------------------------
+
+@pytest.fixture(scope="module")
+def inline_server(triton_stack, tmp_path_factory):
+    """The tiny model served with `--jump inline` (ONNX Runtime inside the sampler, no BLS per step)."""
+    from serving.launcher import Server
+    from serving.repository import Options, write_repository
+
+    repo = tmp_path_factory.mktemp("inline") / "repo"
+    written = write_repository(repo, [str(triton_stack.dirs["tiny"])], Options(device="cpu", threads=1, jump="inline"))
+    cfg = (repo / "tiny_sampler" / "config.pbtxt").read_text()
+    assert '"jump_mode" value { string_value: "inline" }' in cfg
+    server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=written[0]["models"],
+                    log_file=repo.parent / "tritonserver.log")
+    server.start(timeout=180)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_inline_jump_gives_the_same_images(triton_stack, inline_server):
+    from serving.client import Client
+
+    with Client(triton_stack.url) as bls, Client(inline_server.grpc_url) as inline:
+        for steps in (1, 3):
+            seeds = list(range(10, 14))
+            a = bls.infer("tiny", seeds, steps, outputs=("image", "sample"))
+            b = inline.infer("tiny", seeds, steps, outputs=("image", "sample"))
+            np.testing.assert_allclose(a["sample"], b["sample"], atol=1e-5)
+            assert (a["image"] == b["image"]).mean() > 0.999
+        previews = [step for step, _ in inline.stream("tiny", seed=3, steps=3)]
+        assert previews == [1, 2, 3]
+
+
+def test_bench_against_inline_server(inline_server, tmp_path, capsys):
+    rc, out, err = _run(["--url", inline_server.grpc_url, "--model", "tiny", "--steps", "1,3", "--concurrency", "1,3",
+                         "--requests", "4", "--warmup", "1", "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["jump"]["mode"] == "inline"
+    for r in report["results"]:
+        assert r["requests"] == 4 and r["errors"] == 0
+        # no per-step BLS request: the jump model sees no traffic
+        assert r["server"]["tiny_jump"]["requests"] == 0
+        assert r["server"]["tiny"]["requests"] == 4
+
+
+def test_bench_serve_starts_its_own_server(triton_stack, tmp_path, capsys):
+    rc, out, err = _run(["--serve", "--export", str(triton_stack.dirs["tiny"]), "--jump", "inline", "--steps", "2",
+                         "--concurrency", "2", "--requests", "3", "--warmup", "0", "--threads", "1",
+                         "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["model"] == "tiny" and report["settings"]["served_by_bench"] is True
+    assert report["jump"]["mode"] == "inline" and report["jump"]["threads"] == "1"
+    [tri] = [r for r in report["results"] if r["source"] == "triton"]
+    assert tri["requests"] == 3 and tri["errors"] == 0
+    # with its own server, the CPU time of the server's processes is counted
+    assert tri["cpu_ms_per_request"] > 0

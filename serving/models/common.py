@@ -40,6 +40,29 @@ def internal(msg: str):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, pb_utils.TritonError.INTERNAL))
 
 
+def make_jump(args: dict, p: dict, info: ModelInfo):
+    """The jump the sampler loop calls: BLS requests to `<name>_jump` (jump_mode "bls", the
+    default), or the exported model run in this process (jump_mode "inline": no BLS round
+    trip and no process hop per step; ONNX Runtime on the CPU)."""
+    if p.get("jump_mode", "bls") == "inline":
+        model_dir = Path(args["model_repository"]).parent / p["jump_dir"]
+        return LocalJump(model_dir, int(p.get("threads", "0") or 0))
+    return JumpClient(p["jump_model"], int(p.get("jump_max_batch", info.max_batch)))
+
+
+class LocalJump:
+    """jump(x, t, s, labels) -> x_s with `export.runner` in this process. ONNX Runtime releases
+    the GIL, so the sampler's worker threads run their loops' jumps in parallel."""
+
+    def __init__(self, model_dir, threads: int = 0):
+        from export.runner import load_runner
+
+        self.runner = load_runner(str(model_dir), backend="onnxruntime", device="cpu", threads=threads or None)
+
+    def __call__(self, x, t, s, labels=None):
+        return self.runner(x, t, s, labels)
+
+
 class JumpClient:
     """jump(x, t, s, labels) -> x_s as BLS requests to `<name>_jump`, in chunks of its max batch."""
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.models.common import JumpClient, internal, invalid, load_info, read_inputs
+from serving.models.common import internal, invalid, load_info, make_jump, read_inputs
 from serving.protocol import InvalidInput, parse_request, run_group, to_images
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -25,7 +25,7 @@ class _Cancelled(Exception):
 class TritonPythonModel:
     def initialize(self, args):
         self.cfg, params, self.info = load_info(args)
-        self.jump = JumpClient(params["jump_model"], int(params.get("jump_max_batch", self.info.max_batch)))
+        self.jump = make_jump(args, params, self.info)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("workers", "8") or 8),
                                        thread_name_prefix="stream")
 
