@@ -642,6 +642,19 @@ def summarize(rows: list[dict], plan: Plan) -> dict:
                 ratios[steps] = tri["p50_ms"] / base["p50_ms"]
         if ratios:
             out[f"p50_ratio_triton_vs_{source}"] = ratios
+    # CPU time per request (client + server processes, with --serve): robust on a busy host
+    cpu_ratio = {}
+    for steps in plan.steps:
+        tri, base = _find(rows, "triton", steps, c_lo), _find(rows, "onnxruntime", steps)
+        if tri and base and tri.get("cpu_ms_per_request") and base.get("cpu_ms_per_request"):
+            cpu_ratio[steps] = tri["cpu_ms_per_request"] / base["cpu_ms_per_request"]
+    if cpu_ratio:
+        out["cpu_ratio_triton_vs_onnxruntime"] = cpu_ratio
+        if len(cpu_ratio) >= 2:
+            ks = sorted(cpu_ratio)
+            tri_cpu = _slope(ks, [_find(rows, "triton", k, c_lo)["cpu_ms_per_request"] for k in ks])
+            ort_cpu = _slope(ks, [_find(rows, "onnxruntime", k)["cpu_ms_per_request"] for k in ks])
+            out["cpu_overhead_ms_per_step"] = tri_cpu - ort_cpu
     if len(plan.steps) >= 2:
         tri = [(_find(rows, "triton", s, c_lo) or {}).get("p50_ms") for s in plan.steps]
         out["triton_ms_per_step"] = _slope(plan.steps, tri)
@@ -870,6 +883,12 @@ def console_table(report: dict) -> str:
                      f"(serving overhead {sm['serving_overhead_ms_per_step']:+.2f} ms/step)")
         if sm.get("bls_overhead_ms_per_step") is not None:
             line += f"; server time beyond the jump {sm['bls_overhead_ms_per_step']:+.3f} ms/step"
+        notes.append(line)
+    if sm.get("cpu_ratio_triton_vs_onnxruntime"):
+        line = ("CPU per request, Triton / in-process: "
+                + ", ".join(f"{k} steps {x:.2f}x" for k, x in sm["cpu_ratio_triton_vs_onnxruntime"].items()))
+        if sm.get("cpu_overhead_ms_per_step") is not None:
+            line += f"; CPU overhead per step {sm['cpu_overhead_ms_per_step']:+.3f} ms"
         notes.append(line)
     m = report["machine"]
     notes.append(f"load average {m['load_avg_start'][0]:.2f} -> {m['load_avg_end'][0]:.2f} on {m['cpus']} CPUs")

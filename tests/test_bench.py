@@ -1,6 +1,7 @@
 """`fewstep bench` end to end against a real tritonserver (the `triton_stack` fixture), and its errors."""
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 
@@ -220,6 +221,19 @@ def test_inline_jump_gives_the_same_images(triton_stack, inline_server):
             assert (a["image"] == b["image"]).mean() > 0.999
         previews = [step for step, _ in inline.stream("tiny", seed=3, steps=3)]
         assert previews == [1, 2, 3]
+        alone = {(seed, steps): bls.generate("tiny", [seed], steps)[0] for seed in range(8) for steps in (1, 2)}
+
+    async def together():
+        from serving.client import AsyncClient
+
+        async with AsyncClient(inline_server.grpc_url) as c:
+            keys = [(seed, steps) for seed in range(8) for steps in (1, 2)]
+            outs = await asyncio.gather(*(c.generate("tiny", [seed], steps) for seed, steps in keys))
+            return dict(zip(keys, (o[0] for o in outs)))
+
+    # 16 requests at once: loops of the same step count share batches, the images do not change
+    for key, img in asyncio.run(together()).items():
+        assert np.abs(img.astype(int) - alone[key].astype(int)).max() <= 1, key
 
 
 def test_bench_against_inline_server(inline_server, tmp_path, capsys):

@@ -63,6 +63,10 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in self.cfg["output"]]
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("workers", "8") or 8),
                                        thread_name_prefix="sampler")
+        # images waiting for a worker, by (steps, gamma): a worker takes all of a key's waiting
+        # images as one loop, so requests that queue while the workers are busy share a batch
+        self.pending: dict = {}
+        self.pending_lock = threading.Lock()
 
     def execute(self, requests):
         jobs = []
@@ -79,8 +83,31 @@ class TritonPythonModel:
         groups = group_items([job.items[k] for job, k in flat])
         # largest step counts first: they take longest
         for key in sorted(groups, key=lambda k: -k[0]):
-            self.pool.submit(self._run, [flat[i] for i in groups[key]])
+            with self.pending_lock:
+                self.pending.setdefault(key, []).extend(flat[i] for i in groups[key])
+            self.pool.submit(self._drain, key)
         return None
+
+    def _drain(self, key):
+        """Run whatever images of `key` are waiting (nothing, when an earlier task took them)."""
+        while True:
+            with self.pending_lock:
+                members = self.pending.pop(key, [])
+                if len(members) > self.max_images:
+                    # one loop runs at most a max batch; the rest waits for the next task
+                    self.pending[key] = members[self.max_images:]
+                    members = members[:self.max_images]
+            if not members:
+                return
+            try:
+                if key in self.pending:
+                    self.pool.submit(self._drain, key)
+                    key = None
+            except RuntimeError:  # the pool is shutting down: this worker does the rest
+                pass
+            self._run(members)
+            if key is None:
+                return
 
     def _run(self, members):
         try:
