@@ -4,7 +4,7 @@ CUD + its 1-step stage; the metric at 1, 2, 4, 8, 16 sampling steps.
 
     nice -n 10 .venv/bin/python scripts/ablation_cud.py                      # 2-D track (gmm)
     nice -n 10 .venv/bin/python scripts/ablation_cud.py --data fmnist --preset fmnist-cpu \\
-        --seeds 0 --iters 4000 --distill-iters 2000 --out runs/ablation-cud-fmnist
+        --seeds 0 --iters 4000 --distill-iters 4000 --batch 64 --out runs/ablation-cud-fmnist
 
 Every run goes through the real commands (`fewstep train`, `fewstep eval`) in this process,
 with the same data order and initial weights per seed (train.seed). The metric is what
@@ -13,7 +13,9 @@ data-vs-data floor is printed too), FID on the project's classifier features for
 Runs already finished in --out are reused, so an interrupted ablation picks up where it
 stopped. Writes <out>/ablation.json and <out>/table.md (mean +- sample std over seeds).
 
-Arms (names for --arms): rf, rk12, rk23, rk34; `--distill-from ARM` adds ARM+1step, the
+Arms (names for --arms): rf (time_scale 1, as CUD), rf-t999 (the rf default time input),
+rk12, rk12-indep (independent coupling), rk23, rk34, rf-3x (rf with 3x the iterations, about
+RK34's compute); `--distill-from ARM` adds ARM+1step, the
 cud-distill student of each seed's ARM run (evaluated at 1 step; more steps are shown for
 completeness but it is trained for 1).
 """
@@ -34,11 +36,18 @@ import torch  # noqa: E402
 from fewstep.cli import main as fewstep  # noqa: E402
 from training import checkpoint as ck  # noqa: E402
 
-ARMS = {
-    "rf": ("rf", []),
-    "rk12": ("cud", ["method.pred_step=1"]),
-    "rk23": ("cud", ["method.pred_step=2"]),
-    "rk34": ("cud", ["method.pred_step=3"]),
+# The flow baseline gets CUD's time input (raw t, time_scale 1) so that the arms differ in the
+# loss only; rf-t999 is the project's rf default (the net sees 999 t).
+# rf-3x: the flow baseline with 3x the iterations, about RK34's compute (RK34 evaluates the
+# net 7 times per step, 6 of them without gradient: ~2.8x RF's CPU time per step here).
+ARMS = {  # name: (method, overrides, iterations factor)
+    "rf": ("rf", ["method.time_scale=1"], 1),
+    "rf-t999": ("rf", ["method.time_scale=999"], 1),
+    "rk12": ("cud", ["method.pred_step=1"], 1),
+    "rk12-indep": ("cud", ["method.pred_step=1", "method.coupling=independent"], 1),
+    "rk23": ("cud", ["method.pred_step=2"], 1),
+    "rk34": ("cud", ["method.pred_step=3"], 1),
+    "rf-3x": ("rf", ["method.time_scale=1"], 3),
 }
 
 
@@ -81,6 +90,31 @@ def evaluate(run: Path, args) -> dict:
     return json.loads(out.read_text())
 
 
+def exact_flow(args, steps: list[int]) -> dict[int, float] | None:
+    """gmm only: the metric of Euler sampling with the *exact* flow velocity E[z - x | x_t]
+    (from the mixture's closed-form denoiser), the same noise seeds and reference as
+    `fewstep eval`: what a perfectly trained rectified flow gets at each step count."""
+    if args.data != "gmm":
+        return None
+    from training import sampling
+    from training.data import default_gmm
+    from training.evaluate import _load_data, sliced_wasserstein
+    gmm = default_gmm()
+    num = args.eval_num or 5000
+
+    def jump(x, t, s):
+        tt = t.clamp(max=1 - 1e-9)[:, None]
+        x0 = gmm.denoiser(x / (1 - tt), (tt / (1 - tt))[:, 0])
+        return x + (s - t)[:, None] * (x - x0) / tt
+    ref = _load_data("gmm", "test", None, None, None, seed=1).x[:num]
+    spec = sampling.flow_spec(max_steps=1024)
+    out = {}
+    for k in steps:
+        pts = sampling.sample(jump, spec, k, list(range(num)), (2,), like_x=torch.zeros(1, dtype=torch.float64))
+        out[k] = sliced_wasserstein(pts.float(), ref, seed=0)
+    return out
+
+
 def mean_std(values):
     n = len(values)
     m = sum(values) / n
@@ -111,14 +145,15 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=3000, help="training iterations of every arm")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--arms", default="rf,rk12,rk23,rk34")
+    p.add_argument("--arms", default="rf,rf-t999,rk12,rk12-indep,rk23,rk34,rf-3x")
     p.add_argument("--distill-from", default="rk12", help="arm whose runs get the 1-step stage ('' = none)")
-    p.add_argument("--distill-iters", type=int, default=1500)
+    p.add_argument("--distill-iters", type=int, default=6000)
     p.add_argument("--distill-opts", default="", help="extra KEY=VALUE for cud-distill, comma-separated")
     p.add_argument("--steps", default="1,2,4,8,16")
     p.add_argument("--eval-num", type=int, help="samples per step count (default: fewstep eval's)")
-    p.add_argument("--common", nargs="*", default=["net.hidden=128", "net.depth=3"],
-                   help="KEY=VALUE overrides for every arm (default: a 128x3 MLP for the 2-D track)")
+    p.add_argument("--common", nargs="*", default=[],
+                   help="KEY=VALUE overrides for every arm (the 2-D ablation ran with the toy preset's "
+                        "128x3 MLP)")
     p.add_argument("--arm-opts", action="append", default=[], metavar="ARM:KEY=VALUE",
                    help="an override for one arm, e.g. rf:method.time_scale=1")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 on a small busy CPU)")
@@ -146,9 +181,10 @@ def main() -> int:
     for seed in seeds:
         args.seed_now = seed
         for arm in arms:
-            method, extra = ARMS[arm]
+            method, extra, factor = ARMS[arm]
             run = out / f"{arm}-s{seed}"
-            cpu[arm] = cpu.get(arm, 0.0) + train(run, method, args, extra + arm_opts.get(arm, []), args.iters)
+            cpu[arm] = cpu.get(arm, 0.0) + train(run, method, args, extra + arm_opts.get(arm, []),
+                                                 args.iters * factor)
             rep = evaluate(run, args)
             metric = rep["metric"]
             key = "swd" if metric == "swd" else "fid"
@@ -168,6 +204,9 @@ def main() -> int:
             print(f"[ablation] seed {seed} {name}: " + ", ".join(f"{r['steps']}:{r[key]:.4f}" for r in rep["results"]),
                   file=sys.stderr)
 
+    exact = exact_flow(args, steps)
+    if exact is not None:
+        results["exact flow velocity (no training)"] = {seeds[0]: exact}
     md = table(results, steps, metric, seeds)
     fl = [f for f in floor if f is not None]
     note = (f"\n\nmetric: {metric} (lower is better), mean ± sample std over seeds {seeds}; "
