@@ -623,11 +623,13 @@ def _find(rows, source, steps, conc=None):
 
 
 def _slope(xs, ys) -> float | None:
+    """Theil-Sen slope (the median of the pairwise slopes): one disturbed point on a busy
+    host does not tilt it, as it would a least-squares line."""
     pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
     if len(pts) < 2:
         return None
-    a = np.asarray(pts, dtype=np.float64)
-    return float(np.polyfit(a[:, 0], a[:, 1], 1)[0])
+    slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(pts) for x2, y2 in pts[i + 1:] if x2 != x1]
+    return float(np.median(slopes)) if slopes else None
 
 
 def summarize(rows: list[dict], plan: Plan) -> dict:
@@ -791,8 +793,9 @@ def plot(report: dict, out: Path) -> list[Path]:
     ax.set_xscale("log", base=2)
     ax.set_xticks(s["steps"])
     ax.set_xticklabels([str(v) for v in s["steps"]])
+    ax.set_yscale("log")
     ax.set_xlabel("sampling steps")
-    ax.set_ylabel("latency, ms (p50; band to p95)")
+    ax.set_ylabel("latency, ms (p50; band to p95; log scale)")
     ax.set_title(f"Latency against steps: {title}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -834,7 +837,8 @@ def plot(report: dict, out: Path) -> list[Path]:
                 ax.annotate(f"{k} step{'s' if k > 1 else ''}", (xi, yi), textcoords="offset points",
                             xytext=(5, 5), fontsize=8)
         ax.set_xlabel(f"latency through Triton, ms (p50, concurrency {c_lo})")
-        ax.set_ylabel(q["metric"].upper() if q["key"] == "fid" else q["key"].upper())
+        metric = str(q.get("metric") or q["key"])
+        ax.set_ylabel(q["key"].upper() + ("" if metric == q["key"] else f" ({metric})") + ", lower is better")
         ax.set_title(f"Quality against latency: {title}")
         ax.grid(alpha=0.3)
         fig.tight_layout()

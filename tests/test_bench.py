@@ -261,3 +261,10 @@ def test_bench_serve_starts_its_own_server(triton_stack, tmp_path, capsys):
     assert tri["requests"] == 3 and tri["errors"] == 0
     # with its own server, the CPU time of the server's processes is counted
     assert tri["cpu_ms_per_request"] > 0
+
+
+def test_slope_ignores_one_disturbed_point():
+    assert bench._slope([1, 2, 4, 8], [3.0, 5.0, 9.0, 17.0]) == pytest.approx(2.0)
+    # the 16-step point hit a busy moment: a least-squares line would tilt up
+    assert bench._slope([1, 2, 4, 8, 16], [3.0, 5.0, 9.0, 17.0, 80.0]) == pytest.approx(2.0)
+    assert bench._slope([1], [3.0]) is None
