@@ -347,7 +347,11 @@ def test_fewstep_demo_cli(served_model_dirs, browser, tmp_path):
             _set_number(page, "fewstep-seed", 3)
             _generate(page, steps=4, num=8, preview=True)
             _assert_images(_gallery_images(page, "fewstep-gallery"), 8)
-            page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=T)
+            # the screenshot needs the gallery painted: lazy images below the fold never load headless
+            page.evaluate("document.querySelectorAll('img[loading=lazy]').forEach(i => { i.loading = 'eager'; })")
+            page.wait_for_function(
+                "[...document.querySelectorAll('#fewstep-gallery img')].every(i => i.complete && i.naturalWidth > 0)",
+                timeout=T)
             shot = SCREENSHOT if defaults else tmp_path / "demo.png"
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
