@@ -29,8 +29,9 @@ def test_tiny_fmnist_train_sample_eval(tmp_path, monkeypatch):
     assert img.size == (4 * 30 + 2, 4 * 30 + 2)  # 4x4 grid of 28-px images with 2-px gaps
 
     out = tmp_path / "eval.json"
+    assert main(["eval", "--ckpt", str(run), "--steps", "1", "--num", "200", "--set", "bogus=1"]) == 2
     assert main(["eval", "--ckpt", str(run), "--steps", "1,2", "--num", "200", "--out", str(out),
-                 "--classifier-limit", "2000", "--no-progress"]) == 0
+                 "--classifier-limit", "2000", "--no-progress", "--set", "solver=heun"]) == 0
     rep = json.loads(out.read_text())
     assert [r["steps"] for r in rep["results"]] == [1, 2]
     assert all(r["fid"] > 0 for r in rep["results"])

@@ -428,6 +428,8 @@ def add_args(p) -> None:
     p.add_argument("--classifier-limit", type=int,
                    help="train the feature classifier on the first N train images only (quick checks; "
                         "cached separately)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampling option of the model's method, e.g. solver=heun, sample_head=2 (cud)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -486,7 +488,9 @@ def run(args) -> int:
     progress = not args.no_progress
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    model = load_model(args.ckpt, ema=None if args.ema == "none" else args.ema, device=device)
+    from training.cli import parse_sets
+    model = load_model(args.ckpt, ema=None if args.ema == "none" else args.ema, device=device,
+                       method_opts=parse_sets(args.set))
     spec = model.method.sampler_spec()
     bad = [k for k in steps_list if not 1 <= k <= int(spec["max_steps"])]
     if bad:
