@@ -246,7 +246,32 @@ class UNetBlock(nn.Module):
 # features for auxiliary losses, and CUD's prior shakedrop.
 
 
-class SongUNet(nn.Module):
+class TimeLabelEmbedding:
+    """The embedding both nets share: t (and s for two-time nets) and an optional class label.
+
+    Uses the attributes map_noise, map_label, map_layer0/1 (and map_layer0_s/1_s).
+    """
+
+    def embed(self, t, s, class_labels, batch, device):
+        """Embedding vector [B, emb_channels] from t, optional s and labels."""
+        emb = self.map_noise(t)
+        if self.map_label is not None:
+            y = _label_vector(class_labels, self.label_dim, batch, device)
+            if self.training and self.label_dropout:
+                y = y * (torch.rand([batch, 1], device=device) >= self.label_dropout).to(y.dtype)
+            emb = emb + self.map_label(y * np.sqrt(self.label_dim))
+        emb = silu(self.map_layer0(emb))
+        emb = silu(self.map_layer1(emb))
+        if self.two_times:
+            if s is None:
+                raise ValueError('this net was built with two_times=True: pass s')
+            emb_s = self.map_noise(_time_vector(s, batch, device))
+            emb_s = silu(self.map_layer0_s(emb_s))
+            emb = emb + silu(self.map_layer1_s(emb_s))
+        return emb
+
+
+class SongUNet(TimeLabelEmbedding, nn.Module):
     def __init__(self,
         img_resolution=32,              # Image resolution at input/output.
         in_channels=3,                  # Channels at input.
@@ -340,24 +365,6 @@ class SongUNet(nn.Module):
             self.heads.append(nn.Sequential(
                 GroupNorm(cout, eps=1e-6), nn.SiLU(), Conv2d(cout, out_channels, kernel=3, **INIT_ZERO)))
 
-    def embed(self, t, s, class_labels, batch, device):
-        """Embedding vector [B, emb_channels] from t, optional s and labels."""
-        emb = self.map_noise(t)
-        if self.map_label is not None:
-            y = _label_vector(class_labels, self.label_dim, batch, device)
-            if self.training and self.label_dropout:
-                y = y * (torch.rand([batch, 1], device=device) >= self.label_dropout).to(y.dtype)
-            emb = emb + self.map_label(y * np.sqrt(self.label_dim))
-        emb = silu(self.map_layer0(emb))
-        emb = silu(self.map_layer1(emb))
-        if self.two_times:
-            if s is None:
-                raise ValueError('this net was built with two_times=True: pass s')
-            emb_s = self.map_noise(_time_vector(s, batch, device))
-            emb_s = silu(self.map_layer0_s(emb_s))
-            emb = emb + silu(self.map_layer1_s(emb_s))
-        return emb
-
     def forward(self, x, t, s=None, class_labels=None, return_features=False, heads=False):
         batch = x.shape[0]
         t = _time_vector(t, batch, x.device)
@@ -421,7 +428,7 @@ class MLPBlock(nn.Module):
         return h + self.fc1(silu(x))
 
 
-class MLP(nn.Module):
+class MLP(TimeLabelEmbedding, nn.Module):
     def __init__(self, dim=2, hidden=256, depth=4, label_dim=0, two_times=False, extra_heads=0,
                  emb_dim=64, label_dropout=0.0, norm=True, out_init_weight=1.0, prior_shakedrop=False):
         # prior_shakedrop is accepted so one method config (CUD's) serves both nets: an MLP has
@@ -451,22 +458,6 @@ class MLP(nn.Module):
         for _ in range(extra_heads):
             self.heads.append(nn.Sequential(
                 nn.LayerNorm(hidden) if norm else nn.Identity(), nn.SiLU(), Linear(hidden, dim, **INIT_ZERO)))
-
-    def embed(self, t, s, class_labels, batch, device):
-        emb = self.map_noise(t)
-        if self.map_label is not None:
-            y = _label_vector(class_labels, self.label_dim, batch, device)
-            if self.training and self.label_dropout:
-                y = y * (torch.rand([batch, 1], device=device) >= self.label_dropout).to(y.dtype)
-            emb = emb + self.map_label(y * np.sqrt(self.label_dim))
-        emb = silu(self.map_layer0(emb))
-        emb = silu(self.map_layer1(emb))
-        if self.two_times:
-            if s is None:
-                raise ValueError('this net was built with two_times=True: pass s')
-            emb_s = silu(self.map_layer0_s(self.map_noise(_time_vector(s, batch, device))))
-            emb = emb + silu(self.map_layer1_s(emb_s))
-        return emb
 
     def forward(self, x, t, s=None, class_labels=None, return_features=False, heads=False):
         batch = x.shape[0]
