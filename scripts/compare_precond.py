@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=5000, help="samples per evaluation")
     p.add_argument("--ema", default="0.99", help="EMA decay evaluated (trained alongside)")
     p.add_argument("--out", required=True)
+    p.add_argument("--only", choices=PRECONDS, help="train this preconditioning only, then stop (run two "
+                   "such processes side by side on a GPU, then once more without --only to evaluate)")
+    p.add_argument("--no-train", action="store_true", help="evaluate the checkpoints already in --out")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p.parse_intermixed_args(argv)
 
@@ -110,10 +113,11 @@ def evaluate_run(args, pc, seed, metric) -> dict:
         step = str(int(ck.read_config(c)["step"]))
         if step in done:
             continue
-        model = load_model(c, ema=args.ema)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(c, ema=args.ema, device=dev)
         row = {}
         for steps in (1, 2):
-            xs = [model.sample(steps, list(range(k, min(k + 1000, args.samples))))
+            xs = [model.sample(steps, list(range(k, min(k + 1000, args.samples))), device=dev).float().cpu()
                   for k in range(0, args.samples, 1000)]
             row[str(steps)] = float(metric(torch.cat(xs)))
         done[step] = row
@@ -186,10 +190,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     times = {}
-    for seed in seeds:
-        for pc in PRECONDS:
+    for seed in seeds if not args.no_train else ():
+        for pc in (args.only,) if args.only else PRECONDS:
             print(f"[compare] training ctm precond={pc} seed={seed}", file=sys.stderr, flush=True)
             times[f"{pc}-{seed}"] = round(train_one(args, pc, seed), 1)
+    if args.only:
+        return
     if args.data == "gmm":
         metric = GMMMetric(args.samples)
     else:

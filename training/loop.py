@@ -149,6 +149,7 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
                desc=f"train {method.name}")
     last_ckpt = None
     t_last, n_last = time.time(), start
+    t_start, time_limit = t_last, float(tcfg.get("time_limit") or 0)
     for step in range(start, tcfg["iters"]):
         x, y = batches.batch_at(step)
         x = x.to(device, non_blocking=True)
@@ -168,10 +169,10 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
             raise RuntimeError(f"loss is {loss.item()} at step {step}: stopping (last checkpoint kept)")
         gnorm = torch.nn.utils.clip_grad_norm_(params, tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf"))
         opt.step()
-        with torch.no_grad():
+        with torch.no_grad():  # one fused update per EMA: a per-tensor loop is launch-bound on a GPU
+            live = [p.detach() for p in net.parameters()]
             for dcy, e in emas.items():
-                for pe, pn in zip(e.parameters(), net.parameters()):
-                    pe.lerp_(pn.detach(), 1 - float(dcy))
+                torch._foreach_lerp_(list(e.parameters()), live, 1 - float(dcy))
                 for be, bn in zip(e.buffers(), net.buffers()):
                     be.copy_(bn)
         done = step + 1
@@ -189,14 +190,30 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
             from training.sample import save_grid
             first = next(iter(emas.values())) if emas else net
             save_grid(method, first, cfg, out / "samples" / f"step-{done:07d}.png", device=device)
-        if done % tcfg["ckpt_every"] == 0 or done == tcfg["iters"]:
+        out_of_time = bool(time_limit) and _out_of_time(t_start, time_limit, device, world)
+        if done % tcfg["ckpt_every"] == 0 or done == tcfg["iters"] or out_of_time:
             last_ckpt = _save(out, done, cfg, method, net, emas, opt, device, rank, world, tcfg["keep"])
+        if out_of_time:
+            if rank == 0:
+                print(f"[fewstep] train.time_limit {time_limit} min reached at step {done}: stopped "
+                      f"(checkpoint saved; --resume continues)", file=sys.stderr)
+            break
     bar.close()
     if metrics:
         metrics.close()
     if dist.is_initialized():
         dist.barrier()
     return last_ckpt
+
+
+def _out_of_time(t_start: float, limit_min: float, device, world: int) -> bool:
+    """Past the wall-clock budget? Rank 0's clock decides for every rank."""
+    over = time.time() - t_start >= 60.0 * limit_min
+    if world == 1:
+        return over
+    flag = torch.tensor([float(over)], device=device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 def _save(out, step, cfg, method, net, emas, opt, device, rank, world, keep):
