@@ -203,6 +203,9 @@ def main(argv=None):
         metric = FIDMetric(args.samples, ck.read_config(ck.find_checkpoint(run_dir(out, "ctm", seeds[0]))))
     results = {pc: {s: evaluate_run(args, pc, s, metric) for s in seeds} for pc in PRECONDS}
     its = sorted(set.intersection(*(set(r) for pc in PRECONDS for r in results[pc].values())))
+    if not its:
+        raise SystemExit(f"compare_precond: the runs in {out} share no checkpoint step (a run stopped by "
+                         "train.time_limit before its first --every checkpoint?): no curve to compare")
     its_a = np.asarray(its)
     summary = {"data": args.data, "metric": metric.name, "iters": its, "seeds": seeds, "train_seconds": times,
                "argv": sys.argv[1:], "speedup": {}, "final": {}}

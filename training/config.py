@@ -30,7 +30,8 @@ TRAIN_DEFAULTS = {
     "sample_every": 1000, # PNG grid of samples; 0 = off
     "log_every": 50,
     "bf16": True,         # autocast on GPU only
-    "time_limit": 0,      # minutes of training before stopping with a checkpoint; 0 = off
+    "time_limit": 0,      # minutes of training before stopping with a checkpoint; 0 = off. Curricula
+                          # (cud-distill stages) then follow the elapsed fraction of it
     "threads": 0,         # CPU threads for torch; 0 = torch's default (1 is faster on a busy machine)
 }
 

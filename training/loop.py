@@ -157,7 +157,7 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
         for g in opt.param_groups:
             g["lr"] = tcfg["lr"] * min(1.0, (step + 1) / max(1, tcfg["warmup"]))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, logs = method.loss(model, x, y, progress=step / tcfg["iters"])
+            loss, logs = method.loss(model, x, y, progress=_progress(step, tcfg["iters"], t_start, time_limit))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # DDP averages the net's gradients; the method's own modules by hand
@@ -204,6 +204,15 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
     if dist.is_initialized():
         dist.barrier()
     return last_ckpt
+
+
+def _progress(step: int, iters: int, t_start: float, limit_min: float) -> float:
+    """Training progress in [0, 1] for curricula: the iteration fraction, or under
+    train.time_limit the elapsed fraction of the budget when that is further along."""
+    p = step / iters
+    if limit_min:
+        p = max(p, (time.time() - t_start) / (60.0 * limit_min))
+    return min(p, 1.0)
 
 
 def _out_of_time(t_start: float, limit_min: float, device, world: int) -> bool:
