@@ -32,8 +32,8 @@ SIZE_LIMIT = 25 * 1024 * 1024
 
 
 def find_checkpoint(path: Path) -> Path:
-    if (path / "model.safetensors").is_file():
-        return path
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path  # a checkpoint dir (its optimizer state and online weights may be left out)
     ckdir = path / "checkpoints"
     cks = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step-")) if ckdir.is_dir() else []
     if not cks:
