@@ -70,6 +70,30 @@ def test_resume_continues_exactly(tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resumes(tmp_path, capsys):
+    """train.time_limit ends a run long before --iters, with a checkpoint that --resume continues."""
+    run = tmp_path / "run"
+    assert train(run, "--iters", "1000000", "train.time_limit=0.001", "train.ema=[0.0,0.999]") == 0
+    assert "train.time_limit" in capsys.readouterr().err
+    first = ck.list_checkpoints(run)[-1]
+    step = int(ck.read_config(first)["step"])
+    assert 1 <= step < 1000000
+    # EMA decay 0 follows the online weights exactly (the fused update's direction)
+    w, e = load_file(str(first / "model.safetensors")), load_file(str(first / "ema-0.0.safetensors"))
+    assert all(torch.equal(w[k], e[k]) for k in w)
+    assert train(run, "--iters", "1000000", "train.time_limit=0.001", "train.ema=[0.0,0.999]", "--resume") == 0
+    assert int(ck.read_config(ck.list_checkpoints(run)[-1])["step"]) > step
+
+
+def test_progress_follows_the_time_budget():
+    import time
+
+    from training.loop import _progress
+    assert _progress(250, 1000, time.time(), 0) == 0.25
+    assert 0.45 < _progress(10, 1000000, time.time() - 30, 1.0) < 0.6   # half of a 1-minute budget
+    assert _progress(10, 1000000, time.time() - 600, 1.0) == 1.0
+
+
 def test_bad_inputs_fail_cleanly_and_damage_nothing(tmp_path, capsys):
     run = tmp_path / "run"
     assert train(run, "--iters", "3") == 0
