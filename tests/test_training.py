@@ -85,6 +85,14 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes(tmp_path, capsys):
     assert int(ck.read_config(ck.list_checkpoints(run)[-1])["step"]) > step
 
 
+def test_net_preset_must_fit_the_data(tmp_path, capsys):
+    assert main(["train", "--method", "rf", "--data", "gmm", "--preset", "tiny", "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit gmm" in err and "--preset toy" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_progress_follows_the_time_budget():
     import time
 

@@ -14,6 +14,12 @@ def resolve_net_config(cfg: dict, shape: tuple, num_classes: int) -> None:
     """Fill the data-dependent network options into cfg['net'] (in place)."""
     net = cfg["net"]
     labels = num_classes if cfg["data"].get("conditional") else 0
+    is_image = len(shape) == 3
+    if (net["arch"] == "mlp") == is_image:  # an MLP takes points, a U-Net takes images
+        what = f"images of shape {list(shape)}" if is_image else f"{shape[0]}-D points"
+        fits = "an image preset (tiny, fmnist-cpu, fmnist, cifar10)" if is_image else "--preset toy"
+        raise UserError(f"net preset {net.get('preset')!r} ({net['arch']}) does not fit {cfg['data']['name']} "
+                        f"({what}): use {fits}")
     if net["arch"] == "mlp":
         net.update(dim=int(shape[0]), label_dim=labels)
     else:
