@@ -109,11 +109,11 @@ def evaluate_run(args, pc, seed, metric) -> dict:
     d = run_dir(Path(args.out), pc, seed)
     cache = d / "compare-eval.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     for c in ck.list_checkpoints(d):
         step = str(int(ck.read_config(c)["step"]))
         if step in done:
             continue
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(c, ema=args.ema, device=dev)
         row = {}
         for steps in (1, 2):

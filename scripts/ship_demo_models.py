@@ -32,13 +32,12 @@ SIZE_LIMIT = 25 * 1024 * 1024
 
 
 def find_checkpoint(path: Path) -> Path:
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return path  # a checkpoint dir (its optimizer state and online weights may be left out)
-    ckdir = path / "checkpoints"
-    cks = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step-")) if ckdir.is_dir() else []
-    if not cks:
-        sys.exit(f"ship_demo_models: no checkpoint in {path} (expected model.safetensors or checkpoints/step-*/)")
-    return cks[-1]
+    from fewstep.errors import UserError
+    from training.checkpoint import find_checkpoint as find
+    try:
+        return find(path)
+    except UserError as e:
+        sys.exit(f"ship_demo_models: {e}")
 
 
 def sha256(path: Path) -> str:

@@ -133,6 +133,9 @@ def test_shipped_default_models(tmp_path):
         assert method_class(info["method"]) is not None
         model = load_model(tmp_path / m.name, ema=ema)
         assert model.method.name == info["method"] and model.ema == ema
+    # the defaults the demo promises: a CUD model and a consistency model
+    methods = {read_ship(m)["method"] for m in models}
+    assert methods & {"cud", "cud-distill"} and methods & {"cd", "ctm"}, methods
 
 
 # --- the page in a real browser -------------------------------------------------------------------

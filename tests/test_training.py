@@ -51,6 +51,11 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-step-0000009").mkdir()
     assert ck.find_checkpoint(tmp_path).name == "step-0000004"
     assert torch.equal(load_file(str(ck.find_checkpoint(tmp_path) / "ema-0.9.safetensors"))["w"], sd["w"])
+    # a checkpoint dir that keeps only an EMA (shipped, or copied back from a GPU run) is one too
+    only_ema = tmp_path / "only-ema"
+    shutil.copytree(ck.find_checkpoint(tmp_path), only_ema)
+    (only_ema / "model.safetensors").unlink()
+    assert ck.find_checkpoint(only_ema) == only_ema
 
 
 def test_resume_continues_exactly(tmp_path):

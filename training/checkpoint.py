@@ -99,14 +99,15 @@ def list_checkpoints(run_dir) -> list[Path]:
 def find_checkpoint(path) -> Path:
     """A checkpoint dir, or a run dir (its latest checkpoint)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    # a checkpoint dir holds its weights; a shipped or copied one may keep only an EMA
+    if (path / "model.safetensors").is_file() or any(path.glob("ema-*.safetensors")):
         return path
     cks = list_checkpoints(path)
     if cks:
         return cks[-1]
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
-    raise UserError(f"no checkpoint in {path} (expected model.safetensors or checkpoints/step-*/)")
+    raise UserError(f"no checkpoint in {path} (expected model.safetensors, ema-*.safetensors or checkpoints/step-*/)")
 
 
 def read_config(ckpt: Path) -> dict:
