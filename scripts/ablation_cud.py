@@ -14,7 +14,8 @@ Runs already finished in --out are reused, so an interrupted ablation picks up w
 stopped. Writes <out>/ablation.json and <out>/table.md (mean +- sample std over seeds).
 
 Arms (names for --arms): rf (time_scale 1, as CUD), rf-t999 (the rf default time input),
-rk12, rk12-indep (independent coupling), rk23, rk34, rf-3x (rf with 3x the iterations, about
+rk12, rk12-indep (independent coupling), rk12-phi25 (prior ShakeDrop phi 0.25, the authors'
+training default), rk12-nosd (no prior ShakeDrop), rk23, rk34, rf-3x (rf with 3x the iterations, about
 RK34's compute); `--distill-from ARM` adds ARM+1step, the
 cud-distill student of each seed's ARM run (evaluated at 1 step; more steps are shown for
 completeness but it is trained for 1).
@@ -45,6 +46,8 @@ ARMS = {  # name: (method, overrides, iterations factor)
     "rf-t999": ("rf", ["method.time_scale=999"], 1),
     "rk12": ("cud", ["method.pred_step=1"], 1),
     "rk12-indep": ("cud", ["method.pred_step=1", "method.coupling=independent"], 1),
+    "rk12-phi25": ("cud", ["method.pred_step=1", "net.shakedrop_phi=0.25"], 1),
+    "rk12-nosd": ("cud", ["method.pred_step=1", "method.prior_shakedrop=false"], 1),
     "rk23": ("cud", ["method.pred_step=2"], 1),
     "rk34": ("cud", ["method.pred_step=3"], 1),
     "rf-3x": ("rf", ["method.time_scale=1"], 3),

@@ -25,6 +25,25 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+# --- high-frequency energy (the speckle measure) ----------------------------------------------
+
+def test_high_freq_energy_hand_values_speckle_and_blur():
+    flat = torch.full((1, 1, 5, 5), 0.3)
+    assert ev.high_freq_energy(flat).item() == 0.0            # constant: no detail
+    dot = torch.zeros(1, 1, 5, 5)
+    dot[0, 0, 2, 2] = 1.0                                      # one bright pixel: centre 4, 4 neighbours -1
+    assert ev.high_freq_energy(dot).item() == pytest.approx((16 + 4) / 25)
+    g = torch.Generator().manual_seed(0)
+    img = torch.zeros(8, 1, 16, 16)
+    img[:, :, 4:12, 4:12] = 1.0
+    speckled = img + 0.3 * torch.randn(img.shape, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(img, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    e = ev.high_freq_energy
+    assert e(speckled).shape == (8,)
+    assert e(speckled).mean() > 3 * e(img).mean()
+    assert e(blurred).mean() < e(img).mean()
+
+
 # --- Frechet distance -----------------------------------------------------------------------
 
 def _random_cov(d, rng):
@@ -253,6 +272,8 @@ def test_eval_images_end_to_end(bars_ckpt, tmp_path, cache, capsys):
     assert Path(c["path"]).is_file() and Path(c["path"]).parent == cache / "classifiers"
     for r in rep["results"]:
         assert math.isfinite(r["fid"]) and r["fid"] >= 0
+        # 2 iterations: samples are nearly raw noise, far more pixel-scale energy than bars
+        assert r["hf_ratio"] > 2
         png = tmp_path / f"img-steps{r['steps']}.png"
         assert png.is_file()
         from PIL import Image

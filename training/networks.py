@@ -290,6 +290,7 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
         two_times=False,                # Second time input s (CTM), embedded like t, added.
         extra_heads=0,                  # Extra output heads on the last decoder features.
         prior_shakedrop=False,          # CUD's prior shakedrop on decoder skip concatenations.
+        shakedrop_phi=0.75,             # Its phi: skips weigh 2*phi at t=1 and 2*(1-phi) at t=0.
         channel_mult_emb=4,             # Embedding vector size = model_channels * this.
         out_init_weight=0.2,            # Init scale of the main output conv (EDM uses 1e-5).
     ):
@@ -303,7 +304,9 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
         self.two_times = two_times
         self.extra_heads = extra_heads
         self.prior_shakedrop = prior_shakedrop
-        self.shakedrop_phi = 0.75
+        if not 0.0 <= float(shakedrop_phi) <= 1.0:
+            raise ValueError(f'shakedrop_phi must be in [0, 1], got {shakedrop_phi!r}')
+        self.shakedrop_phi = float(shakedrop_phi)
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
         block_kwargs = dict(
@@ -377,10 +380,10 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
             skips.append(x)
 
         # Prior shakedrop (CUD): decoder concatenations become
-        # [h * 2*phi(t), skip * 2*(1 - phi(t))], phi(t) = 0.75 + t*(1 - 2*0.75).
+        # [h * 2*phi(t), skip * 2*(1 - phi(t))], phi(t) = phi + t*(1 - 2*phi).
         # Assumes t is the raw flow time in [0, 1] (t=1 noise, t=0 data), as in CUD's code,
-        # which feeds t to the net unscaled: at t=1 the skips weigh 1.5 and h 0.5, at t=0
-        # the reverse.
+        # which feeds t to the net unscaled. phi=0.75: at t=1 the skips weigh 1.5 and h 0.5,
+        # at t=0 the reverse; phi=0.25 (the authors' training default) mirrors that.
         if self.prior_shakedrop:
             phi = self.shakedrop_phi + t * (1 - 2 * self.shakedrop_phi)
             pos = (2 * phi).to(x.dtype).reshape(-1, 1, 1, 1)
