@@ -173,6 +173,25 @@ def test_unet_prior_shakedrop():
         assert (y - plain(x, t)).abs().max() > 1e-5
 
 
+def test_unet_prior_shakedrop_phi():
+    x, _ = inputs()
+    plain = small_unet().eval()
+    # phi = 0.5 scales every concatenation by 1 at every t: the plain net.
+    even = small_unet(prior_shakedrop=True, shakedrop_phi=0.5).eval()
+    even.load_state_dict(plain.state_dict())
+    t = torch.full((3,), 0.9)
+    assert torch.allclose(even(x, t), plain(x, t), atol=1e-6)
+    # phi 0.25 and 0.75 scale the skips the opposite ways, so they differ away from t = 0.5.
+    a = small_unet(prior_shakedrop=True, shakedrop_phi=0.25).eval()
+    b = small_unet(prior_shakedrop=True, shakedrop_phi=0.75).eval()
+    a.load_state_dict(plain.state_dict())
+    b.load_state_dict(plain.state_dict())
+    assert (a(x, t) - b(x, t)).abs().max() > 1e-5
+    assert torch.allclose(a(x, torch.full((3,), 0.5)), b(x, torch.full((3,), 0.5)), atol=1e-6)
+    with pytest.raises(ValueError, match="shakedrop_phi"):
+        small_unet(prior_shakedrop=True, shakedrop_phi=1.5)
+
+
 def test_unet_dropout_train_vs_eval():
     net = small_unet(dropout=0.5)
     x, t = inputs()
