@@ -75,6 +75,22 @@ def test_resume_continues_exactly(tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_of_a_run_older_than_an_option(tmp_path, capsys):
+    """A run saved before a net option existed resumes (it was built with the default);
+    changing an option the run does record is refused."""
+    run = tmp_path / "old"
+    assert train(run, "--iters", "4", "train.ckpt_every=2", "train.keep=5") == 0
+    shutil.rmtree(run / "checkpoints" / "step-0000004")
+    cfg_file = run / "checkpoints" / "step-0000002" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    del cfg["net"]["norm"]                       # as if saved before the option was added
+    cfg_file.write_text(json.dumps(cfg))
+    assert train(run, "--iters", "4", "--resume") == 0
+    assert ck.read_config(ck.find_checkpoint(run))["step"] == 4
+    assert train(run, "--iters", "6", "--resume", "net.hidden=64") == 2
+    assert "net.hidden" in capsys.readouterr().err
+
+
 def test_time_limit_stops_with_a_checkpoint_and_resumes(tmp_path, capsys):
     """train.time_limit ends a run long before --iters, with a checkpoint that --resume continues."""
     run = tmp_path / "run"

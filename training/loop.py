@@ -53,6 +53,8 @@ def _same_run(old: dict, new: dict) -> list[str]:
         for k in set(old[sec]) | set(new[sec]):
             if k in ("shape", "num_classes", "data_dir") or k in DATA_NET_KEYS:
                 continue
+            if k not in old[sec] and sec != "data":
+                continue  # an option newer than the run: the run was built with its default
             if old[sec].get(k) != new[sec].get(k):
                 diffs.append(f"{sec}.{k}")
     for k in ("batch", "seed"):
