@@ -10,8 +10,9 @@ Every run goes through the real commands (`fewstep train`, `fewstep eval`) in th
 with the same data order and initial weights per seed (train.seed). The metric is what
 `fewstep eval` reports: sliced Wasserstein distance on 2-D data (lower is better; the
 data-vs-data floor is printed too), FID on the project's classifier features for images.
-Runs already finished in --out are reused, so an interrupted ablation picks up where it
-stopped. Writes <out>/ablation.json and <out>/table.md (mean +- sample std over seeds).
+Runs already finished in --out are reused and interrupted ones resume from their last
+checkpoint, so an interrupted ablation picks up where it stopped. Writes <out>/ablation.json
+and <out>/table.md (mean +- sample std over seeds).
 
 Arms (names for --arms): rf (time_scale 1, as CUD), rf-t999 (the rf default time input),
 rk12, rk12-indep (independent coupling), rk12-phi25 (prior ShakeDrop phi 0.25, the authors'
@@ -62,7 +63,8 @@ def finished(run: Path, iters: int) -> bool:
 def train(run: Path, method: str, args, extra: list[str], iters: int, teacher: Path | None = None) -> float:
     if finished(run, iters):
         return 0.0
-    if run.exists():  # an unfinished run: start it again (runs are short)
+    resume = bool(ck.list_checkpoints(run))  # an interrupted run continues from its last checkpoint
+    if run.exists() and not resume:
         import shutil
         shutil.rmtree(run)
     argv = ["train", "--method", method, "--data", args.data, "--out", str(run), "--iters", str(iters),
@@ -74,7 +76,7 @@ def train(run: Path, method: str, args, extra: list[str], iters: int, teacher: P
         argv += ["--batch", str(args.batch)]
     if teacher is not None:
         argv += ["--teacher", str(teacher)]
-    argv += list(args.common) + extra
+    argv += list(args.common) + extra + (["--resume"] if resume else [])
     c0 = time.process_time()
     rc = fewstep(argv)
     if rc != 0:
@@ -83,9 +85,10 @@ def train(run: Path, method: str, args, extra: list[str], iters: int, teacher: P
 
 
 def evaluate(run: Path, args) -> dict:
-    out = run / "eval.json"
+    out = run / ("eval.json" if args.eval_ema == "default" else f"eval-ema-{args.eval_ema}.json")
     if not out.is_file():
-        argv = ["eval", "--ckpt", str(run), "--steps", args.steps, "--no-progress", "--out", str(out)]
+        argv = ["eval", "--ckpt", str(run), "--steps", args.steps, "--no-progress", "--out", str(out),
+                "--ema", args.eval_ema]
         if args.eval_num:
             argv += ["--num", str(args.eval_num)]
         if fewstep(argv) != 0:
@@ -154,6 +157,9 @@ def main() -> int:
     p.add_argument("--distill-opts", default="", help="extra KEY=VALUE for cud-distill, comma-separated")
     p.add_argument("--steps", default="1,2,4,8,16")
     p.add_argument("--eval-num", type=int, help="samples per step count (default: fewstep eval's)")
+    p.add_argument("--eval-ema", default="default",
+                   help="weights to evaluate: an EMA decay, 'default' (the run's first EMA) or 'none' "
+                        "(the online weights)")
     p.add_argument("--common", nargs="*", default=[],
                    help="KEY=VALUE overrides for every arm (the 2-D ablation ran with the toy preset's "
                         "128x3 MLP)")

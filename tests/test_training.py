@@ -63,8 +63,7 @@ def test_resume_continues_exactly(tmp_path):
     assert train(a, "--iters", "12", "train.ckpt_every=6", "train.keep=5") == 0
     shutil.copytree(a, b)
     shutil.rmtree(b / "checkpoints" / "step-0000012")
-    lines = (b / "metrics.jsonl").read_text().splitlines()[:6]
-    (b / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    # b's log still holds steps 7-12: the resumed run replaces them, not appends to them
     assert train(b, "--iters", "12", "train.ckpt_every=6", "train.keep=5", "--resume") == 0
     la = [json.loads(l)["loss"] for l in (a / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (b / "metrics.jsonl").read_text().splitlines()]
@@ -73,6 +72,23 @@ def test_resume_continues_exactly(tmp_path):
         wa = load_file(str(a / "checkpoints/step-0000012" / f))
         wb = load_file(str(b / "checkpoints/step-0000012" / f))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ema_warmup(tmp_path):
+    from training.loop import ema_decay
+    assert ema_decay(0.999, 0, True) == pytest.approx(0.1)
+    assert ema_decay(0.999, 90, True) == pytest.approx(0.91)
+    assert ema_decay(0.999, 20000, True) == 0.999 and ema_decay(0.999, 0, False) == 0.999
+    # one step from the same initial weights: the EMA sits 0.1 (warm-up) or 0.999 (plain) of
+    # the way back from the online weights towards the initial ones
+    dist = {}
+    for warm in ("true", "false"):
+        run = tmp_path / warm
+        assert train(run, "--iters", "1", f"train.ema_warmup={warm}") == 0
+        c = ck.find_checkpoint(run)
+        w, e = load_file(str(c / "model.safetensors")), load_file(str(c / "ema-0.999.safetensors"))
+        dist[warm] = sum(((e[k] - w[k]).double() ** 2).sum() for k in w).sqrt().item()
+    assert dist["true"] / dist["false"] == pytest.approx(0.1 / 0.999, rel=1e-3)
 
 
 def test_resume_of_a_run_older_than_an_option(tmp_path, capsys):

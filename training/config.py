@@ -24,6 +24,7 @@ TRAIN_DEFAULTS = {
     "warmup": 200,        # linear lr warm-up, iterations
     "grad_clip": 1.0,     # max grad norm; 0 = off
     "ema": [0.999],       # one or more EMA decays; the first is the default for sampling
+    "ema_warmup": True,   # decay min(ema, (1+step)/(10+step)): short runs' EMAs forget the init
     "seed": 0,
     "ckpt_every": 1000,
     "keep": 3,            # checkpoints kept
