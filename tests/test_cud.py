@@ -394,6 +394,15 @@ def test_tiny_cud_distill_run(cud_run, tmp_path, monkeypatch):
                    teacher=SimpleNamespace(method=cud(prior_shakedrop=False), net=FakeNet()))
 
 
+def test_distill_refuses_a_teacher_with_another_shakedrop_phi():
+    from training.networks import SongUNet
+    unet = dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
+                num_blocks=1, attn_resolutions=(), prior_shakedrop=True)
+    teacher = SimpleNamespace(method=cud(), net=SongUNet(**unet, shakedrop_phi=0.25))
+    with pytest.raises(UserError, match="net.shakedrop_phi=0.25"):
+        CUDDistill({}, teacher=teacher).init_student(SongUNet(**unet, shakedrop_phi=0.75))
+
+
 def test_export_bakes_the_chosen_head_and_solver(cud_run, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

@@ -89,6 +89,9 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
         diffs = _same_run(old, cfg)
         if diffs:
             raise UserError(f"--resume: config differs from the checkpoint's in {', '.join(diffs)}")
+        for sec in ("method", "net"):  # options newer than the run: it goes on with the defaults it was built with
+            for k in set(cfg[sec]) - set(old[sec]) - set(DATA_NET_KEYS):
+                del cfg[sec][k]
         start = int(old["step"])
     elif rank == 0 and ck.list_checkpoints(out):
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or another --out")

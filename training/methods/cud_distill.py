@@ -165,6 +165,9 @@ class CUDDistill(RectifiedFlow):
     def init_student(self, net) -> None:
         if self.teacher is None:
             raise UserError("cud-distill needs --teacher CKPT")
+        phi_s, phi_t = getattr(net, "shakedrop_phi", None), getattr(self.teacher.net, "shakedrop_phi", None)
+        if self.opts["prior_shakedrop"] and phi_s != phi_t:  # same weights, other skip scaling: wrong outputs
+            raise UserError(f"the student must match the teacher: pass net.shakedrop_phi={phi_t}")
         state = {k: v for k, v in self.teacher.net.state_dict().items() if not k.startswith("heads.")}
         try:
             net.load_state_dict(state)
