@@ -91,6 +91,34 @@ def test_ema_warmup(tmp_path):
     assert dist["true"] / dist["false"] == pytest.approx(0.1 / 0.999, rel=1e-3)
 
 
+def test_debias_ema_recovers_the_trained_average(tmp_path):
+    """scripts/debias_ema.py rebuilds the initial weights from the config and seed: after one
+    plain-EMA step (0.9 init + 0.1 online) the corrected EMA is exactly the online weights,
+    after three it is their (1, d, d^2)-weighted average."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("debias_ema", Path(__file__).parents[1] / "scripts" / "debias_ema.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = tmp_path / "plain"
+    assert train(run, "--iters", "3", "train.ckpt_every=1", "train.keep=5", "train.ema=[0.9]",
+                 "train.ema_warmup=false", "train.warmup=0", "train.lr=0.01") == 0
+    online = [load_file(str(run / f"checkpoints/step-000000{i}/model.safetensors")) for i in (1, 2, 3)]
+    for n in (1, 3):
+        out = mod.debias(run / f"checkpoints/step-000000{n}", "0.9", tmp_path / f"fixed{n}")
+        fixed = load_file(str(out / "ema-0.9.safetensors"))
+        w = [0.9 ** (n - 1 - i) for i in range(n)]
+        for k, v in fixed.items():
+            want = sum(wi * o[k] for wi, o in zip(w, online[:n])) / sum(w)
+            assert torch.allclose(v, want, atol=1e-5), k
+    plain = load_file(str(run / "checkpoints/step-0000001/ema-0.9.safetensors"))
+    assert any((plain[k] - online[0][k]).abs().max() > 1e-3 for k in plain)  # the plain EMA is not
+    assert main(["eval", "--ckpt", str(tmp_path / "fixed3"), "--steps", "1", "--num", "50", "--no-progress"]) == 0
+    warm = tmp_path / "warm"
+    assert train(warm, "--iters", "1") == 0
+    with pytest.raises(UserError, match="warm-up"):
+        mod.debias(warm, "0.999", tmp_path / "x")
+
+
 def test_resume_of_a_run_older_than_an_option(tmp_path, capsys):
     """A run saved before a net option existed resumes (it was built with the default);
     changing an option the run does record is refused."""

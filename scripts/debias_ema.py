@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Take the random initial weights out of a plain EMA (a run trained without EMA warm-up).
+
+After n steps a plain EMA of decay d is  d^n * init + (1 - d^n) * A,  A the decayed average of
+the trained weights. The initial weights are rebuilt exactly from the run's config and seed
+(the loop seeds torch with train.seed right before building the net), so A is recovered:
+A = (ema - d^n * init) / (1 - d^n), Adam's bias correction. Writes an EMA-only checkpoint
+dir that `fewstep eval` and `fewstep sample` take.
+
+    .venv/bin/python scripts/debias_ema.py runs/gpu/cud-rk12 --ema 0.999 --out runs/gpu/cud-rk12-debiased
+    .venv/bin/fewstep eval --ckpt runs/gpu/cud-rk12-debiased --steps 4,16 --num 1000
+
+Runs started from a teacher's weights (cd, ctm, cud-distill) are refused: their initial
+weights are not random, and the warm-up-free EMA of those mostly holds the teacher.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from fewstep.errors import UserError  # noqa: E402
+from training import checkpoint as ck  # noqa: E402
+from training.build import build_method, build_net  # noqa: E402
+
+
+def initial_weights(cfg: dict) -> tuple[dict, set]:
+    """The net's weights at step 0, as the training loop built them, and which are parameters."""
+    method = build_method(cfg)
+    torch.manual_seed(int(cfg["train"]["seed"]))
+    net = build_net(cfg, method)
+    return net.state_dict(), {name for name, _ in net.named_parameters()}
+
+
+def debias(ckpt_path, ema: str, out) -> Path:
+    ckpt = ck.find_checkpoint(ckpt_path)
+    cfg = ck.read_config(ckpt)
+    if cfg.get("teacher"):
+        raise UserError(f"{ckpt}: started from the teacher {cfg['teacher']}, not from random weights")
+    if cfg["train"].get("ema_warmup", False):
+        raise UserError(f"{ckpt}: trained with EMA warm-up; its EMA holds no initial weights to remove")
+    n, d = int(cfg["step"]), float(ema)
+    keep = d ** n
+    if keep >= 1.0:
+        raise UserError(f"{ckpt}: an EMA of decay {ema} after {n} steps is all initial weights")
+    state = ck.load_tensors(ckpt / f"ema-{ema}.safetensors")
+    init, params = initial_weights(cfg)
+    fixed = {}
+    for k, v in state.items():
+        if k in params:
+            fixed[k] = ((v.double() - keep * init[k].double()) / (1.0 - keep)).to(v.dtype).contiguous()
+        else:  # buffers are copied from the net, not averaged
+            fixed[k] = v
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg["debiased_ema"] = {"from": str(ckpt), "ema": ema, "initial_fraction_removed": keep}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(fixed, str(out / f"ema-{ema}.safetensors"))
+    if (ckpt / "method.safetensors").is_file():
+        shutil.copy(ckpt / "method.safetensors", out / "method.safetensors")
+    print(f"{ckpt} step {n}: removed the {keep:.1%} of initial weights from EMA {ema} -> {out}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt", help="a checkpoint dir, or a run dir (its latest checkpoint)")
+    p.add_argument("--ema", default="0.999", help="the EMA decay to correct")
+    p.add_argument("--out", required=True, help="where to write the corrected EMA-only checkpoint")
+    args = p.parse_args()
+    try:
+        debias(args.ckpt, args.ema, args.out)
+    except UserError as e:
+        print(f"debias_ema: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
