@@ -3,7 +3,7 @@
 
 After n steps a plain EMA of decay d is  d^n * init + (1 - d^n) * A,  A the decayed average of
 the trained weights. The initial weights are rebuilt exactly from the run's config and seed
-(the loop seeds torch with train.seed right before building the net), so A is recovered:
+(`training.build.build_initial_net`, which the loop calls), so A is recovered:
 A = (ema - d^n * init) / (1 - d^n), Adam's bias correction. Writes an EMA-only checkpoint
 dir that `fewstep eval` and `fewstep sample` take.
 
@@ -23,19 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from fewstep.errors import UserError  # noqa: E402
 from training import checkpoint as ck  # noqa: E402
-from training.build import build_method, build_net  # noqa: E402
+from training.build import build_initial_net, build_method  # noqa: E402
 
 
 def initial_weights(cfg: dict) -> tuple[dict, set]:
     """The net's weights at step 0, as the training loop built them, and which are parameters."""
-    method = build_method(cfg)
-    torch.manual_seed(int(cfg["train"]["seed"]))
-    net = build_net(cfg, method)
+    net = build_initial_net(cfg, build_method(cfg))
     return net.state_dict(), {name for name, _ in net.named_parameters()}
 
 

@@ -48,6 +48,13 @@ def build_net(cfg: dict, method) -> torch.nn.Module:
         raise UserError(f"bad network options: {e}") from None
 
 
+def build_initial_net(cfg: dict, method) -> torch.nn.Module:
+    """The network at step 0: seeded with train.seed (identical on every rank, and rebuilt
+    the same way by scripts/debias_ema.py to take these weights out of an EMA)."""
+    torch.manual_seed(int(cfg["train"]["seed"]))
+    return build_net(cfg, method)
+
+
 @dataclass
 class Model:
     """A trained model ready to sample: config, method, network (in eval mode)."""

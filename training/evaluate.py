@@ -598,7 +598,7 @@ def run(args) -> int:
                 if sum(g.shape[0] for g in grid) < GRID_IMAGES:
                     grid.append(xq[:GRID_IMAGES].cpu())
                 feats.append(extractor.features(xq))
-                hf.append(high_freq_energy(xq.cpu()))
+                hf.append(high_freq_energy(xq).cpu())
 
             _sample_all(model, k, seeds, labels, args.gamma, device, args.batch, progress,
                         f"sample {k} steps", consume)

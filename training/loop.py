@@ -21,7 +21,7 @@ from tqdm import tqdm
 from fewstep.errors import UserError
 from training import checkpoint as ck
 from training.config import DATA_NET_KEYS
-from training.build import build_method, build_net, load_teacher_model, resolve_net_config
+from training.build import build_initial_net, build_method, load_teacher_model, resolve_net_config
 
 
 def _dist_env():
@@ -53,8 +53,6 @@ def _same_run(old: dict, new: dict) -> list[str]:
         for k in set(old[sec]) | set(new[sec]):
             if k in ("shape", "num_classes", "data_dir") or k in DATA_NET_KEYS:
                 continue
-            if k not in old[sec] and sec != "data":
-                continue  # an option newer than the run: the run was built with its default
             if old[sec].get(k) != new[sec].get(k):
                 diffs.append(f"{sec}.{k}")
     for k in ("batch", "seed"):
@@ -86,12 +84,12 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
             raise UserError(f"--resume: no checkpoint in {out}/checkpoints")
         prev = cks[-1]
         old = ck.read_config(prev)
-        diffs = _same_run(old, cfg)
-        if diffs:
-            raise UserError(f"--resume: config differs from the checkpoint's in {', '.join(diffs)}")
         for sec in ("method", "net"):  # options newer than the run: it goes on with the defaults it was built with
             for k in set(cfg[sec]) - set(old[sec]) - set(DATA_NET_KEYS):
                 del cfg[sec][k]
+        diffs = _same_run(old, cfg)
+        if diffs:
+            raise UserError(f"--resume: config differs from the checkpoint's in {', '.join(diffs)}")
         start = int(old["step"])
     elif rank == 0 and ck.list_checkpoints(out):
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or another --out")
@@ -109,8 +107,7 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
     method = build_method(cfg, teacher=teacher)
     if method.needs_teacher and teacher is None:
         raise UserError(f"method {method.name} needs --teacher CKPT")
-    torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
-    net = build_net(cfg, method)
+    net = build_initial_net(cfg, method)  # identical initial weights on every rank
     method.init_student(net)
     net.to(device).train()
     emas = {str(dcy): copy.deepcopy(net).eval().requires_grad_(False) for dcy in tcfg["ema"]}
