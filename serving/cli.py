@@ -33,6 +33,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jump", default="bls", choices=("bls", "inline"),
                    help="how the sampler runs each step: bls = a request to <name>_jump (batched across "
                         "loops, GPU-capable); inline = ONNX Runtime inside the sampler (CPU; no per-step hop)")
+    p.add_argument("--jump-backend", default="python", choices=("python", "onnxruntime", "tensorrt"),
+                   help="Triton backend of <name>_jump: python (default; the bundled server has only it), "
+                        "or Triton's native onnxruntime / tensorrt backend for NVIDIA's container "
+                        "(with --dry-run; docs/deploy.md)")
     p.add_argument("--no-png", action="store_true", help="do not offer the optional png output")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every model to be ready")
     p.add_argument("--log-file", help="tritonserver log (default: a file in a temporary dir)")
@@ -50,9 +54,13 @@ def run_serve(args) -> int:
             raise UserError(f"--{port.replace('_', '-')} must be in [0, 65535]")
     if args.threads < 0 or args.workers < 1:
         raise UserError("--threads must be >= 0 and --workers >= 1")
+    if args.jump_backend != "python" and not args.dry_run:
+        raise UserError(f"--jump-backend {args.jump_backend}: the bundled tritonserver has only the Python "
+                        f"backend; write the repository with --dry-run and serve it with NVIDIA's Triton "
+                        f"container (deploy/Dockerfile)")
     opts = Options(instances=args.instances, sampler_instances=args.sampler_instances, workers=args.workers,
                    device=args.device, backend=args.backend, threads=args.threads, png=not args.no_png,
-                   jump=args.jump)
+                   jump=args.jump, jump_backend=args.jump_backend)
     temp = None
     if args.repo:
         repo = Path(args.repo)

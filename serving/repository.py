@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fewstep.errors import UserError
+from serving import native_jump
 from serving.protocol import ModelInfo
 
 MODELS_DIR = Path(__file__).with_name("models")
@@ -39,6 +40,7 @@ class Options:
     threads: int = 0              # intra-op threads per jump instance (0 = runtime default)
     png: bool = True              # offer the optional `png` output
     jump: str = "bls"             # the sampler's jump: "bls" (requests to <name>_jump) or "inline"
+    jump_backend: str = "python"  # Triton backend of <name>_jump: python | onnxruntime | tensorrt (serving/native_jump.py)
 
 
 def read_manifest(model_dir: Path) -> dict:
@@ -281,6 +283,9 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
         raise UserError("--instances must be >= 1")
     if opts.jump not in ("bls", "inline"):
         raise UserError(f"--jump must be bls or inline, got {opts.jump!r}")
+    if opts.jump_backend not in native_jump.JUMP_BACKENDS:
+        raise UserError(f"--jump-backend must be one of {', '.join(native_jump.JUMP_BACKENDS)}, "
+                        f"got {opts.jump_backend!r}")
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     seen: dict[str, Path] = {}
@@ -297,15 +302,23 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
             raise UserError(f"two models are named {name!r} ({seen[name]} and {src}); rename one with NAME=DIR")
         seen[name] = src
         info = ModelInfo.from_manifest(manifest, name=name)
-        kind = instance_kind(opts.device, manifest)
+        native = opts.jump_backend != "python"
+        kind = native_jump.native_kind(opts.device, opts.jump_backend) if native else instance_kind(opts.device, manifest)
+        if native and opts.jump == "inline":
+            raise UserError(f"--jump-backend {opts.jump_backend} serves <name>_jump on Triton's own backend, "
+                            f"which the sampler calls by BLS: use --jump bls")
         if opts.jump == "inline" and kind == "KIND_GPU":
             raise UserError("--jump inline runs the jump on the CPU inside the sampler; "
                             "for a GPU use --jump bls (the default) or --device cpu")
         names = [name + "_jump", name + "_sampler", name + "_stream", name]
         for n in names:
             shutil.rmtree(repo / n, ignore_errors=True)
-        _write_python_model(repo / names[0], "jump.py", jump_config(info, opts, kind))
-        _copy_model_dir(src, repo / names[0] / "1" / "model", manifest)
+        if native:
+            native_jump.write_native_jump(repo / names[0], src, info, manifest, opts.jump_backend, kind,
+                                          opts.instances, opts.threads, _copy_file)
+        else:
+            _write_python_model(repo / names[0], "jump.py", jump_config(info, opts, kind))
+            _copy_model_dir(src, repo / names[0] / "1" / "model", manifest)
         _write_python_model(repo / names[1], "sampler.py", sampler_config(info, opts), manifest)
         _write_python_model(repo / names[2], "stream.py", stream_config(info, opts), manifest)
         (repo / name / "1").mkdir(parents=True)

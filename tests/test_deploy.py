@@ -1,0 +1,272 @@
+"""Beyond one machine (deploy/, docs/deploy.md), checked offline as far as this machine allows.
+
+- The native jump (`fewstep serve --jump-backend onnxruntime|tensorrt`): every generated
+  config parses into Triton's ModelConfig protobuf and names files that exist; with only its
+  backend swapped for the Python one, the same config (inputs, reshape, batching, warm-up
+  files) loads in the real bundled tritonserver and serves the same samples.
+- The container's probes against a real tritonserver, including a killed Python stub.
+- `fewstep serve`'s import path imports no torch (the serving image has none).
+- The Dockerfile (hadolint) and the Kubernetes manifests (kubernetes-validate's schemas).
+- Multi-node training: two torchrun "nodes" on loopback.
+
+Nothing here runs NVIDIA's container or a cluster; docs/deploy.md says what was not run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+PROBE = DEPLOY / "probe.py"
+
+
+def _model_config(text: str):
+    from google.protobuf import text_format
+    mc = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient (the serve extra)")
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def _write(repo, dirs, **opts):
+    from serving.repository import Options, write_repository
+    return write_repository(repo, [str(d) for d in dirs], Options(**opts))
+
+
+# --- the native jump's configs -------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,kind", [("gpu", "KIND_GPU"), ("auto", "KIND_GPU"), ("cpu", "KIND_CPU")])
+def test_native_onnxruntime_configs_parse_and_name_files(served_model_dirs, tmp_path, device, kind):
+    import tritonclient.grpc.model_config_pb2 as mc
+
+    repo = tmp_path / "repo"
+    _write(repo, [served_model_dirs["tiny"], served_model_dirs["toyc"]], jump_backend="onnxruntime",
+           device=device, instances=2, threads=3)
+    for name, classes in (("tiny", 0), ("toyc", 4)):
+        cfgs = {p.parent.name: _model_config(p.read_text()) for p in repo.glob(f"{name}*/config.pbtxt")}
+        assert set(cfgs) == {name, name + "_jump", name + "_sampler", name + "_stream"}
+        jump = cfgs[name + "_jump"]
+        assert (jump.platform, jump.backend) == ("onnxruntime_onnx", "onnxruntime")
+        assert jump.instance_group[0].kind == getattr(mc.ModelInstanceGroup, kind)
+        assert jump.instance_group[0].count == 2
+        assert jump.HasField("dynamic_batching") and jump.dynamic_batching.max_queue_delay_microseconds == 0
+        assert jump.parameters["intra_op_thread_count"].string_value == "3"
+        # the file Triton's onnxruntime backend loads: the export's graph, byte for byte
+        model_file = repo / (name + "_jump") / "1" / "model.onnx"
+        src = served_model_dirs[name] / "jump.onnx"
+        assert model_file.read_bytes() == src.read_bytes()
+        # inputs and outputs match the graph's, with [B, 1] scalars reshaped to the graph's [B]
+        import onnx
+        graph = onnx.load(str(src)).graph
+        onnx_inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim][1:] for i in graph.input}
+        assert [i.name for i in jump.input] == list(onnx_inputs)
+        for inp in jump.input:
+            reshaped = list(inp.reshape.shape) if inp.HasField("reshape") else list(inp.dims)
+            assert reshaped == onnx_inputs[inp.name], inp.name
+        assert [o.name for o in jump.output] == [o.name for o in graph.output] == ["x_s"]
+        assert list(jump.output[0].dims) == [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim][1:]
+        assert jump.max_batch_size == cfgs[name].max_batch_size
+        # warm-up: batch 1 to the max batch, data files present with one float each
+        sizes = [w.batch_size for w in jump.model_warmup]
+        assert sizes[0] == 1 and sizes[-1] == jump.max_batch_size and sizes == sorted(set(sizes))
+        for w in jump.model_warmup:
+            assert set(w.inputs) == set(onnx_inputs)
+            for key, winp in w.inputs.items():
+                if winp.input_data_file:
+                    data = repo / (name + "_jump") / "warmup" / winp.input_data_file
+                    assert data.stat().st_size == 4
+        t_max = json.loads((served_model_dirs[name] / "manifest.json").read_text())["sampler"]["t_max"]
+        t = np.frombuffer((repo / (name + "_jump") / "warmup" / "t").read_bytes(), "<f4")
+        assert t[0] == pytest.approx(t_max)
+        assert ("class_label" in onnx_inputs) == bool(classes)
+        # the sampler still calls it by BLS
+        sampler = cfgs[name + "_sampler"]
+        assert sampler.parameters["jump_model"].string_value == name + "_jump"
+        assert sampler.parameters.get("jump_mode") is None or sampler.parameters["jump_mode"].string_value == "bls"
+
+
+def _with_plan(src: Path, dest: Path, engines: list[dict]) -> Path:
+    """A copy of an export with TensorRT engine entries (placeholder bytes, hashed in the
+    manifest): serving only copies the plan, so its content does not matter here."""
+    from export.manifest import sha256_file
+    shutil.copytree(src, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for e in engines:
+        (dest / e["file"]).write_bytes(b"placeholder, not a TensorRT plan: " + e["file"].encode())
+        manifest["files"][e["file"]] = sha256_file(dest / e["file"])
+    manifest["engines"] = engines
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
+def _engine(file="jump.nvidia_h200.trt10.5.0.fp16.plan", min_batch=1, max_batch=16):
+    return {"file": file, "gpu": "nvidia_h200", "gpu_name": "NVIDIA H200", "tensorrt": "10.5.0",
+            "precision": "fp16", "min_batch": min_batch, "opt_batch": min(8, max_batch), "max_batch": max_batch}
+
+
+def test_native_tensorrt_config(served_model_dirs, tmp_path):
+    import tritonclient.grpc.model_config_pb2 as mc
+
+    from fewstep.errors import UserError
+    src = _with_plan(served_model_dirs["tiny"], tmp_path / "tiny", [_engine()])
+    repo = tmp_path / "repo"
+    _write(repo, [src], jump_backend="tensorrt")
+    jump = _model_config((repo / "tiny_jump" / "config.pbtxt").read_text())
+    assert (jump.platform, jump.backend) == ("tensorrt_plan", "tensorrt")
+    assert jump.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert (repo / "tiny_jump" / "1" / "model.plan").read_bytes() == (src / _engine()["file"]).read_bytes()
+    assert "nvidia_h200" in (repo / "tiny_jump" / "config.pbtxt").read_text()  # says which GPU it needs
+    with pytest.raises(UserError, match="GPU only"):
+        _write(tmp_path / "r2", [src], jump_backend="tensorrt", device="cpu")
+    with pytest.raises(UserError, match="no TensorRT engine"):
+        _write(tmp_path / "r3", [served_model_dirs["tiny"]], jump_backend="tensorrt")
+    two = _with_plan(served_model_dirs["tiny"], tmp_path / "two",
+                     [_engine(), _engine("jump.nvidia_l4.trt10.5.0.fp16.plan")])
+    with pytest.raises(UserError, match="2 engines"):
+        _write(tmp_path / "r4", [two], jump_backend="tensorrt")
+    small = _with_plan(served_model_dirs["tiny"], tmp_path / "small", [_engine(max_batch=4)])
+    with pytest.raises(UserError, match="--max-batch 16"):
+        _write(tmp_path / "r5", [small], jump_backend="tensorrt")
+
+
+def test_native_backend_cli_errors(served_model_dirs, tmp_path, capsys):
+    from fewstep.cli import main
+    argv = ["serve", "--model", str(served_model_dirs["tiny"]), "--jump-backend", "onnxruntime"]
+    assert main(argv) == 2
+    assert "only the Python backend" in capsys.readouterr().err
+    assert main(argv + ["--dry-run", "--repo", str(tmp_path / "r"), "--jump", "inline"]) == 2
+    assert "use --jump bls" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "tiny").exists()
+    assert main(argv + ["--dry-run", "--repo", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "tiny_jump" / "1" / "model.onnx").is_file()
+
+
+# --- the native config on a real tritonserver (Python backend swapped in) --------------------------
+
+def _as_python_jump(model_root: Path, export_dir: Path) -> None:
+    """Replace only the backend of a native jump config by the Python one (the bundled server
+    has no other): inputs, reshape, batching, instances and warm-up stay as generated."""
+    from google.protobuf import text_format
+
+    import tritonclient.grpc.model_config_pb2 as mc
+    cfg = _model_config((model_root / "config.pbtxt").read_text())
+    cfg.platform = ""
+    cfg.backend = "python"
+    for g in cfg.instance_group:
+        g.kind = mc.ModelInstanceGroup.KIND_CPU
+    for k, v in {"model_dir": "model", "backend": "onnxruntime", "threads": "1"}.items():
+        cfg.parameters[k].string_value = v
+    (model_root / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+    version = model_root / "1"
+    (version / "model.onnx").unlink()
+    shutil.copy2(ROOT / "serving" / "models" / "jump.py", version / "model.py")
+    shutil.copytree(export_dir, version / "model")
+
+
+@pytest.fixture(scope="module")
+def native_stack(served_model_dirs, tmp_path_factory):
+    """A real tritonserver on a repository written with --jump-backend onnxruntime, its jumps
+    swapped to the Python backend. HTTP on loopback, as in the container."""
+    pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
+    from fewstep.errors import UserError
+    from serving.launcher import Server, find_triton
+    try:
+        find_triton()
+    except UserError as e:
+        pytest.skip(f"no tritonserver: {e}")
+    repo = tmp_path_factory.mktemp("native") / "repo"
+    written = _write(repo, [served_model_dirs["tiny"], served_model_dirs["toyc"]], jump_backend="onnxruntime",
+                     device="gpu")
+    for w in written:
+        _as_python_jump(repo / (w["name"] + "_jump"), served_model_dirs[w["name"]])
+    names = [n for w in written for n in w["models"]]
+    server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=names,
+                    log_file=repo.parent / "tritonserver.log", log_verbose=1)
+    server.start(timeout=240)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_native_config_loads_warms_and_serves(native_stack, served_model_dirs):
+    from export.runner import load_runner
+    from serving.client import Client
+    from serving.protocol import ModelInfo, parse_request, run_group
+
+    log = Path(native_stack.log_file).read_text(errors="replace")
+    # Triton ran every warm-up sample (batch 1 .. max) before it reported the model ready
+    for b in (1, 2, 4, 8, 16):
+        assert f"running warmup sample 'batch_{b}'" in log
+    runner = load_runner(str(served_model_dirs["tiny"]), backend="onnxruntime", threads=1)
+    info = ModelInfo.from_manifest(runner.manifest, name="tiny")
+    seeds = [3, 4, 5]
+    with Client(native_stack.grpc_url) as c:
+        got = c.infer("tiny", seeds, 4, outputs=("sample",))["sample"]
+        got_c = c.infer("toyc", [7, 8], 2, class_labels=[1, 3], outputs=("sample",))["sample"]
+    items = parse_request(info, {"seed": np.array(seeds, np.int64).reshape(-1, 1),
+                                 "steps": np.full((3, 1), 4, np.int32)})
+    ref = run_group(runner, info, items)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    assert got_c.shape == (2, 2) and np.isfinite(got_c).all()
+
+
+# --- the container's probes ------------------------------------------------------------------------
+
+def _probe(server, mode: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PROBE), mode, "--url", server.http_url, "--repo", str(server.repo),
+                           "--timeout", str(timeout)], capture_output=True, text=True, timeout=120)
+
+
+def _stub_pid(server, model: str) -> int:
+    for pid in server.pids():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"triton_python_backend_stub" in c for c in cmd) and any(f"/{model}/1/model.py".encode() in c for c in cmd):
+            return pid
+    raise AssertionError(f"no stub process for {model}")
+
+
+def test_probes_see_a_dead_model(native_stack, tmp_path):
+    ok = _probe(native_stack, "ready")
+    assert ok.returncode == 0, ok.stderr
+    ok = _probe(native_stack, "infer")
+    assert ok.returncode == 0, ok.stderr
+    # a repository with a model the server does not have is not ready
+    bad_repo = tmp_path / "repo"
+    shutil.copytree(native_stack.repo / "tiny", bad_repo / "tiny")
+    (bad_repo / "absent").mkdir()
+    (bad_repo / "absent" / "config.pbtxt").write_text('name: "absent"\n')
+    bad = subprocess.run([sys.executable, str(PROBE), "ready", "--url", native_stack.http_url, "--repo",
+                          str(bad_repo)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "absent not ready" in bad.stderr
+    # kill -9 the sampler's Python stub: the request-level probe must fail (the liveness probe);
+    # the ready endpoints of Triton 2.51 may still say ready (docs/deploy.md)
+    os.kill(_stub_pid(native_stack, "tiny_sampler"), signal.SIGKILL)
+    time.sleep(1.0)
+    dead = _probe(native_stack, "infer", timeout=5)
+    assert dead.returncode == 1 and "tiny" in dead.stderr, dead.stderr
+    ready = _probe(native_stack, "ready")
+    print(f"after a killed stub: ready probe exit {ready.returncode} ({ready.stderr.strip() or 'ready'})")
+    # unreachable server
+    gone = subprocess.run([sys.executable, str(PROBE), "ready", "--url", f"http://127.0.0.1:{_free_port()}",
+                           "--repo", str(native_stack.repo), "--timeout", "2"], capture_output=True, text=True,
+                          timeout=60)
+    assert gone.returncode == 1 and "unhealthy" in gone.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
