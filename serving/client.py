@@ -107,6 +107,27 @@ def build_inputs(grpc, seeds, steps, class_labels=None, gamma=None, batched: boo
     return inputs
 
 
+def channel_options(extra) -> list | None:
+    """gRPC channel arguments: tritonclient's defaults with `extra` ({key: value} or (key, value)
+    pairs) on top, or None (tritonclient's own defaults) when there is nothing extra.
+    tritonclient drops its defaults (message size limits, keepalive) as soon as any argument
+    is given, hence the merge. Example: {"grpc.lb_policy_name": "round_robin"} with a
+    `dns:///<headless service>:8001` url spreads requests over every pod (docs/deploy.md)."""
+    if not extra:
+        return None
+    import tritonclient.grpc as grpc
+
+    ka = grpc.KeepAliveOptions()
+    opts = {"grpc.max_send_message_length": grpc.MAX_GRPC_MESSAGE_SIZE,
+            "grpc.max_receive_message_length": grpc.MAX_GRPC_MESSAGE_SIZE,
+            "grpc.keepalive_time_ms": ka.keepalive_time_ms,
+            "grpc.keepalive_timeout_ms": ka.keepalive_timeout_ms,
+            "grpc.keepalive_permit_without_calls": ka.keepalive_permit_without_calls,
+            "grpc.http2.max_pings_without_data": ka.http2_max_pings_without_data}
+    opts.update(dict(extra))
+    return list(opts.items())
+
+
 def _outputs(grpc, names):
     return [grpc.InferRequestedOutput(n) for n in names]
 
@@ -148,15 +169,17 @@ def _stream_item(result):
 
 
 class Client:
-    """Synchronous client (thread-safe for generate(); stream() opens its own connection)."""
+    """Synchronous client (thread-safe for generate(); stream() opens its own connection).
+    channel_args: extra gRPC channel arguments (see `channel_options`)."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0):
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, channel_args=None):
         import tritonclient.grpc as grpc
 
         self._grpc = grpc
         self.url = url
         self.timeout = timeout
-        self._client = grpc.InferenceServerClient(url)
+        self.channel_args = channel_options(channel_args)
+        self._client = grpc.InferenceServerClient(url, channel_args=self.channel_args)
         self._meta: dict[str, ModelMeta] = {}
 
     def close(self) -> None:
@@ -236,7 +259,7 @@ class Client:
         inputs = build_inputs(self._grpc, [seed], steps, None if class_label is None else [class_label],
                               None if gamma is None else [gamma], batched=False)
         q: queue.Queue = queue.Queue()
-        client = self._grpc.InferenceServerClient(self.url)
+        client = self._grpc.InferenceServerClient(self.url, channel_args=self.channel_args)
         try:
             client.start_stream(callback=lambda result, error: q.put((result, error)),
                                 stream_timeout=self.timeout)
@@ -259,15 +282,16 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client (tritonclient.grpc.aio): the same calls, awaited."""
+    """asyncio client (tritonclient.grpc.aio): the same calls, awaited. channel_args as for Client."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0):
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, channel_args=None):
         import tritonclient.grpc.aio as aio
 
         self._grpc = aio
         self.url = url
         self.timeout = timeout
-        self._client = aio.InferenceServerClient(url)
+        self.channel_args = channel_options(channel_args)
+        self._client = aio.InferenceServerClient(url, channel_args=self.channel_args)
         self._meta: dict[str, ModelMeta] = {}
 
     async def close(self) -> None:

@@ -150,6 +150,208 @@ def test_native_backend_cli_errors(served_model_dirs, tmp_path, capsys):
     assert (tmp_path / "r" / "tiny_jump" / "1" / "model.onnx").is_file()
 
 
+# --- the serving image -------------------------------------------------------------------------------
+
+NO_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):  # the serving image has no torch
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("no torch in the serving image")
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def test_serve_import_path_needs_no_torch(served_model_dirs, tmp_path):
+    """`fewstep serve` (CLI, repository writer, launcher, client) and the Triton Python models
+    import no torch: the image installs the project without it. Run in a fresh interpreter where
+    importing torch fails."""
+    from serving.launcher import find_triton
+    from fewstep.errors import UserError
+    try:
+        backend_utils = find_triton()["python_backend"]
+    except UserError as e:
+        pytest.skip(f"no tritonserver: {e}")
+    script = NO_TORCH + f"""
+from fewstep.cli import main
+for backend in ("onnxruntime", "python"):
+    assert main(["serve", "--dry-run", "--device", "cpu", "--jump-backend", backend, "--repo",
+                 {str(tmp_path)!r} + "/" + backend, "--model", {str(served_model_dirs["tiny"])!r}]) == 0
+import serving.cli, serving.launcher, serving.repository, serving.native_jump, serving.client, serving.protocol
+import export.runner
+sys.path.insert(0, {str(backend_utils)!r})  # triton_python_backend_utils, as inside the stub
+import serving.models.jump, serving.models.sampler, serving.models.stream, serving.models.common
+runner = export.runner.load_runner({str(served_model_dirs["tiny"])!r}, backend="onnxruntime", threads=1)
+from serving.protocol import ModelInfo, parse_request, run_group
+import numpy as np
+info = ModelInfo.from_manifest(runner.manifest, name="tiny")
+x = run_group(runner, info, parse_request(info, {{"seed": np.array([[1]]), "steps": np.array([[2]], np.int32)}}))
+assert np.isfinite(x).all()
+print("torch" in sys.modules, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False []"
+    assert (tmp_path / "onnxruntime" / "tiny_jump" / "1" / "model.onnx").is_file()
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or (str(Path(sys.executable).with_name(name))
+                                  if Path(sys.executable).with_name(name).exists() else None)
+    if path is None:
+        pytest.skip(f"{name} is not installed (the test extra brings it on x86-64 Linux)")
+    return path
+
+
+def test_dockerfile_lints_clean_and_installs_what_it_says():
+    out = subprocess.run([_tool("hadolint"), "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = (DEPLOY / "Dockerfile").read_text()
+    import re
+    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3(@sha256:[0-9a-f]{64})?", base)
+    # every file it copies exists (the build context is the repository root)
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        for src in line.split()[:-1]:
+            if "$" not in src:
+                assert (ROOT / src).exists(), src
+    assert (ROOT / "deploy" / "no-models").is_dir()  # the default MODELS build argument
+    reqs = (DEPLOY / "requirements-image.txt").read_text()
+    pins = [l for l in reqs.splitlines() if l and not l.startswith("#")]
+    assert pins and all("==" in l for l in pins) and not any(l.startswith("torch") for l in pins)
+    assert any(l.startswith("onnxruntime-gpu==") for l in pins)
+
+
+def test_entrypoint_shellchecks_clean():
+    out = subprocess.run([_tool("shellcheck"), str(DEPLOY / "entrypoint.sh")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --- the Kubernetes manifests --------------------------------------------------------------------------
+
+K8S = DEPLOY / "k8s"
+K8S_VERSIONS = ("1.29.0", None)  # an older cluster and the newest schema bundled (None)
+
+# The Prometheus Operator's PodMonitor is a CRD, not in kubernetes-validate's schemas: the
+# fields used here, checked against their documented types.
+PODMONITOR_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False,
+                 "properties": {
+                     "selector": {"type": "object", "required": ["matchLabels"],
+                                  "properties": {"matchLabels": {"type": "object",
+                                                                 "additionalProperties": {"type": "string"}}}},
+                     "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+                         "type": "object", "required": ["port"], "additionalProperties": False,
+                         "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                        "interval": {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h))+$"}}}}}}},
+}
+
+
+def _docs():
+    import yaml
+    out = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            out.append((path, doc))
+    return out
+
+
+def test_manifests_validate_against_kubernetes_schemas():
+    kv = pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (the test extra)")
+    import jsonschema
+    checked = set()
+    for path, doc in _docs():
+        kind = doc["kind"]
+        if kind == "Kustomization":  # kustomize's file, not an API object: checked below
+            continue
+        if kind == "PodMonitor":
+            jsonschema.validate(doc, PODMONITOR_SCHEMA)
+            checked.add(kind)
+            continue
+        for v in K8S_VERSIONS:
+            kv.validate(doc, v or kv.latest_version(), strict=True)
+        checked.add(kind)
+    assert checked == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodMonitor", "PodDisruptionBudget",
+                       "PersistentVolumeClaim", "Ingress", "ConfigMap"}
+    # the validator does bite: an unknown field and a wrong type are refused
+    import copy
+    dep = copy.deepcopy(next(d for _, d in _docs() if d["kind"] == "Deployment"))
+    dep["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(dep, kv.latest_version(), strict=True)
+    dep = copy.deepcopy(next(d for _, d in _docs() if d["kind"] == "Deployment"))
+    dep["spec"]["replicas"] = "two"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(dep, kv.latest_version(), strict=True)
+
+
+def test_manifests_agree_with_each_other_and_the_image():
+    """What no schema checks: selectors, port names, the HPA's metrics and target, the probes'
+    script, the volumes the entrypoint writes to, the kustomization's list."""
+    import re
+
+    import yaml
+    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in _docs() if d["kind"] != "Kustomization"}
+    dep = docs[("Deployment", "fewstep")]
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 8001, "metrics": 8002}
+    for (kind, name), d in docs.items():
+        if kind == "Service":
+            assert d["spec"]["selector"].items() <= labels.items(), name
+            assert all(p["targetPort"] in ports for p in d["spec"]["ports"]), name
+        if kind == "PodDisruptionBudget":
+            assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert docs[("Service", "fewstep-grpc-headless")]["spec"]["clusterIP"] == "None"
+    ing = docs[("Ingress", "fewstep-grpc")]
+    assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] in \
+        {n for k, n in docs if k == "Service"}
+    pm = docs[("PodMonitor", "fewstep")]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    # resources: CPU, memory and one GPU requested
+    req = container["resources"]["requests"]
+    assert {"cpu", "memory", "nvidia.com/gpu"} <= set(req)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == req["nvidia.com/gpu"]
+    # the probes run the image's probe script in a mode it has
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    workdir = re.search(r"^WORKDIR (\S+)", dockerfile, re.M).group(1)
+    assert re.search(r"^COPY .*deploy/probe\.py deploy/$", dockerfile, re.M)
+    for probe, mode in (("startupProbe", "infer"), ("readinessProbe", "ready"), ("livenessProbe", "infer")):
+        cmd = container[probe]["exec"]["command"]
+        assert cmd[:3] == ["python3", f"{workdir}/deploy/probe.py", mode], probe
+        assert float(cmd[cmd.index("--timeout") + 1]) < container[probe]["timeoutSeconds"], probe
+    # writable places: the repository the entrypoint writes ($FEWSTEP_REPO) and /dev/shm
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    repo = re.search(r"FEWSTEP_REPO=(\S+)", dockerfile).group(1)
+    assert repo in mounts and not mounts[repo].get("readOnly")
+    assert "/dev/shm" in mounts and mounts["/models"]["readOnly"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # the HPA scales this Deployment on the metrics the adapter rules define
+    hpa = docs[("HorizontalPodAutoscaler", "fewstep")]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "fewstep"
+    rules = yaml.safe_load(docs[("ConfigMap", "fewstep-adapter-rules")]["data"]["config.yaml"])["rules"]
+    assert {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]} == {r["name"]["as"] for r in rules}
+    for r in rules:  # the adapter maps results onto pods through these two
+        assert {"<<.LabelMatchers>>", "<<.GroupBy>>"} <= set(re.findall(r"<<\.\w+>>", r["metricsQuery"]))
+        assert r["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    # kustomization: lists every manifest of the app (the monitoring rules and the L7 proxy apart)
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kust["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
+                                               if p.name not in ("kustomization.yaml", "ingress-grpc.yaml"))
+
+
 # --- the native config on a real tritonserver (Python backend swapped in) --------------------------
 
 def _as_python_jump(model_root: Path, export_dir: Path) -> None:
@@ -218,6 +420,98 @@ def test_native_config_loads_warms_and_serves(native_stack, served_model_dirs):
     ref = run_group(runner, info, items)
     np.testing.assert_allclose(got, ref, atol=1e-4)
     assert got_c.shape == (2, 2) and np.isfinite(got_c).all()
+
+
+# --- gRPC load balancing: the client's round_robin policy ---------------------------------------------
+
+def _inference_count(url: str, model: str) -> int:
+    import tritonclient.grpc as grpc
+    c = grpc.InferenceServerClient(url)
+    try:
+        stats = c.get_inference_statistics(model, as_json=True)["model_stats"]
+        return int(stats[0].get("inference_count", 0))
+    finally:
+        c.close()
+
+
+def test_round_robin_channel_spreads_requests(triton_stack, native_stack):
+    """What a headless Service's DNS name gives the client (several addresses): with the
+    round_robin policy requests go to every server; with gRPC's default (pick_first) one
+    connection takes them all, as it does behind a ClusterIP Service."""
+    from serving.client import Client, channel_options
+
+    a, b = triton_stack.url, native_stack.grpc_url
+    target = f"ipv4:{a},{b}"
+    for policy, both in ((None, False), ("round_robin", True)):
+        before = [_inference_count(u, "tiny") for u in (a, b)]
+        args = {"grpc.lb_policy_name": policy} if policy else None
+        with Client(target, channel_args=args) as c:
+            for seed in range(8):
+                c.infer("tiny", [seed], 1, outputs=("sample",))
+        delta = [_inference_count(u, "tiny") - n for u, n in zip((a, b), before)]
+        assert sum(delta) == 8
+        assert (min(delta) > 0) == both, (policy, delta)
+    # the merge keeps tritonclient's defaults (message size) under the extra arguments
+    opts = dict(channel_options({"grpc.lb_policy_name": "round_robin"}))
+    assert opts["grpc.lb_policy_name"] == "round_robin" and opts["grpc.max_receive_message_length"] > 2 ** 30
+    assert channel_options(None) is None
+
+
+# --- Triton's metrics behind the autoscaler ----------------------------------------------------------
+
+def _scrape(url: str) -> dict:
+    """{(metric, model): value} of a Prometheus text page (Triton's model metrics)."""
+    import re
+    import urllib.request
+    out = {}
+    with urllib.request.urlopen(url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            m = re.match(r'^(nv_inference_\w+)\{([^}]*)\}\s+(\S+)$', line)
+            if m:
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+                if "model" in labels:
+                    out[(m.group(1), labels["model"])] = float(m.group(3))
+    return out
+
+
+def test_autoscaling_series_exist_and_mean_requests_in_flight(native_stack):
+    """The adapter rules' series exist in the real server's metrics with the `model` labels
+    their filters rely on, and the ensemble's request-duration counter grows by the time the
+    requests spent in the server (so its rate is the requests in flight)."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
+
+    from serving.client import Client
+    rules = yaml.safe_load(yaml.safe_load((DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-rules.yaml")
+                                          .read_text())["data"]["config.yaml"])["rules"]
+    used = {n for r in rules for n in re.findall(r"nv_inference_\w+", r["seriesQuery"] + r["metricsQuery"])}
+    assert used == {"nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+                    "nv_inference_compute_infer_duration_us"}
+    before = _scrape(native_stack.metrics_url)
+    models = {m for _, m in before}
+    assert {"tiny", "tiny_jump", "tiny_sampler", "tiny_stream"} <= models
+    for name in used:
+        assert (name, "tiny_jump") in before and (name, "tiny") in before, name
+    ensembles = [m for m in models if not re.fullmatch(r".+_(jump|sampler|stream)", m)]
+    assert sorted(ensembles) == ["tiny", "toyc"]
+
+    def one(seed):
+        t0 = time.perf_counter()
+        with Client(native_stack.grpc_url) as c:
+            c.infer("tiny", [seed], 4, outputs=("sample",))
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(4) as pool:
+        client_s = sum(pool.map(one, range(8)))
+    after = _scrape(native_stack.metrics_url)
+    server_s = (after[("nv_inference_request_duration_us", "tiny")]
+                - before[("nv_inference_request_duration_us", "tiny")]) / 1e6
+    # the server's time is the client's minus the network and client overhead
+    assert 0.3 * client_s < server_s <= client_s, (server_s, client_s)
+    assert after[("nv_inference_compute_infer_duration_us", "tiny_jump")] > \
+        before[("nv_inference_compute_infer_duration_us", "tiny_jump")]
 
 
 # --- the container's probes ------------------------------------------------------------------------
