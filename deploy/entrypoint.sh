@@ -8,7 +8,8 @@
 #   FEWSTEP_DEVICE        gpu (default), cpu or auto: where <name>_jump runs
 #   FEWSTEP_SERVE_ARGS    more `fewstep serve` options, e.g. "--instances 2 --workers 16"
 #   FEWSTEP_ADMIN_KEY     when set, Triton's admin protocols (model repository, shared memory,
-#                         logging, trace) answer only gRPC calls with the header fewstep-admin-key
+#                         logging, trace) answer only gRPC calls that carry it in the header
+#                         triton-grpc-protocol-fewstep-admin-key (Triton adds the prefix)
 set -euo pipefail
 
 models_dir=${FEWSTEP_MODELS:-/models}
@@ -25,9 +26,10 @@ if [ ${#model_args[@]} -eq 0 ]; then
   exit 2
 fi
 
+# The sampler reaches <name>_jump by BLS (the only way to a native-backend jump).
 # shellcheck disable=SC2086  # FEWSTEP_SERVE_ARGS is a list of options
 fewstep serve --dry-run --repo "$repo" "${model_args[@]}" \
-  --jump-backend "${FEWSTEP_JUMP_BACKEND:-onnxruntime}" --device "${FEWSTEP_DEVICE:-gpu}" \
+  --jump-backend "${FEWSTEP_JUMP_BACKEND:-onnxruntime}" --device "${FEWSTEP_DEVICE:-gpu}" --jump bls \
   ${FEWSTEP_SERVE_ARGS:-} >/dev/null
 
 admin=()

@@ -4,7 +4,8 @@
   config parses into Triton's ModelConfig protobuf and names files that exist; with only its
   backend swapped for the Python one, the same config (inputs, reshape, batching, warm-up
   files) loads in the real bundled tritonserver and serves the same samples.
-- The container's probes against a real tritonserver, including a killed Python stub.
+- The container's entrypoint and probes against a real tritonserver, including a killed
+  Python stub.
 - `fewstep serve`'s import path imports no torch (the serving image has none).
 - The Dockerfile (hadolint) and the Kubernetes manifests (kubernetes-validate's schemas).
 - Multi-node training: two torchrun "nodes" on loopback.
@@ -228,6 +229,90 @@ def test_entrypoint_shellchecks_clean():
     out = subprocess.run([_tool("shellcheck"), str(DEPLOY / "entrypoint.sh")], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+TRITON_WRAPPER = """#!/usr/bin/env bash
+# stands in for the container's /opt/tritonserver/bin/tritonserver: the bundled server, with
+# the backend directory and environment `fewstep serve` gives it, on the entrypoint's arguments
+exec {python} -c '
+import os, sys, tempfile
+from pathlib import Path
+from serving.launcher import find_triton, make_backend_dir, server_env
+d = make_backend_dir(Path(tempfile.mkdtemp(prefix="fewstep-ep-")) / "backends")
+b = str(find_triton()["binary"])
+os.execve(b, [b, f"--backend-directory={{d}}"] + sys.argv[1:], server_env())
+' "$@"
+"""
+
+
+def test_entrypoint_writes_the_repository_and_runs_triton(served_model_dirs, tmp_path):
+    """deploy/entrypoint.sh as the container runs it, with the bundled tritonserver in place of
+    the container's (so the jump stays on the Python backend): the repository from /models,
+    HTTP on loopback only, the admin key restricting the model-repository protocol, and the
+    probes passing. gRPC and metrics are moved to loopback ports for the test."""
+    pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    from fewstep.errors import UserError
+    from serving.launcher import find_triton
+    try:
+        find_triton()
+    except UserError as e:
+        pytest.skip(f"no tritonserver: {e}")
+    bin_dir, models = tmp_path / "bin", tmp_path / "models"
+    bin_dir.mkdir()
+    (bin_dir / "tritonserver").write_text(TRITON_WRAPPER.format(python=sys.executable))
+    (bin_dir / "tritonserver").chmod(0o755)
+    (bin_dir / "fewstep").symlink_to(Path(sys.executable).with_name("fewstep"))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "FEWSTEP_MODELS": str(models), "FEWSTEP_REPO": str(tmp_path / "repo"),
+           "FEWSTEP_JUMP_BACKEND": "python", "FEWSTEP_DEVICE": "cpu", "FEWSTEP_ADMIN_KEY": "s3cret"}
+    models.mkdir()
+    empty = subprocess.run([str(DEPLOY / "entrypoint.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and "no exported model dir" in empty.stderr
+    for name in ("tiny", "toyc"):
+        (models / name).symlink_to(served_model_dirs[name])
+    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+    log = open(tmp_path / "entrypoint.log", "w")
+    proc = subprocess.Popen([str(DEPLOY / "entrypoint.sh"), f"--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
+                             f"--http-port={http_port}", f"--metrics-address=127.0.0.1",
+                             f"--metrics-port={metrics_port}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            ready = subprocess.run([sys.executable, str(PROBE), "infer", "--url", url, "--repo",
+                                    str(tmp_path / "repo")], capture_output=True, text=True, timeout=120)
+            if ready.returncode == 0:
+                break
+            assert proc.poll() is None, (tmp_path / "entrypoint.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, ready.stderr
+            time.sleep(2)
+        text = (tmp_path / "entrypoint.log").read_text()
+        assert f"Started HTTPService at 127.0.0.1:{http_port}" in text
+        assert {p.name for p in (tmp_path / "repo").iterdir()} == {
+            "tiny", "tiny_jump", "tiny_sampler", "tiny_stream", "toyc", "toyc_jump", "toyc_sampler", "toyc_stream"}
+        client = grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        try:
+            assert client.is_model_ready("tiny")  # inference-side calls need no key
+            with pytest.raises(InferenceServerException):
+                client.get_model_repository_index()
+            index = client.get_model_repository_index(headers={"triton-grpc-protocol-fewstep-admin-key": "s3cret"},
+                                                     as_json=True)
+            assert {m["name"] for m in index["models"]} >= {"tiny", "toyc_jump"}
+        finally:
+            client.close()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
 
 
 # --- the Kubernetes manifests --------------------------------------------------------------------------
