@@ -1,4 +1,4 @@
-"""One torchrun worker of tests/test_deploy.py's multi-node test: `fewstep train` as usual,
+"""One torchrun worker of tests/test_multinode.py's multi-node test: `fewstep train` as usual,
 then this rank's trained weights go to <out>/rank-<RANK>.safetensors, so the test can compare
 the nodes (only rank 0 writes checkpoints)."""
 import os

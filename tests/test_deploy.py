@@ -7,8 +7,8 @@
 - The container's entrypoint and probes against a real tritonserver, including a killed
   Python stub.
 - `fewstep serve`'s import path imports no torch (the serving image has none).
-- The Dockerfile (hadolint) and the Kubernetes manifests (kubernetes-validate's schemas).
-- Multi-node training: two torchrun "nodes" on loopback.
+- The Dockerfile (hadolint) and the entrypoint (shellcheck).
+The Kubernetes manifests: tests/test_k8s.py; multi-node training: tests/test_multinode.py.
 
 Nothing here runs NVIDIA's container or a cluster; docs/deploy.md says what was not run.
 """
@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from serving.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -273,7 +274,7 @@ def test_entrypoint_writes_the_repository_and_runs_triton(served_model_dirs, tmp
     assert empty.returncode == 2 and "no exported model dir" in empty.stderr
     for name in ("tiny", "toyc"):
         (models / name).symlink_to(served_model_dirs[name])
-    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     log = open(tmp_path / "entrypoint.log", "w")
     proc = subprocess.Popen([str(DEPLOY / "entrypoint.sh"), f"--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
                              f"--http-port={http_port}", f"--metrics-address=127.0.0.1",
@@ -313,128 +314,6 @@ def test_entrypoint_writes_the_repository_and_runs_triton(served_model_dirs, tmp
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
-
-
-# --- the Kubernetes manifests --------------------------------------------------------------------------
-
-K8S = DEPLOY / "k8s"
-K8S_VERSIONS = ("1.29.0", None)  # an older cluster and the newest schema bundled (None)
-
-# The Prometheus Operator's PodMonitor is a CRD, not in kubernetes-validate's schemas: the
-# fields used here, checked against their documented types.
-PODMONITOR_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"},
-        "metadata": {"type": "object", "required": ["name"]},
-        "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False,
-                 "properties": {
-                     "selector": {"type": "object", "required": ["matchLabels"],
-                                  "properties": {"matchLabels": {"type": "object",
-                                                                 "additionalProperties": {"type": "string"}}}},
-                     "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
-                         "type": "object", "required": ["port"], "additionalProperties": False,
-                         "properties": {"port": {"type": "string"}, "path": {"type": "string"},
-                                        "interval": {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h))+$"}}}}}}},
-}
-
-
-def _docs():
-    import yaml
-    out = []
-    for path in sorted(K8S.rglob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            out.append((path, doc))
-    return out
-
-
-def test_manifests_validate_against_kubernetes_schemas():
-    kv = pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (the test extra)")
-    import jsonschema
-    checked = set()
-    for path, doc in _docs():
-        kind = doc["kind"]
-        if kind == "Kustomization":  # kustomize's file, not an API object: checked below
-            continue
-        if kind == "PodMonitor":
-            jsonschema.validate(doc, PODMONITOR_SCHEMA)
-            checked.add(kind)
-            continue
-        for v in K8S_VERSIONS:
-            kv.validate(doc, v or kv.latest_version(), strict=True)
-        checked.add(kind)
-    assert checked == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodMonitor", "PodDisruptionBudget",
-                       "PersistentVolumeClaim", "Ingress", "ConfigMap"}
-    # the validator does bite: an unknown field and a wrong type are refused
-    import copy
-    dep = copy.deepcopy(next(d for _, d in _docs() if d["kind"] == "Deployment"))
-    dep["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
-    with pytest.raises(kv.ValidationError):
-        kv.validate(dep, kv.latest_version(), strict=True)
-    dep = copy.deepcopy(next(d for _, d in _docs() if d["kind"] == "Deployment"))
-    dep["spec"]["replicas"] = "two"
-    with pytest.raises(kv.ValidationError):
-        kv.validate(dep, kv.latest_version(), strict=True)
-
-
-def test_manifests_agree_with_each_other_and_the_image():
-    """What no schema checks: selectors, port names, the HPA's metrics and target, the probes'
-    script, the volumes the entrypoint writes to, the kustomization's list."""
-    import re
-
-    import yaml
-    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in _docs() if d["kind"] != "Kustomization"}
-    dep = docs[("Deployment", "fewstep")]
-    pod = dep["spec"]["template"]
-    labels = pod["metadata"]["labels"]
-    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    (container,) = pod["spec"]["containers"]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 8001, "metrics": 8002}
-    for (kind, name), d in docs.items():
-        if kind == "Service":
-            assert d["spec"]["selector"].items() <= labels.items(), name
-            assert all(p["targetPort"] in ports for p in d["spec"]["ports"]), name
-        if kind == "PodDisruptionBudget":
-            assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert docs[("Service", "fewstep-grpc-headless")]["spec"]["clusterIP"] == "None"
-    ing = docs[("Ingress", "fewstep-grpc")]
-    assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
-    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] in \
-        {n for k, n in docs if k == "Service"}
-    pm = docs[("PodMonitor", "fewstep")]
-    assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert pm["spec"]["podMetricsEndpoints"][0]["port"] in ports
-    # resources: CPU, memory and one GPU requested
-    req = container["resources"]["requests"]
-    assert {"cpu", "memory", "nvidia.com/gpu"} <= set(req)
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == req["nvidia.com/gpu"]
-    # the probes run the image's probe script in a mode it has
-    dockerfile = (DEPLOY / "Dockerfile").read_text()
-    workdir = re.search(r"^WORKDIR (\S+)", dockerfile, re.M).group(1)
-    assert re.search(r"^COPY .*deploy/probe\.py deploy/$", dockerfile, re.M)
-    for probe, mode in (("startupProbe", "infer"), ("readinessProbe", "ready"), ("livenessProbe", "infer")):
-        cmd = container[probe]["exec"]["command"]
-        assert cmd[:3] == ["python3", f"{workdir}/deploy/probe.py", mode], probe
-        assert float(cmd[cmd.index("--timeout") + 1]) < container[probe]["timeoutSeconds"], probe
-    # writable places: the repository the entrypoint writes ($FEWSTEP_REPO) and /dev/shm
-    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    repo = re.search(r"FEWSTEP_REPO=(\S+)", dockerfile).group(1)
-    assert repo in mounts and not mounts[repo].get("readOnly")
-    assert "/dev/shm" in mounts and mounts["/models"]["readOnly"]
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    # the HPA scales this Deployment on the metrics the adapter rules define
-    hpa = docs[("HorizontalPodAutoscaler", "fewstep")]
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "fewstep"
-    rules = yaml.safe_load(docs[("ConfigMap", "fewstep-adapter-rules")]["data"]["config.yaml"])["rules"]
-    assert {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]} == {r["name"]["as"] for r in rules}
-    for r in rules:  # the adapter maps results onto pods through these two
-        assert {"<<.LabelMatchers>>", "<<.GroupBy>>"} <= set(re.findall(r"<<\.\w+>>", r["metricsQuery"]))
-        assert r["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
-    # kustomization: lists every manifest of the app (the monitoring rules and the L7 proxy apart)
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert sorted(kust["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
-                                               if p.name not in ("kustomization.yaml", "ingress-grpc.yaml"))
 
 
 # --- the native config on a real tritonserver (Python backend swapped in) --------------------------
@@ -639,75 +518,7 @@ def test_probes_see_a_dead_model(native_stack, tmp_path):
     ready = _probe(native_stack, "ready")
     print(f"after a killed stub: ready probe exit {ready.returncode} ({ready.stderr.strip() or 'ready'})")
     # unreachable server
-    gone = subprocess.run([sys.executable, str(PROBE), "ready", "--url", f"http://127.0.0.1:{_free_port()}",
+    gone = subprocess.run([sys.executable, str(PROBE), "ready", "--url", f"http://127.0.0.1:{free_port()}",
                            "--repo", str(native_stack.repo), "--timeout", "2"], capture_output=True, text=True,
                           timeout=60)
     assert gone.returncode == 1 and "unhealthy" in gone.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# --- multi-node training ----------------------------------------------------------------------------
-
-def _image_folder(path: Path, n: int = 16) -> Path:
-    """A folder of 28x28 grey images: the `tiny` U-Net's data without any dataset package."""
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    (path / "a").mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(path / "a" / f"{i}.png")
-    return path
-
-
-def _two_nodes(out: Path, data: Path, iters: int, *extra: str) -> list[str]:
-    """`torchrun --nnodes 2 --node_rank R --rdzv_backend c10d` twice on loopback, one process
-    each (gloo): the README's multi-node command with both "nodes" on this machine."""
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-               "--rdzv_id=fewstep-test", "--local_addr=127.0.0.1", str(ROOT / "tests" / "ddp_node.py"),
-               "train", "--method", "rf", "--preset", "tiny", "--data", str(data), "--out", str(out),
-               "--iters", str(iters), "--no-progress", "train.batch=8", "train.sample_every=0",
-               "train.log_every=1", "train.ckpt_every=3", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))
-    errs = []
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            errs.append(err)
-    finally:  # never leave a node behind
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    for p, err in zip(procs, errs):
-        assert p.returncode == 0, err[-3000:]
-    return errs
-
-
-def test_two_nodes_train_identical_weights_and_resume_exactly(tmp_path):
-    from safetensors.torch import load_file
-    data = _image_folder(tmp_path / "images")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    errs = _two_nodes(straight, data, 6)
-    assert "world=2" in "".join(errs)
-    w0, w1 = (load_file(str(straight / f"rank-{r}.safetensors")) for r in (0, 1))
-    ckpt = load_file(str(straight / "checkpoints" / "step-0000006" / "model.safetensors"))
-    for k in ckpt:
-        assert np.array_equal(w0[k].numpy(), w1[k].numpy()), k  # both nodes hold the same net
-        assert np.array_equal(w0[k].numpy(), ckpt[k].numpy()), k  # and it is what rank 0 saved
-    # stop after 3 steps, resume on two nodes: the same weights as the run that never stopped
-    _two_nodes(split, data, 3)
-    _two_nodes(split, data, 6, "--resume")
-    resumed = load_file(str(split / "checkpoints" / "step-0000006" / "model.safetensors"))
-    assert all(np.array_equal(resumed[k].numpy(), ckpt[k].numpy()) for k in ckpt)
-    losses = [json.loads(l)["loss"] for l in (split / "metrics.jsonl").read_text().splitlines()]
-    assert losses == [json.loads(l)["loss"] for l in (straight / "metrics.jsonl").read_text().splitlines()]
