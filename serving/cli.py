@@ -127,18 +127,6 @@ def save_png(img, path) -> None:
     Image.fromarray(arr).save(path)
 
 
-def _scatter(points, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.scatter(points[:, 0], points[:, 1], s=4)
-    ax.set_aspect("equal")
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def run_generate(args) -> int:
     import numpy as np
 
@@ -167,8 +155,9 @@ def run_generate(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if meta.is_image:
         save_png(data[0] if len(data) == 1 else grid(data), out)
-    else:
-        _scatter(data, out)
+    else:  # the plot `fewstep sample` draws of the same points
+        from fewstep.plots import save_scatter, steps_title
+        save_scatter(data, out, steps_title(meta.method or args.model, args.steps or meta.default_steps))
     print(out)
     return 0
 
