@@ -67,6 +67,11 @@ def validate(manifest: dict) -> None:
     """Schema plus the cross-field rules a schema cannot say; raises ManifestError."""
     import jsonschema
 
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    for fname in files if isinstance(files, dict) else ():
+        if not FILE_NAME.match(fname):  # said plainly here; the schema says the same
+            raise ManifestError(f"manifest field files: {fname!r}: only plain file names inside the model dir "
+                                f"are allowed")
     try:
         jsonschema.validate(manifest, schema())
     except jsonschema.ValidationError as e:

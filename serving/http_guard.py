@@ -4,8 +4,8 @@ tritonserver 2.51 has been seen to die (SIGSEGV) on HTTP request bodies of about
 (triton-inference-server/server#5840) and has no option that limits a body's size. When
 `fewstep serve --http` is asked for, Triton's HTTP server listens on a private loopback
 port and this proxy listens on the public one: it reads a request's headers, answers
-413 to a body over the limit (by Content-Length, or while reading a chunked body) without
-reading the rest of it, and forwards everything else unchanged. Our requests are a few
+413 to a body over the limit (by Content-Length, or while reading a chunked body), so
+that body never reaches Triton, and forwards everything else unchanged. Our requests are a few
 integers per image, so the default limit (1 MiB) is far above any real request.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DEFAULT_MAX_BODY = 1 << 20
+LINGER_MAX = 256 << 20  # after a 413, at most this much of the refused body is read and dropped
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
               "proxy-authenticate", "proxy-authorization", "content-length"}
 
@@ -45,6 +46,19 @@ def make_handler(upstream: tuple[str, int], max_body: int):
         def log_message(self, *args):  # quiet: Triton logs the requests it serves
             pass
 
+        def _discard(self, length: int) -> None:
+            """Read and drop what the client still sends (at most `length` bytes, for a few
+            seconds), so that it can read our answer instead of a connection reset."""
+            try:
+                self.connection.settimeout(5.0)
+                while length > 0:
+                    got = self.rfile.read1(min(length, 1 << 20)) if hasattr(self.rfile, "read1") else b""
+                    if not got:
+                        break
+                    length -= len(got)
+            except OSError:
+                pass
+
         def _refuse(self, code: int, message: str) -> None:
             data = json.dumps({"error": message}).encode()
             self.send_response(code)
@@ -68,7 +82,8 @@ def make_handler(upstream: tuple[str, int], max_body: int):
                         raise BodyTooLarge
                     body = self.rfile.read(length) if length else None
             except BodyTooLarge:
-                return self._refuse(413, too_large)
+                self._refuse(413, too_large)
+                return self._discard(min(int(self.headers.get("Content-Length") or 0), LINGER_MAX))
             except ValueError:
                 return self._refuse(400, "malformed Content-Length or chunked body")
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fewstep.errors import UserError
+from serving.reaper import process_group_members  # noqa: F401  (part of this API)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # the protocols only our own tools may use; the key travels as this gRPC metadata / HTTP header
@@ -510,23 +511,6 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def process_group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is pgid (Linux /proc)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        # fields after the parenthesised command: state ppid pgrp ...
-        rest = stat[stat.rindex(")") + 2:].split()
-        if int(rest[2]) == pgid and rest[0] != "Z":
-            out.append(int(d.name))
-    return out
 
 
 def serve_forever(server: Server, on_ready=None) -> int:

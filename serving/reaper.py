@@ -8,7 +8,8 @@ It waits (pidfd, no polling) until either process ends. If the server ends first
 launcher is in charge and the reaper just exits. If the launcher ends first (SIGKILL,
 a crash: nothing of it ran its cleanup), the reaper SIGKILLs the server's process group
 (tritonserver and its Python stubs), removes the shared-memory regions whose names start
-with SHM_PREFIX, and the PATHs (the temporary backend dir, the generated repository).
+with SHM_PREFIX, and the PATHs (the temporary backend dir, the admin key file, the
+generated repository).
 
 Why not PR_SET_PDEATHSIG: the parent-death signal follows the *thread* that started the
 server, so a server started from a worker thread would be killed when that thread ends.
@@ -31,20 +32,27 @@ def _pidfd(pid: int):
         return None
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def process_group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is pgid (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        # fields after the parenthesised command: state ppid pgrp ...
+        rest = stat[stat.rindex(")") + 2:].split()
+        if int(rest[2]) == pgid and rest[0] != "Z":
+            out.append(int(d.name))
+    return out
 
 
 def reap(server_pid: int, shm_prefix: str, paths: list[str]) -> None:
     """SIGKILL the server's group, then remove its shared memory and temporary paths."""
     deadline = time.monotonic() + 10.0
-    while _group_alive(server_pid) and time.monotonic() < deadline:
+    while process_group_members(server_pid) and time.monotonic() < deadline:
         try:
             os.killpg(server_pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -57,7 +65,13 @@ def reap(server_pid: int, shm_prefix: str, paths: list[str]) -> None:
             except OSError:
                 pass
     for p in paths:
-        shutil.rmtree(p, ignore_errors=True)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
 
 def main(argv: list[str]) -> int:
