@@ -380,3 +380,24 @@ def test_tls_options_are_checked(tmp_path):
         hardening_options(SimpleNamespace(**{**base, "grpc_tls_cert": str(tmp_path / "c"), "grpc_tls_key": "k"}))
     with pytest.raises(ServingError, match="no such file"):
         Client("localhost:1", root_certificates=tmp_path / "none.pem")
+
+
+def test_port_check_allows_time_wait_but_not_a_listener():
+    from serving.launcher import check_port_free
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton's listeners do
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot bind 127.0.0.1:{port}"):
+            check_port_free("127.0.0.1", port)
+        # a connection closed by the listening side leaves TIME_WAIT on this port
+        c = socket.create_connection(("127.0.0.1", port))
+        conn, _ = s.accept()
+        conn.close()
+        c.recv(1)
+        c.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # the old check (no SO_REUSEADDR) refused it for ~60 s
+    check_port_free("127.0.0.1", port)  # free at once, as a restarted server needs it
