@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ONNX_FILE = "jump.onnx"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")  # = files' propertyNames in the schema
 
 
 class ManifestError(UserError):
@@ -47,10 +48,30 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def model_file(model_dir, fname: str) -> Path:
+    """The path of a file the manifest names, refused unless it is a plain file directly
+    inside model_dir: no path separators, no '..', no symbolic link (a model dir must
+    never make serving read or write outside its own folder)."""
+    if not FILE_NAME.match(fname):
+        raise ManifestError(f"{model_dir}: the manifest names {fname!r}: only plain file names "
+                            f"inside the model dir are allowed")
+    path = Path(model_dir) / fname
+    if path.is_symlink():
+        raise ManifestError(f"{model_dir}: {fname} is a symbolic link; a model dir holds plain files only")
+    if path.exists() and not path.is_file():
+        raise ManifestError(f"{model_dir}: {fname} is not a plain file")
+    return path
+
+
 def validate(manifest: dict) -> None:
     """Schema plus the cross-field rules a schema cannot say; raises ManifestError."""
     import jsonschema
 
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    for fname in files if isinstance(files, dict) else ():
+        if not FILE_NAME.match(fname):  # said plainly here; the schema says the same
+            raise ManifestError(f"manifest field files: {fname!r}: only plain file names inside the model dir "
+                                f"are allowed")
     try:
         jsonschema.validate(manifest, schema())
     except jsonschema.ValidationError as e:
@@ -87,7 +108,7 @@ def read_manifest(model_dir, verify_files: bool = True) -> dict:
 
     verify_files: also check that every file it lists exists with the hash it records.
     """
-    path = Path(model_dir) / MANIFEST
+    path = model_file(model_dir, MANIFEST)
     if not path.is_file():
         raise ManifestError(f"{model_dir} is not an exported model dir (no {MANIFEST})")
     try:
@@ -102,7 +123,7 @@ def read_manifest(model_dir, verify_files: bool = True) -> dict:
     validate(manifest)
     if verify_files:
         for fname, digest in manifest["files"].items():
-            fpath = Path(model_dir) / fname
+            fpath = model_file(model_dir, fname)
             if not fpath.is_file():
                 raise ManifestError(f"{model_dir}: {fname} is listed in the manifest but missing")
             if sha256_file(fpath) != digest:

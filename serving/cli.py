@@ -20,8 +20,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", help="model repository to write (default: a temporary dir, removed on exit)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--http-port", type=int, default=8000, help="with --http: the HTTP/REST port")
     p.add_argument("--metrics-port", type=int, default=8002)
+    add_hardening_args(p)
     p.add_argument("--instances", type=int, default=1, help="instances of each <name>_jump (default 1)")
     p.add_argument("--sampler-instances", type=int, default=1, help="instances of each <name>_sampler (default 1)")
     p.add_argument("--workers", type=int, default=8, help="sampler loops run at once per sampler instance")
@@ -41,6 +42,29 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="only write the model repository (to --repo, default ./model_repository)")
 
 
+def add_hardening_args(p: argparse.ArgumentParser) -> None:
+    """HTTP, its guard and gRPC TLS (docs/serving.md, "Hardening")."""
+    p.add_argument("--http", action="store_true",
+                   help="also serve HTTP/REST (off by default; gRPC is the product's protocol), behind a "
+                        "request-size guard")
+    p.add_argument("--http-max-body", type=int, default=1 << 20, metavar="BYTES",
+                   help="with --http: larger request bodies get 413 before they reach Triton (default 1 MiB)")
+    p.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate (chain)")
+    p.add_argument("--grpc-tls-key", metavar="PEM", help="the private key of --grpc-tls-cert")
+
+
+def hardening_options(args) -> dict:
+    """Server(...) keyword arguments from add_hardening_args' options."""
+    from serving.launcher import TLS
+
+    if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key):
+        raise UserError("--grpc-tls-cert and --grpc-tls-key go together")
+    if args.http_max_body < 1:
+        raise UserError("--http-max-body must be >= 1")
+    tls = TLS(Path(args.grpc_tls_cert), Path(args.grpc_tls_key)) if args.grpc_tls_cert else None
+    return {"http": args.http, "http_max_body": args.http_max_body, "tls": tls}
+
+
 def run_serve(args) -> int:
     from serving.launcher import Server, find_triton, serve_forever
     from serving.repository import Options, write_repository
@@ -50,6 +74,7 @@ def run_serve(args) -> int:
             raise UserError(f"--{port.replace('_', '-')} must be in [0, 65535]")
     if args.threads < 0 or args.workers < 1:
         raise UserError("--threads must be >= 0 and --workers >= 1")
+    hardening = hardening_options(args)
     opts = Options(instances=args.instances, sampler_instances=args.sampler_instances, workers=args.workers,
                    device=args.device, backend=args.backend, threads=args.threads, png=not args.no_png,
                    jump=args.jump)
@@ -73,13 +98,14 @@ def run_serve(args) -> int:
         names = [n for w in written for n in w["models"]]
         server = Server(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                         metrics_port=args.metrics_port, models=names,
-                        log_file=Path(args.log_file) if args.log_file else None, log_verbose=args.log_verbose)
+                        log_file=Path(args.log_file) if args.log_file else None, log_verbose=args.log_verbose,
+                        cleanup=[temp] if temp is not None else [], **hardening)
         server.ready_timeout = args.timeout
 
         def ready(s):
             print(f"ready: {', '.join(w['name'] for w in written)}", flush=True)
-            print(f"  gRPC     {s.grpc_url}", flush=True)
-            print(f"  HTTP     {s.http_url}", flush=True)
+            print(f"  gRPC     {s.grpc_url}{' (TLS)' if s.tls else ''}", flush=True)
+            print(f"  HTTP     {s.http_url or 'off (--http turns it on)'}", flush=True)
             print(f"  metrics  {s.metrics_url}", flush=True)
             print(f"  log      {s.log_file}", flush=True)
             print("Ctrl-C (SIGINT) or SIGTERM stops the server.", flush=True)
@@ -104,6 +130,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, help="sampler stochasticity in [0, 1]")
     p.add_argument("--out", required=True, help="PNG file: one image, or a grid of --num images")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (the system's trusted roots)")
+    p.add_argument("--tls-ca", metavar="PEM", help="connect over TLS, checking the server against this "
+                                                   "CA (or self-signed) certificate")
 
 
 def grid(images, cols: int | None = None, pad: int = 2):
@@ -138,7 +167,7 @@ def run_generate(args) -> int:
         raise UserError("--seed must be >= 0")
     out = Path(args.out)
     try:
-        with Client(args.url, timeout=args.timeout) as client:
+        with Client(args.url, timeout=args.timeout, ssl=args.tls, root_certificates=args.tls_ca) as client:
             if not client.ready():
                 raise UserError(f"no ready server at {args.url}")
             meta = client.meta(args.model)
