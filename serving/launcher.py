@@ -191,12 +191,15 @@ class Server:
     def start(self, timeout: float | None = None) -> "Server":
         if self.proc is not None:
             raise RuntimeError("server already started")
-        for port in (self.grpc_port, self.http_port, self.metrics_port):
+        for flag, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port),
+                           ("--metrics-port", self.metrics_port)):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 try:
                     s.bind((self.host, port))
                 except OSError as e:
-                    raise UserError(f"cannot bind {self.host}:{port} ({e.strerror}); choose another port") from None
+                    # the flags of `fewstep serve` and `fewstep demo` that set this port
+                    raise UserError(f"cannot bind {self.host}:{port} for Triton's {flag[2:-5]} endpoint "
+                                    f"({e.strerror}): choose another port with {flag} (0 = any free port)") from None
         self._workdir = Path(tempfile.mkdtemp(prefix="fewstep-triton-"))
         backend_dir = make_backend_dir(self._workdir / "backends")
         if self.log_file is None:
