@@ -95,7 +95,9 @@ def is_unreachable(err: Exception) -> bool:
 def describe_error(err: Exception, url: str, doing: str = "", markdown: bool = True) -> str:
     """A one-paragraph message (`doing`: what the page was doing); Markdown for the page,
     plain text for API callers."""
-    if isinstance(err, BadInput):
+    if isinstance(err, BadInput):  # the API names the parameter as it is spelled; the page starts a sentence
+        if not markdown:
+            return f"{err} (nothing was sent to the server)"
         text = f"⚠️ **{str(err)[0].upper()}{str(err)[1:]}.** Nothing was sent to the server."
     elif is_unreachable(err):
         text = (f"⚠️ **Triton is unreachable at `{url}`**{f' ({doing})' if doing else ''}. Is the server running? "
