@@ -226,7 +226,7 @@ def check_request(meta: ModelMeta, steps=None, seed=0, num=1, label=None, gamma=
     by an unconditional one; a gamma is refused where it would change nothing."""
     steps = meta.default_steps if steps is None else whole_number("steps", steps, 1, meta.max_steps)
     seed = whole_number("seed", seed, 0, SEED_MAX)
-    num = whole_number("number of images", num, 1, MAX_IMAGES)
+    num = whole_number("number of images", num, 1, min(MAX_IMAGES, meta.max_batch or MAX_IMAGES))
     if meta.num_classes:
         if label is None:
             raise BadInput(f"class label is required by the class-conditional model {meta.name}: "
