@@ -204,8 +204,8 @@ def model_info(meta: ModelMeta) -> str:
     cond = f"{meta.num_classes} classes" if meta.num_classes else "unconditional"
     sampler = ("consistency sampling (re-noises after every jump)" if meta.jump_lands == "end"
                else f"gamma-sampling (default γ = {meta.gamma:g})" if gamma_applies(meta) else "deterministic sampler")
-    line = (f"**{meta.name}** — method `{meta.method or '?'}` · {shape} · {cond} · made for **{_counts(meta.made_for)}** "
-            f"(default {meta.default_steps}; accepts 1–{meta.max_steps}) · {sampler} · "
+    line = (f"**{meta.name}** — method `{meta.method or '?'}` · {shape} · {cond} · "
+            f"made for **{_counts(meta.made_for)}** (default {meta.default_steps}; accepts 1–{meta.max_steps}) · {sampler} · "
             f"up to {meta.max_batch} images per request")
     q = quality_line(meta)
     return line + (f"  \n{q}" if q else "")
@@ -311,7 +311,9 @@ def steps_hint(meta: ModelMeta) -> str:
 def compare_intro(meta: ModelMeta | None) -> str:
     if meta is None:
         return "One seed at several step counts, side by side; each is its own request, timed alone."
-    what = "the counts it was made for" + (f" and those its {metric_name(meta)} was measured at" if meta.quality else "")
+    what = "the counts it was made for"
+    if meta.quality:
+        what += f" and those its {metric_name(meta)} was measured at"
     return (f"One seed of **{meta.name}** at {_counts(compare_steps(meta)).replace(' or ', ' and ')} ({what}), "
             f"side by side; each is its own request, timed alone.")
 
@@ -479,7 +481,8 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
             except Exception as e:
                 yield gallery, compare_table(meta, rows), describe_error(e, url, "comparing"), s0
                 return
-            caption = (f"{steps_text(k)} · {format_latency(dt)}" + (f" · {metric_name(meta)} {_figure(q[k])}" if k in q else "")
+            caption = (f"{steps_text(k)} · {format_latency(dt)}"
+                       + (f" · {metric_name(meta)} {_figure(q[k])}" if k in q else "")
                        + (" · made for" if k in meta.made_for else ""))
             gallery.append((display_images(images)[0], caption))
             rows.append((k, dt))

@@ -219,6 +219,7 @@ def run_export(args) -> int:
         args.ckpt, args.out, formats=_formats(args.format), ema=args.ema, precision=args.precision,
         max_batch=args.max_batch, opt_batch=args.opt_batch, name=args.name, opset=args.opset,
         parity_steps=args.parity_steps, timing_cache=args.timing_cache, force=args.force,
-        method_opts=parse_sets(args.set), recommended_steps=_step_list(args.recommended_steps), log=lambda msg: print(f"[export] {msg}", file=sys.stderr))
+        method_opts=parse_sets(args.set), recommended_steps=_step_list(args.recommended_steps),
+        log=lambda msg: print(f"[export] {msg}", file=sys.stderr))
     print(args.out)
     return 0 if manifest else 1

@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     try:
         rec = None if args.recommended_steps is None else [int(k) for k in args.recommended_steps.split(",")]
     except ValueError:
-        sys.exit(f"ship_demo_models: --recommended-steps takes comma-separated integers, got {args.recommended_steps!r}")
+        sys.exit(f"ship_demo_models: --recommended-steps takes comma-separated integers, "
+                 f"got {args.recommended_steps!r}")
     src = Path(args.ckpt)
     default = src.name if src.parent.name != "checkpoints" else src.parent.parent.name
     name = re.sub(r"[^A-Za-z0-9_]", "_", args.name or default).strip("_")

@@ -428,8 +428,8 @@ def test_page_model_switch_quality_and_steps(browser, page_app):
         intro = page.inner_text("#fewstep-compare-intro")
         assert "tinyq at 1, 2 and 4 steps" in intro
         page.click("#fewstep-compare")
-        page.wait_for_function("(document.querySelector('#fewstep-compare-table')?.innerText || '').includes('made for')"
-                               " && document.querySelectorAll('#fewstep-compare-gallery img').length >= 3", timeout=T)
+        page.wait_for_function("(document.querySelector('#fewstep-compare-table')?.innerText || '')"
+                               ".includes('made for') && document.querySelectorAll('#fewstep-compare-gallery img').length >= 3", timeout=T)
         table = page.inner_text("#fewstep-compare-table")
         assert "FID (1000 samples)" in table and "90.0" in table and "60.0" in table
         captions = page.inner_text("#fewstep-compare-gallery")
