@@ -6,6 +6,7 @@ import math
 import shutil
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,9 +20,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="an exported model dir (repeatable); served as NAME (default: the manifest's name)")
     p.add_argument("--repo", help="model repository to write (default: a temporary dir, removed on exit)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000, help="with --http: the HTTP/REST port")
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--grpc-port", type=int, default=8001,
+                   help="port of Triton's gRPC endpoint, the one clients use (default 8001; 0 = any free port)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="with --http: port of Triton's HTTP endpoint (default 8000; 0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="port of Triton's Prometheus metrics (default 8002; 0 = any free port)")
     add_hardening_args(p)
     p.add_argument("--instances", type=int, default=1, help="instances of each <name>_jump (default 1)")
     p.add_argument("--sampler-instances", type=int, default=1, help="instances of each <name>_sampler (default 1)")
@@ -121,15 +125,18 @@ def run_serve(args) -> int:
 # --- generate ----------------------------------------------------------------------------------
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC HOST:PORT")
+    p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC HOST:PORT (default 127.0.0.1:8001)")
     p.add_argument("--model", required=True, help="model name (the ensemble, as `fewstep serve` printed)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the model's default)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
-    p.add_argument("--num", type=int, default=1, help="number of images")
-    p.add_argument("--class-label", type=int, help="class label (class-conditional models)")
-    p.add_argument("--gamma", type=float, help="sampler stochasticity in [0, 1]")
+    p.add_argument("--steps", type=int,
+                   help="sampler steps (default: the model's default, one of the counts it was made for)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default 0)")
+    p.add_argument("--num", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--class-label", type=int, help="class label (class-conditional models only; no default)")
+    p.add_argument("--gamma", type=float,
+                   help="sampler stochasticity in [0, 1] (default: the model's); refused where it would change "
+                        "nothing: consistency models (always 1) and 1 step")
     p.add_argument("--out", required=True, help="PNG file: one image, or a grid of --num images")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     p.add_argument("--tls", action="store_true", help="connect over TLS (the system's trusted roots)")
     p.add_argument("--tls-ca", metavar="PEM", help="connect over TLS, checking the server against this "
                                                    "CA (or self-signed) certificate")
@@ -171,13 +178,19 @@ def run_generate(args) -> int:
             if not client.ready():
                 raise UserError(f"no ready server at {args.url}")
             meta = client.meta(args.model)
+            steps = meta.default_steps if args.steps is None else args.steps
+            why = meta.gamma_unused(steps) if args.gamma is not None else None
+            if why:
+                raise UserError(f"--gamma: {why}; leave --gamma out")
             seeds = list(range(args.seed, args.seed + args.num))
             batch = max(1, meta.max_batch)
             parts = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
             labels = None if args.class_label is None else args.class_label
+            t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=min(8, len(parts))) as pool:
-                results = list(pool.map(lambda s: client.generate(args.model, s, args.steps, labels, args.gamma),
+                results = list(pool.map(lambda s: client.generate(args.model, s, steps, labels, args.gamma),
                                         parts))
+            latency = time.perf_counter() - t0
     except ServingError as e:
         raise UserError(f"{args.model}: {e.message} ({e.code})") from None
     data = np.concatenate(results)
@@ -186,9 +199,21 @@ def run_generate(args) -> int:
         save_png(data[0] if len(data) == 1 else grid(data), out)
     else:  # the plot `fewstep sample` draws of the same points
         from fewstep.plots import save_scatter, steps_title
-        save_scatter(data, out, steps_title(meta.method or args.model, args.steps or meta.default_steps))
-    print(out)
+        save_scatter(data, out, steps_title(meta.method or args.model, steps))
+    print(generate_summary(meta, steps, seeds, args.class_label, args.gamma, latency, len(parts), args.url, out))
     return 0
+
+
+def generate_summary(meta, steps: int, seeds: list[int], label, gamma, latency: float, requests: int, url: str,
+                     out: Path) -> str:
+    """What `fewstep generate` did, in one line: model, steps, seeds, latency, server, file."""
+    what = f"{len(seeds)} image{'s' if len(seeds) != 1 else ''}" if meta.is_image else f"{len(seeds)} samples"
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+    extra = "".join([f", class {label}" if label is not None else "",
+                     f", gamma {gamma:g}" if gamma is not None else ""])
+    made = "" if steps in meta.made_for else f" (made for {', '.join(str(k) for k in meta.made_for)})"
+    return (f"{meta.name} ({meta.method or '?'}): {what}, {seed_text}, {steps} step{'s' if steps != 1 else ''}{made}"
+            f"{extra}, {latency * 1e3:.0f} ms in {requests} request{'s' if requests != 1 else ''} to {url} -> {out}")
 
 
 # --- bench (serving/bench.py) ----------------------------------------------------------------------

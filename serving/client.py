@@ -86,10 +86,26 @@ class ModelMeta:
     outputs: tuple
     method: str = ""        # the method that trained it (manifest), e.g. "cud"
     jump_lands: str = "s"   # "end": a consistency model, which re-noises after every jump
+    recommended_steps: tuple = ()  # the step counts it was made for (manifest); () = (default_steps,)
+    quality: dict | None = None    # {"metric", "num", "by_steps": {steps: value}}: eval figures, lower is better
 
     @property
     def is_image(self) -> bool:
         return len(self.shape) == 3
+
+    @property
+    def made_for(self) -> tuple:
+        """The step counts the model was made for (its default step count when the server does not say)."""
+        return tuple(self.recommended_steps) or (self.default_steps,)
+
+    def gamma_unused(self, steps: int) -> str | None:
+        """Why a gamma sent with `steps` steps would change nothing (None when it is used)."""
+        if self.jump_lands == "end":
+            return (f"{self.name} is a consistency model: its sampler always re-noises after a jump "
+                    f"(gamma is 1), so gamma does not apply")
+        if steps == 1:
+            return "gamma has no effect at 1 step (the one jump lands at the end; nothing is re-noised)"
+        return None
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelMeta":
@@ -101,7 +117,17 @@ class ModelMeta:
                    max_steps=int(p["max_steps"]), default_steps=int(p["default_steps"]),
                    max_batch=int(cfg.get("max_batch_size", 0)), gamma=float(p.get("gamma", 0.0)),
                    outputs=tuple(o["name"] for o in cfg.get("output", [])),
-                   method=p.get("method", ""), jump_lands=p.get("jump_lands", "s") or "s")
+                   method=p.get("method", ""), jump_lands=p.get("jump_lands", "s") or "s",
+                   recommended_steps=tuple(int(k) for k in json.loads(p.get("recommended_steps") or "[]")),
+                   quality=_quality(p.get("quality")))
+
+
+def _quality(text: str | None) -> dict | None:
+    """The `quality` config parameter (JSON; step counts are object keys, so strings there)."""
+    q = json.loads(text) if text else None
+    if not isinstance(q, dict) or not isinstance(q.get("by_steps"), dict):
+        return None
+    return {**q, "by_steps": {int(k): float(v) for k, v in q["by_steps"].items()}}
 
 
 def _as_list(v, n: int, name: str):

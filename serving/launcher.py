@@ -166,15 +166,19 @@ def _write_admin_key(path: Path, key: str) -> None:
         f.write(key)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """UserError when host:port cannot be bound. SO_REUSEADDR, as the servers themselves
-    use it: a port whose last connections sit in TIME_WAIT is free to listen on again."""
+def check_port_free(host: str, port: int, flag: str = "") -> None:
+    """UserError when host:port cannot be bound, naming the flag (of `fewstep serve` and
+    `fewstep demo`) that sets it. SO_REUSEADDR, as the servers themselves use it: a port
+    whose last connections sit in TIME_WAIT is free to listen on again."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
-            raise UserError(f"cannot bind {host}:{port} ({e.strerror}); choose another port") from None
+            if not flag:
+                raise UserError(f"cannot bind {host}:{port} ({e.strerror}); choose another port") from None
+            raise UserError(f"cannot bind {host}:{port} for Triton's {flag[2:-5]} endpoint ({e.strerror}): "
+                            f"choose another port with {flag} (0 = any free port)") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -326,8 +330,10 @@ class Server:
     def start(self, timeout: float | None = None) -> "Server":
         if self.proc is not None:
             raise RuntimeError("server already started")
-        for port in self.ports():
-            check_port_free(self.host, port)
+        for flag, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port),
+                           ("--metrics-port", self.metrics_port)):
+            if port:
+                check_port_free(self.host, port, flag)
         warning = exposure_warning(self.host, self.grpc_port, self.tls)
         if warning:
             print(warning, file=sys.stderr, flush=True)

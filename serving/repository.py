@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.manifest import recommended_steps, step_quality
 from fewstep.errors import UserError
 from serving.protocol import INPUTS, ModelInfo
 
@@ -195,6 +196,9 @@ def ensemble_config(info: ModelInfo, opts: Options, manifest: dict) -> str:
         "gamma": str(spec.get("gamma", 0.0)),
         "jump_lands": str(spec.get("jump_lands", "s")),
         "value_range": json.dumps(list(info.value_range)),
+        # what the model was made for and how good it is at each step count (for the page)
+        "recommended_steps": json.dumps(recommended_steps(manifest)),
+        "quality": json.dumps(step_quality(manifest)),
     }
     return "\n".join([
         f"# {info.name}: what clients call. seed/steps[/class_label/gamma] -> image (+ png, sample)",
