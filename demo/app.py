@@ -7,7 +7,9 @@ No model code runs in this process: every image comes from the server through
     app = build_app("127.0.0.1:8001")          # gr.Blocks, queued
     app.launch(server_name="127.0.0.1", server_port=7860)
 
-API endpoints (for `gradio_client`): `/generate`, `/compare`, `/models`.
+Programs use the typed API endpoints of `demo/api.py` (`/models`, `/generate`, `/compare`,
+plain data, through `gradio_client`); the page's own events are not API endpoints. The page
+accepts no file uploads.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ os.environ.setdefault("GRADIO_SSR_MODE", "False")
 for _var in ("NO_PROXY", "no_proxy"):  # the page's own calls to localhost never go through a proxy
     os.environ[_var] = ",".join(x for x in (os.environ.get(_var, ""), "127.0.0.1", "localhost", "::1") if x)
 
+import math  # noqa: E402
 import queue  # noqa: E402
 import random  # noqa: E402
 import threading  # noqa: E402
@@ -45,23 +48,68 @@ _CLASS_NAMES = {"fmnist": FMNIST_CLASSES, "mnist": MNIST_CLASSES, "cifar10": CIF
 
 # --- what the page shows, as plain functions (unit-tested without a browser) ---------------------
 
+class BadInput(ValueError):
+    """A value the page (or its API) refuses before sending anything; the message says why."""
+
+
+def _shown(value) -> str:
+    """A value as the user typed it (1000.0 from a number box reads 1000)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def whole_number(what: str, value, lo: int, hi: int) -> int:
+    """`value` as an int in [lo, hi], or BadInput: nothing is rounded or clamped."""
+    rule = f"a whole number in [{lo}, {hi}]"
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise BadInput(f"{what} is empty: enter {rule}")
+    if isinstance(value, bool):
+        raise BadInput(f"{what} must be {rule}, got {value}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"{what} must be {rule}, got {_shown(value)}") from None
+    if not math.isfinite(f) or not f.is_integer() or not lo <= f <= hi:
+        raise BadInput(f"{what} must be {rule}, got {_shown(value)}")
+    return int(f)
+
+
+def gamma_value(value) -> float:
+    """A gamma in [0, 1], or BadInput."""
+    try:
+        g = float(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"gamma must be a number in [0, 1], got {_shown(value)}") from None
+    if not 0.0 <= g <= 1.0:  # also NaN
+        raise BadInput(f"gamma must be a number in [0, 1], got {_shown(value)}")
+    return g
+
+
 def is_unreachable(err: Exception) -> bool:
     text = f"{getattr(err, 'code', '')} {getattr(err, 'message', err)}".lower()
     return any(k in text for k in ("unavailable", "failed to connect", "connection refused", "deadline_exceeded",
                                    "socket closed", "connect failed", "no ready server"))
 
 
-def describe_error(err: Exception, url: str, doing: str = "") -> str:
-    """A one-paragraph Markdown message for the page (`doing`: what the page was doing)."""
-    if is_unreachable(err):
-        return (f"⚠️ **Triton is unreachable at `{url}`**{f' ({doing})' if doing else ''}. Is the server running? "
+def describe_error(err: Exception, url: str, doing: str = "", markdown: bool = True) -> str:
+    """A one-paragraph message (`doing`: what the page was doing); Markdown for the page,
+    plain text for API callers."""
+    if isinstance(err, BadInput):  # the API names the parameter as it is spelled; the page starts a sentence
+        if not markdown:
+            return f"{err} (nothing was sent to the server)"
+        text = f"⚠️ **{str(err)[0].upper()}{str(err)[1:]}.** Nothing was sent to the server."
+    elif is_unreachable(err):
+        text = (f"⚠️ **Triton is unreachable at `{url}`**{f' ({doing})' if doing else ''}. Is the server running? "
                 f"(`fewstep serve`, or `fewstep demo` without `--url` starts one.) Details: "
                 f"{getattr(err, 'message', str(err))[:300]}")
-    if isinstance(err, ServingError):
-        if err.code in ("INVALID_ARGUMENT", "NOT_FOUND"):
-            return f"⚠️ **The server rejected the request** ({err.code}): {err.message}"
-        return f"⚠️ **The request failed** ({err.code}): {err.message[:500]}"
-    return f"⚠️ **The request failed**: {str(err)[:500]}"
+    elif isinstance(err, ServingError) and err.code in ("INVALID_ARGUMENT", "NOT_FOUND"):
+        text = f"⚠️ **The server rejected the request** ({err.code}): {err.message}"
+    elif isinstance(err, ServingError):
+        text = f"⚠️ **The request failed** ({err.code}): {err.message[:500]}"
+    else:
+        text = f"⚠️ **The request failed**: {str(err)[:500]}"
+    return text if markdown else text.replace("⚠️ ", "").replace("**", "").replace("`", "")
 
 
 def format_latency(seconds: float) -> str:
@@ -98,26 +146,100 @@ def gamma_applies(meta: ModelMeta) -> bool:
     return meta.jump_lands != "end" and (meta.method == "ctm" or meta.gamma > 0)
 
 
-def _eval_line(manifest: dict | None) -> str:
-    ev = (manifest or {}).get("eval")
-    if not isinstance(ev, dict):
+def steps_text(k: int) -> str:
+    return f"{k} step{'s' if k != 1 else ''}"
+
+
+def _counts(ks) -> str:
+    ks = list(ks)
+    body = ", ".join(str(k) for k in ks[:-1]) + (" or " if len(ks) > 1 else "") + str(ks[-1])
+    return f"{body} step{'s' if ks != [1] else ''}"
+
+
+def metric_name(meta: ModelMeta) -> str:
+    """'FID' or 'SWD': what `meta.quality` measures (both lower is better)."""
+    return "SWD" if (meta.quality or {}).get("metric") == "swd" else "FID"
+
+
+def _figure(v: float) -> str:
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def quality_line(meta: ModelMeta) -> str:
+    """The eval figure at each step count it was measured at; the counts it was made for in bold."""
+    q = meta.quality
+    if not q or not q.get("by_steps"):
         return ""
-    rows = ev.get("results") if isinstance(ev.get("results"), list) else []
-    metric = ev.get("metric") or "fid"
-    parts = [f"{r['steps']} step{'s' if r['steps'] != 1 else ''}: {r[metric]:.2f}"
-             for r in rows if isinstance(r, dict) and "steps" in r and isinstance(r.get(metric), (int, float))]
-    return f"{metric.upper()} ({ev.get('num', '?')} samples) — " + ", ".join(parts) if parts else ""
+    made = set(meta.made_for)
+    parts = [(f"**{k} → {_figure(v)}** (made for)" if k in made else f"{k} → {_figure(v)}")
+             for k, v in q["by_steps"].items()]
+    return (f"{metric_name(meta)} by steps ({q.get('metric')}, {q.get('num', '?')} samples, lower is better): "
+            + " · ".join(parts))
 
 
-def model_info(meta: ModelMeta, manifest: dict | None = None) -> str:
+def steps_note(meta: ModelMeta, steps: int) -> str:
+    """What the manifest says about running `meta` at `steps` steps ('' when it says nothing)."""
+    q = (meta.quality or {}).get("by_steps") or {}
+    parts = []
+    if steps in q:
+        parts.append(f"{metric_name(meta)} {_figure(q[steps])} at {steps_text(steps)}")
+    if steps not in meta.made_for:
+        best = [k for k in meta.made_for if k in q]
+        parts.append(f"{meta.name} was made for {_counts(meta.made_for)}"
+                     + (f" ({metric_name(meta)} {_figure(q[best[0]])} at {steps_text(best[0])})" if best else ""))
+    return "; ".join(parts)
+
+
+def compare_steps(meta: ModelMeta) -> list[int]:
+    """The step counts the compare view shows: those the model was made for and those it was
+    evaluated at; 1, 2, 4, 8 are added when that leaves fewer than two."""
+    ks = set(meta.made_for) | set(((meta.quality or {}).get("by_steps") or {}))
+    if len(ks) < 2:
+        ks |= set(COMPARE_STEPS)
+    return sorted(k for k in ks if 1 <= k <= meta.max_steps)
+
+
+def model_info(meta: ModelMeta) -> str:
     shape = "×".join(str(d) for d in meta.shape)
     cond = f"{meta.num_classes} classes" if meta.num_classes else "unconditional"
     sampler = ("consistency sampling (re-noises after every jump)" if meta.jump_lands == "end"
                else f"gamma-sampling (default γ = {meta.gamma:g})" if gamma_applies(meta) else "deterministic sampler")
-    line = (f"**{meta.name}** — method `{meta.method or '?'}` · {shape} · {cond} · 1–{meta.max_steps} steps "
-            f"(default {meta.default_steps}) · {sampler} · up to {meta.max_batch} images per request")
-    ev = _eval_line(manifest)
-    return line + (f"  \n{ev}" if ev else "")
+    line = (f"**{meta.name}** — method `{meta.method or '?'}` · {shape} · {cond} · "
+            f"made for **{_counts(meta.made_for)}** (default {meta.default_steps}; accepts 1–{meta.max_steps}) · {sampler} · "
+            f"up to {meta.max_batch} images per request")
+    q = quality_line(meta)
+    return line + (f"  \n{q}" if q else "")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked request: what is sent to the server."""
+    steps: int
+    seeds: list
+    label: int | None
+    gamma: float | None
+
+
+def check_request(meta: ModelMeta, steps=None, seed=0, num=1, label=None, gamma=None) -> Request:
+    """Check a request against the model before anything is sent; BadInput says what is wrong.
+    steps None: the model's default. A label is required by a class-conditional model and refused
+    by an unconditional one; a gamma is refused where it would change nothing."""
+    steps = meta.default_steps if steps is None else whole_number("steps", steps, 1, meta.max_steps)
+    seed = whole_number("seed", seed, 0, SEED_MAX)
+    num = whole_number("number of images", num, 1, min(MAX_IMAGES, meta.max_batch or MAX_IMAGES))
+    if meta.num_classes:
+        if label is None:
+            raise BadInput(f"class label is required by the class-conditional model {meta.name}: "
+                           f"a whole number in [0, {meta.num_classes - 1}]")
+        label = whole_number("class label", label, 0, meta.num_classes - 1)
+    elif label is not None:
+        raise BadInput(f"class label: {meta.name} is unconditional; send no class label")
+    if gamma is not None:
+        gamma = gamma_value(gamma)
+        why = meta.gamma_unused(steps)
+        if why:
+            raise BadInput(f"gamma: {why}; send no gamma")
+    return Request(steps, list(range(seed, seed + num)), label, gamma)
 
 
 # --- the backend: Triton over gRPC --------------------------------------------------------------
@@ -178,6 +300,36 @@ CSS = """
 #fewstep-status p { margin: 0.2em 0; }
 #fewstep-latency p { font-size: 1.05em; }
 """
+UPLOAD_LIMIT = "1kb"  # the page takes no files; uploads are refused outright (NoUploads), this is a second fence
+
+
+def steps_hint(meta: ModelMeta) -> str:
+    return (f"{meta.name} was made for **{_counts(meta.made_for)}** (default {meta.default_steps}); "
+            f"it accepts 1–{meta.max_steps}.")
+
+
+def compare_intro(meta: ModelMeta | None) -> str:
+    if meta is None:
+        return "One seed at several step counts, side by side; each is its own request, timed alone."
+    what = "the counts it was made for"
+    if meta.quality:
+        what += f" and those its {metric_name(meta)} was measured at"
+    return (f"One seed of **{meta.name}** at {_counts(compare_steps(meta)).replace(' or ', ' and ')} ({what}), "
+            f"side by side; each is its own request, timed alone.")
+
+
+def compare_table(meta: ModelMeta, rows) -> str:
+    """Markdown: per step count its latency, the manifest's quality figure, and whether the model was made for it."""
+    if not rows:
+        return ""
+    q = (meta.quality or {}).get("by_steps") or {}
+    head = "| steps | " + " | ".join(str(k) for k, _ in rows) + " |\n" + "|---|" + "---|" * len(rows) + "\n"
+    lines = ["| latency | " + " | ".join(format_latency(dt) for _, dt in rows) + " |"]
+    if q:
+        lines.append(f"| {metric_name(meta)} ({meta.quality.get('num', '?')} samples) | "
+                     + " | ".join(_figure(q[k]) if k in q else "–" for k, _ in rows) + " |")
+    lines.append("| made for | " + " | ".join("✓" if k in meta.made_for else "" for k, _ in rows) + " |")
+    return head + "\n".join(lines)
 
 
 def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, timeout: float = 120.0,
@@ -185,35 +337,31 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
     """The Gradio Blocks app (queued) talking to the Triton server at gRPC `url`."""
     import gradio as gr
 
+    from demo.api import add_api
+
     backend = Backend(url, dict(manifests or {}), timeout)
-
-    def _label(meta: ModelMeta, label):
-        if not meta.num_classes:
-            return None
-        return int(label) if label not in (None, "") else 0
-
-    def _gamma(meta: ModelMeta, gamma):
-        return float(gamma) if gamma_applies(meta) and gamma is not None else None
-
-    def _seed(seed, randomize) -> int:
-        if randomize or seed is None:
-            return random.randint(0, SEED_MAX)
-        return int(seed)
+    cleared = ([], None, "", [], "")  # gallery, live preview, latency, compare gallery, compare table
 
     def _controls(meta: ModelMeta | None):
-        """Updates of (steps, gamma, class label, compare gamma, compare label, info)."""
+        """Updates of (steps, steps hint, gamma, class label, compare gamma, compare label, compare intro, info)."""
         if meta is None:
-            return (gr.update(), gr.update(visible=False), gr.update(visible=False),
-                    gr.update(visible=False), gr.update(visible=False), "")
+            hidden = gr.update(visible=False)
+            return (gr.update(), "", hidden, hidden, hidden, hidden, compare_intro(None), "")
         names = class_names(meta, backend.manifests.get(meta.name))
         choices = [(f"{i}: {n}", i) for i, n in enumerate(names)]
         g = gamma_applies(meta)
-        return (gr.update(minimum=1, maximum=meta.max_steps, value=min(meta.default_steps, meta.max_steps)),
-                gr.update(visible=g, value=meta.gamma),
-                gr.update(visible=bool(meta.num_classes), choices=choices, value=0 if meta.num_classes else None),
-                gr.update(visible=g, value=meta.gamma),
-                gr.update(visible=bool(meta.num_classes), choices=choices, value=0 if meta.num_classes else None),
-                model_info(meta, backend.manifests.get(meta.name)))
+        label = gr.update(visible=bool(meta.num_classes), choices=choices, value=0 if meta.num_classes else None)
+        return (gr.update(value=meta.default_steps), steps_hint(meta), gr.update(visible=g, value=meta.gamma), label,
+                gr.update(visible=g, value=meta.gamma), label, compare_intro(meta), model_info(meta))
+
+    def _page_request(meta: ModelMeta, steps, seed, randomize, num, gamma, label) -> Request:
+        """check_request for the page: a gamma is sent where the model's sampler uses it."""
+        if randomize:
+            seed = random.randint(0, SEED_MAX)
+        req = check_request(meta, steps, seed, num, label if meta.num_classes else None)
+        if gamma_applies(meta) and meta.gamma_unused(req.steps) is None:
+            req = Request(req.steps, req.seeds, req.label, gamma_value(gamma))
+        return req
 
     # -- handlers --
     def list_models():
@@ -222,23 +370,24 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
             metas, skipped = backend.models()
         except Exception as e:  # unreachable, or a broken server
             return (gr.update(choices=[], value=None), describe_error(e, url, "listing the models"),
-                    *_controls(None))
+                    *_controls(None), *cleared)
         if not metas:
             msg = f"⚠️ **The server at `{url}` serves no image model.**"
-            return (gr.update(choices=[], value=None), msg, *_controls(None))
+            return (gr.update(choices=[], value=None), msg, *_controls(None), *cleared)
         names = [m.name for m in metas]
         msg = ""
         if skipped:
             msg = f"2-D models on this server ({', '.join(skipped)}) are not shown: use `fewstep generate`."
-        return (gr.update(choices=names, value=names[0]), msg, *_controls(metas[0]))
+        return (gr.update(choices=names, value=names[0]), msg, *_controls(metas[0]), *cleared)
 
     def select_model(name):
+        """A model switch: its controls, and none of the previous model's results."""
         if not name:
-            return ("", *_controls(None))
+            return ("", *_controls(None), *cleared)
         try:
-            return ("", *_controls(backend.meta(name)))
+            return ("", *_controls(backend.meta(name)), *cleared)
         except Exception as e:
-            return (describe_error(e, url), *_controls(None))
+            return (describe_error(e, url), *_controls(None), *cleared)
 
     def no_model(doing: str) -> str:
         try:
@@ -254,39 +403,33 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
         Yields (gallery, preview image, latency text, status, seed used)."""
         skip = gr.update()
         if not model:
-            yield skip, skip, "", no_model("generating"), skip
+            yield [], None, "", no_model("generating"), skip
             return
         try:
             meta = backend.meta(model)
-        except Exception as e:
+            req = _page_request(meta, steps, seed, randomize, num, gamma, label)
+        except Exception as e:  # unreachable, or a value out of range: said, nothing sent
             yield [], None, "", describe_error(e, url, "generating"), skip
             return
-        s0 = _seed(seed, randomize)
-        n = int(num)
-        if not 1 <= n <= MAX_IMAGES:
-            yield skip, skip, "", f"⚠️ **Number of images must be in [1, {MAX_IMAGES}], got {num}**", s0
-            return
-        steps = int(steps)
-        seeds = list(range(s0, s0 + n))
-        lab, gam = _label(meta, label), _gamma(meta, gamma)
+        s0, n, steps = req.seeds[0], len(req.seeds), req.steps
         result: dict = {}
 
         def run():
             try:
-                result["images"], result["latency"] = backend.generate(model, seeds, steps, lab, gam)
+                result["images"], result["latency"] = backend.generate(model, req.seeds, steps, req.label, req.gamma)
             except Exception as e:
                 result["error"] = e
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        streamed = False
-        if preview and steps > 1:
-            # live previews of the first image through <name>_stream, while the batch runs
+        if preview:
+            # live previews of the first image through <name>_stream while the batch runs: the
+            # denoised estimate after each step (at 1 step, the image itself)
             q: queue.Queue = queue.Queue()
 
             def previews():
                 try:
-                    for step, img in backend.stream(model, s0, steps, lab, gam):
+                    for step, img in backend.stream(model, s0, steps, req.label, req.gamma):
                         q.put((step, img))
                 except Exception as e:
                     q.put(e)
@@ -298,22 +441,24 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
                 if item is None or isinstance(item, Exception):
                     break
                 step, img = item
-                streamed = True
                 yield (skip, display_images(img)[0], f"preview: step {step} of {steps} …", "", s0)
         worker.join()
         if "error" in result:
-            yield [], skip, "", describe_error(result["error"], url, "generating"), s0
+            yield [], None, "", describe_error(result["error"], url, "generating"), s0
             return
         shown = display_images(result["images"])
-        gallery = [(img, f"seed {s}") for img, s in zip(shown, seeds)]
-        lat = (f"**Latency: {format_latency(result['latency'])}** for {n} image{'s' if n > 1 else ''} "
-               f"at **{steps} step{'s' if steps > 1 else ''}** (seeds {s0}…{s0 + n - 1}, one gRPC request)")
-        if streamed:
+        gallery = [(img, f"seed {s}") for img, s in zip(shown, req.seeds)]
+        lat = (f"**{model}** · **Latency: {format_latency(result['latency'])}** for {n} image{'s' if n > 1 else ''} "
+               f"at **{steps_text(steps)}** (seeds {s0}…{s0 + n - 1}, one gRPC request)")
+        note = steps_note(meta, steps)
+        if note:
+            lat += f"  \n{note}"
+        if preview:
             lat += "  \n(the live preview stream ran alongside; untick it for a clean latency)"
-        yield gallery, (shown[0] if streamed else None), lat, "", s0
+        yield gallery, (shown[0] if preview else None), lat, "", s0
 
     def compare(model, seed, randomize, gamma, label):
-        """One seed at 1, 2, 4 and 8 steps (those the model allows), each request timed alone.
+        """One seed at the step counts of compare_steps, each request timed alone.
 
         Yields (gallery with captions, table, status, seed used)."""
         if not model:
@@ -321,28 +466,27 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
             return
         try:
             meta = backend.meta(model)
+            req = _page_request(meta, None, seed, randomize, 1, gamma, label)
+            gam = gamma_value(gamma) if gamma_applies(meta) else None
         except Exception as e:
             yield [], "", describe_error(e, url, "comparing"), gr.update()
             return
-        s0 = _seed(seed, randomize)
-        lab, gam = _label(meta, label), _gamma(meta, gamma)
+        s0 = req.seeds[0]
+        q = (meta.quality or {}).get("by_steps") or {}
         gallery, rows = [], []
-        for k in [k for k in COMPARE_STEPS if k <= meta.max_steps]:
+        for k in compare_steps(meta):
             try:
-                images, dt = backend.generate(model, [s0], k, lab, gam)
+                images, dt = backend.generate(model, req.seeds, k, req.label,
+                                              gam if meta.gamma_unused(k) is None else None)
             except Exception as e:
-                yield gallery, _table(rows), describe_error(e, url, "comparing"), s0
+                yield gallery, compare_table(meta, rows), describe_error(e, url, "comparing"), s0
                 return
-            gallery.append((display_images(images)[0], f"{k} step{'s' if k > 1 else ''} · {format_latency(dt)}"))
+            caption = (f"{steps_text(k)} · {format_latency(dt)}"
+                       + (f" · {metric_name(meta)} {_figure(q[k])}" if k in q else "")
+                       + (" · made for" if k in meta.made_for else ""))
+            gallery.append((display_images(images)[0], caption))
             rows.append((k, dt))
-            yield gallery, _table(rows), "", s0
-
-    def _table(rows) -> str:
-        if not rows:
-            return ""
-        head = "| steps | " + " | ".join(str(k) for k, _ in rows) + " |\n"
-        sep = "|---|" + "---|" * len(rows) + "\n"
-        return head + sep + "| latency | " + " | ".join(format_latency(dt) for _, dt in rows) + " |"
+            yield gallery, compare_table(meta, rows), "", s0
 
     try:
         initial = [m.name for m in backend.models()[0]]
@@ -365,19 +509,20 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=280):
-                        steps = gr.Slider(1, 64, value=4, step=1, label="Steps", elem_id="fewstep-steps")
+                        # number boxes, not sliders: a value out of range is said, never clamped
+                        steps = gr.Number(value=1, step=1, label="Steps", elem_id="fewstep-steps")
+                        steps_hint_md = gr.Markdown("", elem_id="fewstep-steps-hint")
                         with gr.Row():
-                            seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed",
-                                             elem_id="fewstep-seed")
+                            seed = gr.Number(value=0, step=1, label="Seed", elem_id="fewstep-seed")
                             randomize = gr.Checkbox(value=False, label="Randomize seed", elem_id="fewstep-randomize")
-                        num = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images",
+                        num = gr.Number(value=4, step=1, label=f"Number of images (1–{MAX_IMAGES})",
                                         elem_id="fewstep-num")
-                        gamma = gr.Slider(0.0, 1.0, value=0.0, step=0.05, visible=False,
-                                          label="Gamma (stochasticity: 0 = deterministic)", elem_id="fewstep-gamma")
+                        gamma = gr.Number(value=0.0, step=0.05, visible=False, elem_id="fewstep-gamma",
+                                          label="Gamma in [0, 1] (stochasticity: 0 = deterministic)")
                         label = gr.Dropdown(choices=[], value=None, visible=False, label="Class label",
                                             elem_id="fewstep-label")
-                        preview = gr.Checkbox(value=True, label="Live previews (the streaming model)",
-                                              elem_id="fewstep-preview")
+                        preview = gr.Checkbox(value=True, label="Live previews (the streaming model: the denoised "
+                                                                "estimate after each step)", elem_id="fewstep-preview")
                         go = gr.Button("Generate", variant="primary", elem_id="fewstep-generate")
                         live = gr.Image(label="Live preview", type="numpy", format="png", height=180,
                                         interactive=False, elem_id="fewstep-live")
@@ -386,35 +531,60 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
                         gallery = gr.Gallery(label="Images", columns=4, format="png", object_fit="contain",
                                              height="auto", elem_id="fewstep-gallery", interactive=False)
             with gr.Tab("Compare steps", id="compare"):
-                gr.Markdown("One seed at 1, 2, 4 and 8 steps, side by side; each is its own request, timed alone.")
+                c_intro = gr.Markdown(compare_intro(None), elem_id="fewstep-compare-intro")
                 with gr.Row():
-                    c_seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed",
-                                       elem_id="fewstep-compare-seed")
+                    c_seed = gr.Number(value=0, step=1, label="Seed", elem_id="fewstep-compare-seed")
                     c_randomize = gr.Checkbox(value=False, label="Randomize seed")
-                    c_gamma = gr.Slider(0.0, 1.0, value=0.0, step=0.05, visible=False, label="Gamma")
+                    c_gamma = gr.Number(value=0.0, step=0.05, visible=False, label="Gamma in [0, 1]")
                     c_label = gr.Dropdown(choices=[], value=None, visible=False, label="Class label")
                 c_go = gr.Button("Compare", variant="primary", elem_id="fewstep-compare")
                 c_table = gr.Markdown("", elem_id="fewstep-compare-table")
-                c_gallery = gr.Gallery(label="1, 2, 4, 8 steps", columns=4, format="png", object_fit="contain",
+                c_gallery = gr.Gallery(label="Steps compared", columns=4, format="png", object_fit="contain",
                                        height="auto", elem_id="fewstep-compare-gallery", interactive=False)
 
-        controls = [steps, gamma, label, c_gamma, c_label, info]
-        app.load(list_models, None, [model, status, *controls], api_name="models")
-        refresh.click(list_models, None, [model, status, *controls], api_visibility="private")
-        model.input(select_model, model, [status, *controls], api_visibility="private")
-        go.click(generate, [model, steps, seed, randomize, num, gamma, label, preview],
-                 [gallery, live, latency, status, seed], api_name="generate")
-        c_go.click(compare, [model, c_seed, c_randomize, c_gamma, c_label], [c_gallery, c_table, status, c_seed],
-                   api_name="compare")
+        # the page's own events (not API endpoints: programs use the typed ones of demo/api.py)
+        private = {"api_visibility": "private"}
+        controls = [steps, steps_hint_md, gamma, label, c_gamma, c_label, c_intro, info]
+        results = [gallery, live, latency, c_gallery, c_table]
+        gen_event = go.click(generate, [model, steps, seed, randomize, num, gamma, label, preview],
+                             [gallery, live, latency, status, seed], api_name="page_generate", **private)
+        cmp_event = c_go.click(compare, [model, c_seed, c_randomize, c_gamma, c_label],
+                               [c_gallery, c_table, status, c_seed], api_name="page_compare", **private)
+        running = [gen_event, cmp_event]  # a model switch stops them: no results of one model under another's name
+        app.load(list_models, None, [model, status, *controls, *results], api_name="page_models", **private)
+        refresh.click(list_models, None, [model, status, *controls, *results], cancels=running, **private)
+        model.input(select_model, model, [status, *controls, *results], cancels=running, **private)
+        preview.change(lambda on: gr.update(visible=bool(on)), preview, live, queue=False, **private)
+        add_api(backend)
     app.queue(default_concurrency_limit=concurrency, max_size=64)
     app._fewstep_backend = backend
     return app
 
 
+class NoUploads:
+    """ASGI middleware: refuse Gradio's file-upload route before reading a byte of the body.
+    The page takes no files, and an open upload route would store and serve back anything."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/upload"):
+            body = b"uploads are disabled: this page takes no files\n"
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
+                                    (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def launch(app, host: str = "127.0.0.1", port: int | None = 7860, quiet: bool = True):
     """Start the page without blocking; returns its local URL."""
     import gradio as gr  # noqa: F401
+    from starlette.middleware import Middleware
 
     app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=quiet,
-               show_error=True, ssr_mode=False, inbrowser=False, css=CSS, footer_links=["api"])
+               show_error=True, ssr_mode=False, inbrowser=False, css=CSS, footer_links=["api"],
+               max_file_size=UPLOAD_LIMIT, app_kwargs={"middleware": [Middleware(NoUploads)]})
     return app.local_url

@@ -116,7 +116,8 @@ def run_demo(args) -> int:
             except KeyboardInterrupt:
                 return 130
             url = server.grpc_url
-            _log(f"tritonserver ready in {time.time() - t0:.1f} s: gRPC {url}, HTTP {server.http_url}")
+            http = f", HTTP {server.http_url}" if server.http_url else ""
+            _log(f"tritonserver ready in {time.time() - t0:.1f} s: gRPC {url}{http}")
 
         from demo.app import build_app, launch
         app = build_app(url, manifests=manifests, concurrency=args.concurrency)

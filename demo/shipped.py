@@ -7,7 +7,8 @@ A shipped model is a directory `demo/models/<name>/` holding
                               (`model.safetensors` when the run kept no EMA)
     method.safetensors     tensors the method needs at sampling time (when it has any)
     eval.json              `fewstep eval`'s report of that checkpoint (when there is one)
-    ship.json              where it came from: source checkpoint, step, EMA, file hashes
+    ship.json              where it came from: source checkpoint, step, EMA, file hashes,
+                           and `recommended_steps`, the step counts it was made for
 
 written by `scripts/ship_demo_models.py`. `fewstep demo` exports each one on first start
 into a cache dir (`<cache>/<name>/model`, a `fewstep export` model dir) and reuses that
@@ -130,6 +131,7 @@ def prepare_model(src: Path, cache_dir: Path | None = None, log=print, force: bo
         ema = _checkpoint_from_shipped(src, ckpt, info)
         stamp.unlink(missing_ok=True)
         export_model(ckpt, out, ema=ema or "none", max_batch=EXPORT_MAX_BATCH, name=name, force=True,
+                     recommended_steps=info.get("recommended_steps"),
                      log=lambda msg: log(f"  [export {name}] {msg}"))
         stamp.write_text(key + "\n")
     return out

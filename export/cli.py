@@ -27,6 +27,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parity-steps", type=int,
                    help="steps of the end-to-end sampler parity check (default: the model's default, at most 8)")
     p.add_argument("--timing-cache", help="TensorRT timing cache file (default: under $FEWSTEP_CACHE)")
+    p.add_argument("--recommended-steps", metavar="K[,K...]",
+                   help="the step counts the model was made for, recorded in the manifest; clients default to "
+                        "and suggest them (default: the method's default step count)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampling option of the model's method baked into the jump, e.g. solver=heun, "
@@ -40,6 +43,16 @@ def _formats(text: str) -> list[str]:
     if bad or not items:
         raise UserError(f"--format takes a comma-separated list of {', '.join(FORMATS)}, got {text!r}")
     return items
+
+
+def _step_list(text: str | None) -> list[int] | None:
+    from fewstep.errors import UserError
+    if text is None:
+        return None
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--recommended-steps takes comma-separated integers, got {text!r}") from None
 
 
 def _read_eval(ckpt: Path):
@@ -61,8 +74,10 @@ def _solver(method) -> str | None:
 
 def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", max_batch=64,
                  opt_batch=None, name=None, opset=18, parity_steps=None, timing_cache=None,
-                 force=False, log=None, method_opts=None) -> dict:
-    """Export a checkpoint to a model dir; returns the manifest written. Raises UserError."""
+                 force=False, log=None, method_opts=None, recommended_steps=None) -> dict:
+    """Export a checkpoint to a model dir; returns the manifest written. Raises UserError.
+
+    recommended_steps: the step counts the model was made for (default: [its default steps])."""
     from fewstep.errors import UserError
 
     log = log or (lambda msg: None)
@@ -87,7 +102,8 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
         if why:
             raise UserError(f"--format tensorrt: {why}; nothing written")
 
-    from export.manifest import FORMAT_VERSION, ONNX_FILE, sanitize_name, sha256_file, write_manifest
+    from export.manifest import (FORMAT_VERSION, ONNX_FILE, check_recommended_steps, sanitize_name, sha256_file,
+                                 write_manifest)
     from export.onnx_export import export_onnx, jump_parity, sampler_parity
     from export.runner import OrtJump
     from training.build import load_model
@@ -97,6 +113,11 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
     spec = model.method.sampler_spec()
     if parity_steps is not None and parity_steps > int(spec["max_steps"]):
         raise UserError(f"--parity-steps must be in [1, {spec['max_steps']}], got {parity_steps}")
+    try:
+        recommended = check_recommended_steps(
+            [int(spec["default_steps"])] if recommended_steps is None else recommended_steps, spec)
+    except UserError as e:
+        raise UserError(f"--recommended-steps: {str(e).removeprefix('manifest: ')}") from None
     log(f"loaded {model.method.name} from {model.ckpt} (ema {model.ema or 'none'})")
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +156,7 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
                       "value_range": [-1.0, 1.0]},
             "num_classes": int(model.num_classes),
             "sampler": dict(spec),
+            "recommended_steps": recommended,
             "solver": _solver(model.method),
             "jump": {"file": ONNX_FILE, "opset": info["opset"], "inputs": info["inputs"],
                      "output": info["output"], "dtype": "float32"},
@@ -197,6 +219,7 @@ def run_export(args) -> int:
         args.ckpt, args.out, formats=_formats(args.format), ema=args.ema, precision=args.precision,
         max_batch=args.max_batch, opt_batch=args.opt_batch, name=args.name, opset=args.opset,
         parity_steps=args.parity_steps, timing_cache=args.timing_cache, force=args.force,
-        method_opts=parse_sets(args.set), log=lambda msg: print(f"[export] {msg}", file=sys.stderr))
+        method_opts=parse_sets(args.set), recommended_steps=_step_list(args.recommended_steps),
+        log=lambda msg: print(f"[export] {msg}", file=sys.stderr))
     print(args.out)
     return 0 if manifest else 1

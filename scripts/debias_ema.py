@@ -58,10 +58,11 @@ def debias(ckpt_path, ema: str, out) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg["debiased_ema"] = {"from": str(ckpt), "ema": ema, "initial_fraction_removed": keep}
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file(fixed, str(out / f"ema-{ema}.safetensors"))
     if (ckpt / "method.safetensors").is_file():
         shutil.copy(ckpt / "method.safetensors", out / "method.safetensors")
+    cfg["sha256"] = ck.hash_files(out)  # the checksums of these files, not the source's
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     print(f"{ckpt} step {n}: removed the {keep:.1%} of initial weights from EMA {ema} -> {out}")
     return out
 

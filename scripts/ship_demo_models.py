@@ -76,13 +76,23 @@ def pick_weights(ckpt: Path, cfg: dict, ema: str | None, report) -> str:
     return name
 
 
-def ship(src: Path, name: str, ema: str | None, models_dir: Path, note: str | None) -> Path:
+def ship(src: Path, name: str, ema: str | None, models_dir: Path, note: str | None,
+         recommended_steps: list[int] | None = None) -> Path:
     ckpt = find_checkpoint(src)
     cfg = json.loads((ckpt / "config.json").read_text())
     report = None
     if (ckpt / "eval.json").is_file():
         report = json.loads((ckpt / "eval.json").read_text())
     weights = pick_weights(ckpt, cfg, ema, report)
+    if recommended_steps is not None:  # checked now, not at the demo's first export
+        from export.manifest import check_recommended_steps
+        from fewstep.errors import UserError
+        mcfg = cfg.get("method") or {}
+        try:
+            check_recommended_steps(recommended_steps, {"max_steps": int(mcfg.get("max_steps", 64)),
+                                                        "default_steps": int(mcfg.get("default_steps", 1))})
+        except UserError as e:
+            sys.exit(f"ship_demo_models: --recommended-steps: {str(e).removeprefix('manifest: ')}")
     dest = models_dir / name
     tmp = models_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,6 +112,8 @@ def ship(src: Path, name: str, ema: str | None, models_dir: Path, note: str | No
         "step": cfg.get("step"),
         "weights": weights,
         "ema": weights[len("ema-"):-len(".safetensors")] if weights.startswith("ema-") else None,
+        # the step counts it was made for: the exported manifest's recommended_steps
+        "recommended_steps": recommended_steps,
         "source": str(ckpt.resolve().relative_to(ROOT) if ckpt.resolve().is_relative_to(ROOT) else ckpt.resolve()),
         "files": {f: sha256(tmp / f) for f in files},
         "bytes": size,
@@ -123,13 +135,21 @@ def main(argv=None) -> int:
     p.add_argument("--ema", help="EMA decay to ship, or 'none' (default: eval.json's, else the config's first)")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help=f"default {MODELS_DIR.relative_to(ROOT)}")
     p.add_argument("--note", help="a line recorded in ship.json (e.g. 'development model, not the default')")
+    p.add_argument("--recommended-steps", metavar="K[,K...]",
+                   help="the step counts the model was made for (the page defaults to and suggests them; "
+                        "must include the method's default step count; default: that count alone)")
     args = p.parse_args(argv)
+    try:
+        rec = None if args.recommended_steps is None else [int(k) for k in args.recommended_steps.split(",")]
+    except ValueError:
+        sys.exit(f"ship_demo_models: --recommended-steps takes comma-separated integers, "
+                 f"got {args.recommended_steps!r}")
     src = Path(args.ckpt)
     default = src.name if src.parent.name != "checkpoints" else src.parent.parent.name
     name = re.sub(r"[^A-Za-z0-9_]", "_", args.name or default).strip("_")
     if not name or name.endswith(("_jump", "_sampler", "_stream")):
         sys.exit(f"ship_demo_models: bad model name {name!r}")
-    dest = ship(src, name, args.ema, Path(args.models_dir), args.note)
+    dest = ship(src, name, args.ema, Path(args.models_dir), args.note, rec)
     info = json.loads((dest / SHIP_FILE).read_text())
     print(f"{dest}: {info['method']} step {info['step']} ({info['weights']}, {info['bytes'] / 1e6:.2f} MB) "
           f"from {info['source']}" + ("" if info["eval"] else "; no eval.json"))

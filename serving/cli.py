@@ -6,6 +6,7 @@ import math
 import shutil
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,9 +20,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="an exported model dir (repeatable); served as NAME (default: the manifest's name)")
     p.add_argument("--repo", help="model repository to write (default: a temporary dir, removed on exit)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--grpc-port", type=int, default=8001,
+                   help="port of Triton's gRPC endpoint, the one clients use (default 8001; 0 = any free port)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="with --http: port of Triton's HTTP endpoint (default 8000; 0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="port of Triton's Prometheus metrics (default 8002; 0 = any free port)")
+    add_hardening_args(p)
     p.add_argument("--instances", type=int, default=1, help="instances of each <name>_jump (default 1)")
     p.add_argument("--sampler-instances", type=int, default=1, help="instances of each <name>_sampler (default 1)")
     p.add_argument("--workers", type=int, default=8, help="sampler loops run at once per sampler instance")
@@ -45,6 +50,29 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="only write the model repository (to --repo, default ./model_repository)")
 
 
+def add_hardening_args(p: argparse.ArgumentParser) -> None:
+    """HTTP, its guard and gRPC TLS (docs/serving.md, "Hardening")."""
+    p.add_argument("--http", action="store_true",
+                   help="also serve HTTP/REST (off by default; gRPC is the product's protocol), behind a "
+                        "request-size guard")
+    p.add_argument("--http-max-body", type=int, default=1 << 20, metavar="BYTES",
+                   help="with --http: larger request bodies get 413 before they reach Triton (default 1 MiB)")
+    p.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate (chain)")
+    p.add_argument("--grpc-tls-key", metavar="PEM", help="the private key of --grpc-tls-cert")
+
+
+def hardening_options(args) -> dict:
+    """Server(...) keyword arguments from add_hardening_args' options."""
+    from serving.launcher import TLS
+
+    if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key):
+        raise UserError("--grpc-tls-cert and --grpc-tls-key go together")
+    if args.http_max_body < 1:
+        raise UserError("--http-max-body must be >= 1")
+    tls = TLS(Path(args.grpc_tls_cert), Path(args.grpc_tls_key)) if args.grpc_tls_cert else None
+    return {"http": args.http, "http_max_body": args.http_max_body, "tls": tls}
+
+
 def run_serve(args) -> int:
     from serving.launcher import Server, find_triton, serve_forever
     from serving.repository import Options, write_repository
@@ -58,6 +86,7 @@ def run_serve(args) -> int:
         raise UserError(f"--jump-backend {args.jump_backend}: the bundled tritonserver has only the Python "
                         f"backend; write the repository with --dry-run and serve it with NVIDIA's Triton "
                         f"container (deploy/Dockerfile)")
+    hardening = hardening_options(args)
     opts = Options(instances=args.instances, sampler_instances=args.sampler_instances, workers=args.workers,
                    device=args.device, backend=args.backend, threads=args.threads, png=not args.no_png,
                    jump=args.jump, jump_backend=args.jump_backend)
@@ -81,13 +110,14 @@ def run_serve(args) -> int:
         names = [n for w in written for n in w["models"]]
         server = Server(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                         metrics_port=args.metrics_port, models=names,
-                        log_file=Path(args.log_file) if args.log_file else None, log_verbose=args.log_verbose)
+                        log_file=Path(args.log_file) if args.log_file else None, log_verbose=args.log_verbose,
+                        cleanup=[temp] if temp is not None else [], **hardening)
         server.ready_timeout = args.timeout
 
         def ready(s):
             print(f"ready: {', '.join(w['name'] for w in written)}", flush=True)
-            print(f"  gRPC     {s.grpc_url}", flush=True)
-            print(f"  HTTP     {s.http_url}", flush=True)
+            print(f"  gRPC     {s.grpc_url}{' (TLS)' if s.tls else ''}", flush=True)
+            print(f"  HTTP     {s.http_url or 'off (--http turns it on)'}", flush=True)
             print(f"  metrics  {s.metrics_url}", flush=True)
             print(f"  log      {s.log_file}", flush=True)
             print("Ctrl-C (SIGINT) or SIGTERM stops the server.", flush=True)
@@ -103,15 +133,21 @@ def run_serve(args) -> int:
 # --- generate ----------------------------------------------------------------------------------
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC HOST:PORT")
+    p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC HOST:PORT (default 127.0.0.1:8001)")
     p.add_argument("--model", required=True, help="model name (the ensemble, as `fewstep serve` printed)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the model's default)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
-    p.add_argument("--num", type=int, default=1, help="number of images")
-    p.add_argument("--class-label", type=int, help="class label (class-conditional models)")
-    p.add_argument("--gamma", type=float, help="sampler stochasticity in [0, 1]")
+    p.add_argument("--steps", type=int,
+                   help="sampler steps (default: the model's default, one of the counts it was made for)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default 0)")
+    p.add_argument("--num", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--class-label", type=int, help="class label (class-conditional models only; no default)")
+    p.add_argument("--gamma", type=float,
+                   help="sampler stochasticity in [0, 1] (default: the model's); refused where it would change "
+                        "nothing: consistency models (always 1) and 1 step")
     p.add_argument("--out", required=True, help="PNG file: one image, or a grid of --num images")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (the system's trusted roots)")
+    p.add_argument("--tls-ca", metavar="PEM", help="connect over TLS, checking the server against this "
+                                                   "CA (or self-signed) certificate")
 
 
 def grid(images, cols: int | None = None, pad: int = 2):
@@ -135,18 +171,6 @@ def save_png(img, path) -> None:
     Image.fromarray(arr).save(path)
 
 
-def _scatter(points, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.scatter(points[:, 0], points[:, 1], s=4)
-    ax.set_aspect("equal")
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def run_generate(args) -> int:
     import numpy as np
 
@@ -158,27 +182,46 @@ def run_generate(args) -> int:
         raise UserError("--seed must be >= 0")
     out = Path(args.out)
     try:
-        with Client(args.url, timeout=args.timeout) as client:
+        with Client(args.url, timeout=args.timeout, ssl=args.tls, root_certificates=args.tls_ca) as client:
             if not client.ready():
                 raise UserError(f"no ready server at {args.url}")
             meta = client.meta(args.model)
+            steps = meta.default_steps if args.steps is None else args.steps
+            why = meta.gamma_unused(steps) if args.gamma is not None else None
+            if why:
+                raise UserError(f"--gamma: {why}; leave --gamma out")
             seeds = list(range(args.seed, args.seed + args.num))
             batch = max(1, meta.max_batch)
             parts = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
             labels = None if args.class_label is None else args.class_label
+            t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=min(8, len(parts))) as pool:
-                results = list(pool.map(lambda s: client.generate(args.model, s, args.steps, labels, args.gamma),
+                results = list(pool.map(lambda s: client.generate(args.model, s, steps, labels, args.gamma),
                                         parts))
+            latency = time.perf_counter() - t0
     except ServingError as e:
         raise UserError(f"{args.model}: {e.message} ({e.code})") from None
     data = np.concatenate(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     if meta.is_image:
         save_png(data[0] if len(data) == 1 else grid(data), out)
-    else:
-        _scatter(data, out)
-    print(out)
+    else:  # the plot `fewstep sample` draws of the same points
+        from fewstep.plots import save_scatter, steps_title
+        save_scatter(data, out, steps_title(meta.method or args.model, steps))
+    print(generate_summary(meta, steps, seeds, args.class_label, args.gamma, latency, len(parts), args.url, out))
     return 0
+
+
+def generate_summary(meta, steps: int, seeds: list[int], label, gamma, latency: float, requests: int, url: str,
+                     out: Path) -> str:
+    """What `fewstep generate` did, in one line: model, steps, seeds, latency, server, file."""
+    what = f"{len(seeds)} image{'s' if len(seeds) != 1 else ''}" if meta.is_image else f"{len(seeds)} samples"
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+    extra = "".join([f", class {label}" if label is not None else "",
+                     f", gamma {gamma:g}" if gamma is not None else ""])
+    made = "" if steps in meta.made_for else f" (made for {', '.join(str(k) for k in meta.made_for)})"
+    return (f"{meta.name} ({meta.method or '?'}): {what}, {seed_text}, {steps} step{'s' if steps != 1 else ''}{made}"
+            f"{extra}, {latency * 1e3:.0f} ms in {requests} request{'s' if requests != 1 else ''} to {url} -> {out}")
 
 
 # --- bench (serving/bench.py) ----------------------------------------------------------------------

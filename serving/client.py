@@ -10,6 +10,10 @@
     async with AsyncClient("127.0.0.1:8001") as c:
         images = await c.generate("fmnist", seeds=[0], steps=1)
 
+TLS: `Client("host:8001", ssl=True, root_certificates="ca.pem")` (the CA, or the
+self-signed server certificate, that the server's certificate is checked against;
+without it, the system's trusted roots).
+
 Every failure is a `ServingError` with the gRPC status (`code`, e.g. "INVALID_ARGUMENT")
 and the server's message, which names the bad field and its allowed range.
 """
@@ -42,6 +46,29 @@ def _wrap(e) -> ServingError:
     return ServingError(code, str(msg))
 
 
+def _tls_kwargs(ssl: bool, root_certificates) -> dict:
+    """InferenceServerClient keyword arguments for TLS (root_certificates implies ssl)."""
+    if root_certificates is not None:
+        from pathlib import Path
+
+        if not Path(root_certificates).is_file():
+            raise ServingError("INVALID_ARGUMENT", f"TLS root certificate {root_certificates}: no such file")
+        return {"ssl": True, "root_certificates": str(root_certificates)}
+    return {"ssl": True} if ssl else {}
+
+
+def admin_headers_for(url: str) -> dict:
+    """The admin key of a server this user launched on this host (serving.launcher keeps it
+    in a 0600 file): it unlocks the restricted model-repository protocol for models()."""
+    from serving.launcher import GRPC_ADMIN_HEADER, read_admin_key
+
+    host, _, port = url.rpartition(":")
+    if not port.isdigit() or host.strip("[]") not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", ""):
+        return {}
+    key = read_admin_key(int(port))
+    return {GRPC_ADMIN_HEADER: key} if key else {}
+
+
 def _unknown(model: str, err: ServingError, names: list[str]) -> ServingError:
     return ServingError(err.code, f"model: unknown model '{model}' (this server has: {', '.join(names) or 'none'})")
 
@@ -59,10 +86,26 @@ class ModelMeta:
     outputs: tuple
     method: str = ""        # the method that trained it (manifest), e.g. "cud"
     jump_lands: str = "s"   # "end": a consistency model, which re-noises after every jump
+    recommended_steps: tuple = ()  # the step counts it was made for (manifest); () = (default_steps,)
+    quality: dict | None = None    # {"metric", "num", "by_steps": {steps: value}}: eval figures, lower is better
 
     @property
     def is_image(self) -> bool:
         return len(self.shape) == 3
+
+    @property
+    def made_for(self) -> tuple:
+        """The step counts the model was made for (its default step count when the server does not say)."""
+        return tuple(self.recommended_steps) or (self.default_steps,)
+
+    def gamma_unused(self, steps: int) -> str | None:
+        """Why a gamma sent with `steps` steps would change nothing (None when it is used)."""
+        if self.jump_lands == "end":
+            return (f"{self.name} is a consistency model: its sampler always re-noises after a jump "
+                    f"(gamma is 1), so gamma does not apply")
+        if steps == 1:
+            return "gamma has no effect at 1 step (the one jump lands at the end; nothing is re-noised)"
+        return None
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelMeta":
@@ -74,7 +117,17 @@ class ModelMeta:
                    max_steps=int(p["max_steps"]), default_steps=int(p["default_steps"]),
                    max_batch=int(cfg.get("max_batch_size", 0)), gamma=float(p.get("gamma", 0.0)),
                    outputs=tuple(o["name"] for o in cfg.get("output", [])),
-                   method=p.get("method", ""), jump_lands=p.get("jump_lands", "s") or "s")
+                   method=p.get("method", ""), jump_lands=p.get("jump_lands", "s") or "s",
+                   recommended_steps=tuple(int(k) for k in json.loads(p.get("recommended_steps") or "[]")),
+                   quality=_quality(p.get("quality")))
+
+
+def _quality(text: str | None) -> dict | None:
+    """The `quality` config parameter (JSON; step counts are object keys, so strings there)."""
+    q = json.loads(text) if text else None
+    if not isinstance(q, dict) or not isinstance(q.get("by_steps"), dict):
+        return None
+    return {**q, "by_steps": {int(k): float(v) for k, v in q["by_steps"].items()}}
 
 
 def _as_list(v, n: int, name: str):
@@ -92,16 +145,19 @@ def build_inputs(grpc, seeds, steps, class_labels=None, gamma=None, batched: boo
     """InferInputs for `<name>` (batched: [K, 1] each) or `<name>_stream` ([1])."""
     seeds = [int(s) for s in (seeds if not np.isscalar(seeds) else [seeds])]
     n = len(seeds)
-    cols = {"seed": (np.array(seeds, dtype=np.int64), "INT64"),
-            "steps": (np.array(_as_list(steps, n, "steps"), dtype=np.int32), "INT32")}
+    from serving.protocol import INPUTS
+
+    cols = {"seed": seeds, "steps": _as_list(steps, n, "steps")}
     if class_labels is not None:
-        cols["class_label"] = (np.array(_as_list(class_labels, n, "class_label"), dtype=np.int32), "INT32")
+        cols["class_label"] = _as_list(class_labels, n, "class_label")
     if gamma is not None:
-        cols["gamma"] = (np.array(_as_list(gamma, n, "gamma"), dtype=np.float32), "FP32")
+        cols["gamma"] = _as_list(gamma, n, "gamma")
     inputs = []
-    for name, (arr, dtype) in cols.items():
+    for name, values in cols.items():
+        triton_dtype, np_dtype = INPUTS[name]
+        arr = np.array(values, dtype=np_dtype)  # out of range raises OverflowError, never wraps
         arr = arr.reshape(n, 1) if batched else arr.reshape(1)
-        inp = grpc.InferInput(name, list(arr.shape), dtype)
+        inp = grpc.InferInput(name, list(arr.shape), triton_dtype[len("TYPE_"):])
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
     return inputs
@@ -172,14 +228,17 @@ class Client:
     """Synchronous client (thread-safe for generate(); stream() opens its own connection).
     channel_args: extra gRPC channel arguments (see `channel_options`)."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, channel_args=None):
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, ssl: bool = False,
+                 root_certificates=None, channel_args=None):
         import tritonclient.grpc as grpc
 
         self._grpc = grpc
         self.url = url
         self.timeout = timeout
+        self._tls = _tls_kwargs(ssl, root_certificates)
+        self.admin_headers = admin_headers_for(url)
         self.channel_args = channel_options(channel_args)
-        self._client = grpc.InferenceServerClient(url, channel_args=self.channel_args)
+        self._client = grpc.InferenceServerClient(url, channel_args=self.channel_args, **self._tls)
         self._meta: dict[str, ModelMeta] = {}
 
     def close(self) -> None:
@@ -209,7 +268,8 @@ class Client:
     def models(self) -> list[str]:
         """Names clients can call: the ensembles (each has `<name>_sampler` beside it)."""
         try:
-            index = self._client.get_model_repository_index(as_json=True).get("models", [])
+            index = self._client.get_model_repository_index(headers=self.admin_headers,
+                                                            as_json=True).get("models", [])
         except self._grpc_error() as e:
             raise _wrap(e) from None
         names = {m["name"] for m in index}
@@ -259,7 +319,7 @@ class Client:
         inputs = build_inputs(self._grpc, [seed], steps, None if class_label is None else [class_label],
                               None if gamma is None else [gamma], batched=False)
         q: queue.Queue = queue.Queue()
-        client = self._grpc.InferenceServerClient(self.url, channel_args=self.channel_args)
+        client = self._grpc.InferenceServerClient(self.url, channel_args=self.channel_args, **self._tls)
         try:
             client.start_stream(callback=lambda result, error: q.put((result, error)),
                                 stream_timeout=self.timeout)
@@ -284,14 +344,17 @@ class Client:
 class AsyncClient:
     """asyncio client (tritonclient.grpc.aio): the same calls, awaited. channel_args as for Client."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, channel_args=None):
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, ssl: bool = False,
+                 root_certificates=None, channel_args=None):
         import tritonclient.grpc.aio as aio
 
         self._grpc = aio
         self.url = url
         self.timeout = timeout
         self.channel_args = channel_options(channel_args)
-        self._client = aio.InferenceServerClient(url, channel_args=self.channel_args)
+        self._client = aio.InferenceServerClient(url, channel_args=self.channel_args,
+                                                 **_tls_kwargs(ssl, root_certificates))
+        self.admin_headers = admin_headers_for(url)
         self._meta: dict[str, ModelMeta] = {}
 
     async def close(self) -> None:
@@ -318,7 +381,8 @@ class AsyncClient:
 
     async def models(self) -> list[str]:
         try:
-            index = (await self._client.get_model_repository_index(as_json=True)).get("models", [])
+            index = (await self._client.get_model_repository_index(headers=self.admin_headers,
+                                                                   as_json=True)).get("models", [])
         except self._error() as e:
             raise _wrap(e) from None
         names = {m["name"] for m in index}

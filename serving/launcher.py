@@ -12,29 +12,39 @@ backend plus the stub built for this interpreter), builds the environment the st
 to import numpy, `training.sampling` and `export.runner`, starts the binary in its own
 process group on a model repository, waits until every model is ready, and stops it
 cleanly (SIGTERM, then SIGKILL to the whole group), so no stub process outlives it.
+
+Safe by default (docs/serving.md, "Hardening"): HTTP is off unless asked for (readiness is
+checked over gRPC); the admin protocols (shared memory, model repository, logging, trace)
+need a per-server key only the launcher holds (`admin_headers`); gRPC can use TLS; a
+watchdog process (serving/reaper.py) kills the server when the launcher dies.
 """
 from __future__ import annotations
 
 import importlib.util
-import json
+import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fewstep.errors import UserError
+from serving.reaper import process_group_members  # noqa: F401  (part of this API)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# the protocols only our own tools may use; the key travels as this gRPC metadata / HTTP header
+RESTRICTED = ("shared-memory", "model-repository", "logging", "trace")
+ADMIN_HEADER = "fewstep-admin-key"
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # Triton prefixes gRPC restriction keys
 
 
 def _pytriton_root() -> Path:
@@ -103,6 +113,22 @@ def make_backend_dir(dest: Path) -> Path:
     return Path(dest)
 
 
+PACKAGES = ("serving", "training", "export", "fewstep")
+
+
+def link_packages(workdir: Path) -> None:
+    """Links to this project's packages in the server's working directory.
+
+    The Python stubs run an isolated interpreter (-I: PYTHONPATH is ignored) whose sys.path
+    starts with its working directory; an editable install's finder would otherwise give
+    them another checkout's `serving` than the launcher's. The links make the stubs import
+    the same code as the process that wrote the repository.
+    """
+    for name in PACKAGES:
+        if (PROJECT_ROOT / name / "__init__.py").is_file():
+            (Path(workdir) / name).symlink_to(PROJECT_ROOT / name, target_is_directory=True)
+
+
 def server_env(base: dict | None = None) -> dict:
     """The environment of tritonserver and its Python stubs."""
     env = dict(os.environ if base is None else base)
@@ -119,14 +145,90 @@ def server_env(base: dict | None = None) -> dict:
     return env
 
 
-def _http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+def admin_key_file(grpc_port: int) -> Path:
+    """Where a server's admin key is kept for our own tools of the same user (0600, in a
+    0700 dir): serving.client reads it to list the models of a server on this host."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "fewstep" / "admin"
+    return base / f"grpc-{grpc_port}.key"
+
+
+def read_admin_key(grpc_port: int) -> str | None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, OSError):
-        return 0, b""
+        return admin_key_file(grpc_port).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _write_admin_key(path: Path, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+
+
+def check_port_free(host: str, port: int, flag: str = "") -> None:
+    """UserError when host:port cannot be bound, naming the flag (of `fewstep serve` and
+    `fewstep demo`) that sets it. SO_REUSEADDR, as the servers themselves use it: a port
+    whose last connections sit in TIME_WAIT is free to listen on again."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if not flag:
+                raise UserError(f"cannot bind {host}:{port} ({e.strerror}); choose another port") from None
+            raise UserError(f"cannot bind {host}:{port} for Triton's {flag[2:-5]} endpoint ({e.strerror}): "
+                            f"choose another port with {flag} (0 = any free port)") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, grpc_port: int, tls) -> str | None:
+    """The warning printed when the server binds beyond loopback without TLS."""
+    if is_loopback(host) or tls is not None:
+        return None
+    return (f"warning: serving on {host} beyond loopback without TLS: anyone who can reach port {grpc_port} "
+            f"talks to the models unencrypted (give --grpc-tls-cert and --grpc-tls-key; docs/serving.md, TLS)")
+
+
+def _cert_name(cert: Path) -> str | None:
+    """A DNS name (or IP) the certificate is valid for, so the launcher's own readiness
+    checks can verify it whatever address it connects to; None when it cannot be read."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(str(cert))  # CPython's PEM decoder (no extra package)
+    except (AttributeError, OSError, ValueError, ssl.SSLError):
+        return None
+    for kind, value in decoded.get("subjectAltName", ()):
+        if kind in ("DNS", "IP Address"):
+            return value
+    for rdn in decoded.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+@dataclass(frozen=True)
+class TLS:
+    """gRPC TLS through Triton's own options: the server's PEM certificate and key."""
+    cert: Path
+    key: Path
+
+    def __post_init__(self):
+        for what, path in (("certificate", self.cert), ("key", self.key)):
+            if not Path(path).is_file():
+                raise UserError(f"TLS {what} {path}: no such file")
+
+    def server_args(self) -> list[str]:
+        return ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.cert).resolve()}",
+                f"--grpc-server-key={Path(self.key).resolve()}"]
 
 
 @dataclass
@@ -149,15 +251,36 @@ class Server:
     ready_timeout: float = 300.0
     keep_log: bool | None = None  # None: keep a temporary log only after an unclean exit
     abort: object = None  # a callable: when it returns True, start() gives up waiting
+    http: bool = False  # HTTP/REST endpoint; off by default (gRPC is the product's protocol)
+    tls: TLS | None = None  # gRPC TLS
+    cleanup: list = field(default_factory=list)  # paths the watchdog removes if the launcher dies
+    http_max_body: int = 1 << 20  # the HTTP guard's request-size limit (serving/http_guard.py)
 
     def __post_init__(self):
         self.repo = Path(self.repo)
         self.grpc_port = self.grpc_port or free_port(self.host)
-        self.http_port = self.http_port or free_port(self.host)
+        self.http_port = (self.http_port or free_port(self.host)) if self.http else None
         self.metrics_port = self.metrics_port or free_port(self.host)
         self._workdir: Path | None = None
         self._log_handle = None
         self.shm_prefix = f"fewstep_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self.admin_key = secrets.token_urlsafe(24)  # new per server; never written to disk
+        self._grpc = None
+        self._reaper: subprocess.Popen | None = None
+        self._http_guard = None
+        self._key_file: Path | None = None
+        # with HTTP on, Triton's own HTTP server listens here, behind the guard on http_port
+        self._http_upstream = free_port("127.0.0.1") if self.http else None
+
+    @property
+    def admin_headers(self) -> dict:
+        """gRPC metadata that unlocks the restricted admin protocols."""
+        return {GRPC_ADMIN_HEADER: self.admin_key}
+
+    @property
+    def admin_http_headers(self) -> dict:
+        """The same over HTTP (with --http)."""
+        return {ADMIN_HEADER: self.admin_key}
 
     # --- endpoints ---------------------------------------------------------------------------
     @property
@@ -165,8 +288,8 @@ class Server:
         return f"{self.host}:{self.grpc_port}"
 
     @property
-    def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+    def http_url(self) -> str | None:
+        return f"http://{self.host}:{self.http_port}" if self.http else None
 
     @property
     def metrics_url(self) -> str:
@@ -179,8 +302,7 @@ class Server:
             f"--model-repository={self.repo.resolve()}",
             f"--backend-directory={backend_dir}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            *self.protocol_args(),
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=10",
@@ -188,24 +310,51 @@ class Server:
             *self.extra_args,
         ]
 
+    def protocol_args(self) -> list[str]:
+        """Endpoints, the admin key and TLS (docs/serving.md, "Hardening")."""
+        restricted = f"{','.join(RESTRICTED)}:{ADMIN_HEADER}={self.admin_key}"
+        args = [f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                f"--grpc-restricted-protocol={restricted}"]
+        if self.tls is not None:
+            args += self.tls.server_args()
+        if self.http:
+            args += ["--http-address=127.0.0.1", f"--http-port={self._http_upstream}",
+                     f"--http-restricted-api={restricted}"]
+        else:
+            args += ["--allow-http=false"]
+        return args
+
+    def ports(self) -> list[int]:
+        return [p for p in (self.grpc_port, self.http_port, self.metrics_port) if p]
+
     def start(self, timeout: float | None = None) -> "Server":
         if self.proc is not None:
             raise RuntimeError("server already started")
-        for port in (self.grpc_port, self.http_port, self.metrics_port):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind((self.host, port))
-                except OSError as e:
-                    raise UserError(f"cannot bind {self.host}:{port} ({e.strerror}); choose another port") from None
+        for flag, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port),
+                           ("--metrics-port", self.metrics_port)):
+            if port:
+                check_port_free(self.host, port, flag)
+        warning = exposure_warning(self.host, self.grpc_port, self.tls)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         self._workdir = Path(tempfile.mkdtemp(prefix="fewstep-triton-"))
+        self._key_file = admin_key_file(self.grpc_port)
+        _write_admin_key(self._key_file, self.admin_key)
         backend_dir = make_backend_dir(self._workdir / "backends")
+        link_packages(self._workdir)
         if self.log_file is None:
             self.log_file = self._workdir / "tritonserver.log"
         self._log_handle = open(self.log_file, "ab")
         self.proc = subprocess.Popen(self.command(backend_dir), env=server_env(), cwd=self._workdir,
                                      stdin=subprocess.DEVNULL, stdout=self._log_handle,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self._start_reaper()
         try:
+            if self.http:
+                from serving.http_guard import HttpGuard
+
+                self._http_guard = HttpGuard(self.host, self.http_port, ("127.0.0.1", self._http_upstream),
+                                             self.http_max_body).start()
             self.wait_ready(self.ready_timeout if timeout is None else timeout)
         except BaseException:
             self.stop()
@@ -219,6 +368,42 @@ class Server:
             return ""
         return "\n".join(lines[-n:])
 
+    def _start_reaper(self) -> None:
+        """The watchdog that kills the server (and removes its temporary files) if this
+        process dies without stopping it: serving/reaper.py."""
+        paths = [str(self._workdir), str(self._key_file)] + [str(p) for p in self.cleanup]
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-S", str(Path(__file__).with_name("reaper.py")), str(os.getpid()), str(self.proc.pid),
+             self.shm_prefix, *paths],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+
+    def grpc_client(self):
+        """One tritonclient gRPC client (one channel, so readiness polls open no new
+        connections), with the server's TLS settings."""
+        if self._grpc is None:
+            import tritonclient.grpc as grpc
+
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
+            url = f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+            if self.tls is None:
+                self._grpc = grpc.InferenceServerClient(url)
+            else:
+                name = _cert_name(self.tls.cert)
+                args = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+                if name:
+                    args.append(("grpc.ssl_target_name_override", name))
+                self._grpc = grpc.InferenceServerClient(url, ssl=True, root_certificates=str(self.tls.cert),
+                                                        channel_args=args)
+        return self._grpc
+
+    def server_ready(self) -> bool:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(self.grpc_client().is_server_ready(client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until the server and every model in `models` (or the repository) are ready."""
         deadline = time.monotonic() + timeout
@@ -228,8 +413,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise UserError(f"tritonserver exited with code {self.proc.returncode} before it was ready; "
                                 f"last lines of {self.log_file}:\n{self.log_tail()}")
-            code, _ = _http_get(f"{self.http_url}/v2/health/ready")
-            if code == 200 and all(self.model_ready(m) for m in self.models):
+            if self.server_ready() and all(self.model_ready(m) for m in self.models):
                 return
             if time.monotonic() > deadline:
                 raise UserError(f"tritonserver was not ready after {timeout:.0f} s; last lines of "
@@ -237,12 +421,18 @@ class Server:
             time.sleep(0.2)
 
     def model_ready(self, name: str) -> bool:
-        return _http_get(f"{self.http_url}/v2/models/{name}/ready")[0] == 200
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(self.grpc_client().is_model_ready(name, client_timeout=2.0))
+        except InferenceServerException:
+            return False
 
     def repository_index(self) -> list[dict]:
-        req = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return json.loads(r.read())
+        """The repository index (a restricted protocol: sent with the admin key)."""
+        index = self.grpc_client().get_model_repository_index(headers=self.admin_headers, as_json=True,
+                                                              client_timeout=5.0)
+        return index.get("models", [])
 
     def pids(self) -> list[int]:
         """The server's process and every process in its group (the Python stubs)."""
@@ -254,6 +444,15 @@ class Server:
         """SIGTERM (Triton unloads models, the stubs exit), then SIGKILL the group."""
         proc, self.proc = self.proc, None
         rc = None
+        if self._http_guard is not None:
+            self._http_guard.stop()
+            self._http_guard = None
+        if self._grpc is not None:
+            try:
+                self._grpc.close()
+            except Exception:  # noqa: BLE001  (a channel that is already broken)
+                pass
+            self._grpc = None
         if proc is not None:
             pgid = proc.pid
             if proc.poll() is None:
@@ -297,30 +496,27 @@ class Server:
                 if log_inside:
                     self.log_file = None
             self._workdir = None
+        if self._key_file is not None and read_admin_key(self.grpc_port) == self.admin_key:
+            self._key_file.unlink(missing_ok=True)
+        self._key_file = None
+        self._stop_reaper()
         return rc
+
+    def _stop_reaper(self) -> None:
+        """The server is stopped (its group is gone): the watchdog has nothing left to do."""
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            try:
+                reaper.wait(5)  # it exits by itself when the server's process ends
+            except subprocess.TimeoutExpired:
+                reaper.kill()
+                reaper.wait()
 
     def __enter__(self) -> "Server":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def process_group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is pgid (Linux /proc)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        # fields after the parenthesised command: state ppid pgrp ...
-        rest = stat[stat.rindex(")") + 2:].split()
-        if int(rest[2]) == pgid and rest[0] != "Z":
-            out.append(int(d.name))
-    return out
 
 
 def serve_forever(server: Server, on_ready=None) -> int:

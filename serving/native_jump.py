@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from export.manifest import model_file
 from fewstep.errors import UserError
 from serving.protocol import ModelInfo
 
@@ -121,7 +122,7 @@ def write_native_jump(model_root: Path, src: Path, info: ModelInfo, manifest: di
     max_batch = info.max_batch
     if jump_backend == "tensorrt":
         engine = pick_plan(manifest, src)
-        source = src / engine["file"]
+        source = model_file(src, engine["file"])
         # the dynamic batcher and the sampler send any batch in [1, max_batch]: the engine's
         # profile must cover all of them
         if int(engine["min_batch"]) > 1 or int(engine["max_batch"]) < max_batch:
@@ -129,7 +130,7 @@ def write_native_jump(model_root: Path, src: Path, info: ModelInfo, manifest: di
                             f"{engine['max_batch']}, the model serves 1-{max_batch}: export with "
                             f"--max-batch {max_batch}")
     else:
-        source = src / manifest["jump"]["file"]
+        source = model_file(src, manifest["jump"]["file"])
     filename = NATIVE[jump_backend][2]
     version = model_root / "1"
     version.mkdir(parents=True)

@@ -16,11 +16,13 @@ import numpy as np
 
 from training import sampling
 
-# inputs of `<name>`, `<name>_sampler` and `<name>_stream`: name -> (Triton dtype, numpy dtype)
+# inputs of `<name>`, `<name>_sampler` and `<name>_stream`: name -> (Triton dtype, numpy dtype).
+# Integers are INT64 so that no value can wrap before it is checked: Triton converts an
+# HTTP JSON number into a narrower input type by truncation (4294967297 -> INT32 1).
 INPUTS = {
     "seed": ("TYPE_INT64", np.int64),
-    "steps": ("TYPE_INT32", np.int32),
-    "class_label": ("TYPE_INT32", np.int32),
+    "steps": ("TYPE_INT64", np.int64),
+    "class_label": ("TYPE_INT64", np.int64),
     "gamma": ("TYPE_FP32", np.float32),
 }
 REQUIRED = ("seed", "steps")
@@ -95,7 +97,7 @@ def parse_request(info: ModelInfo, inputs: dict, max_images: int | None = None) 
     for name in REQUIRED:
         if inputs.get(name) is None:
             raise InvalidInput(f"{name}: required input is missing")
-    seeds = _column("seed", inputs["seed"], np.int64, None)
+    seeds = _column("seed", inputs["seed"], INPUTS["seed"][1], None)
     n = seeds.shape[0]
     if n < 1:
         raise InvalidInput("seed: at least one image per request (batch >= 1)")
@@ -104,13 +106,13 @@ def parse_request(info: ModelInfo, inputs: dict, max_images: int | None = None) 
         raise InvalidInput(f"seed: {n} images in one request; the maximum batch is {limit}")
     if (seeds < 0).any():
         raise InvalidInput(f"seed: must be in [0, {MAX_SEED}], got {int(seeds[seeds < 0][0])}")
-    steps = _column("steps", inputs["steps"], np.int32, n)
+    steps = _column("steps", inputs["steps"], INPUTS["steps"][1], n)
     bad = (steps < 1) | (steps > info.max_steps)
     if bad.any():
         raise InvalidInput(f"steps: must be an integer in [1, {info.max_steps}], got {int(steps[bad][0])}")
     labels = None
     if inputs.get("class_label") is not None:
-        labels = _column("class_label", inputs["class_label"], np.int32, n)
+        labels = _column("class_label", inputs["class_label"], INPUTS["class_label"][1], n)
         if info.num_classes == 0:
             raise InvalidInput(f"class_label: model '{info.name}' is unconditional; send no class_label")
         bad = (labels < 0) | (labels >= info.num_classes)
@@ -121,7 +123,7 @@ def parse_request(info: ModelInfo, inputs: dict, max_images: int | None = None) 
                            f"an integer in [0, {info.num_classes - 1}]")
     gammas = None
     if inputs.get("gamma") is not None:
-        gammas = _column("gamma", inputs["gamma"], np.float32, n)
+        gammas = _column("gamma", inputs["gamma"], INPUTS["gamma"][1], n)
         bad = ~np.isfinite(gammas) | (gammas < 0) | (gammas > 1)
         if bad.any():
             raise InvalidInput(f"gamma: must be in [0, 1], got {float(gammas[bad][0])!r}")

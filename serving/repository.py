@@ -21,9 +21,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.manifest import recommended_steps, step_quality
 from fewstep.errors import UserError
 from serving import native_jump
-from serving.protocol import ModelInfo
+from serving.protocol import INPUTS, ModelInfo
 
 MODELS_DIR = Path(__file__).with_name("models")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -94,10 +95,10 @@ def request_inputs(info: ModelInfo) -> list[str]:
     label = (f"class label in [0, {info.num_classes - 1}]; required by this conditional model (checked by the sampler)"
              if info.num_classes else "this model is unconditional: a class_label is refused")
     return [
-        _tensor("seed", "TYPE_INT64", [1], comment="noise seed >= 0: the image depends only on it and the settings"),
-        _tensor("steps", "TYPE_INT32", [1], comment=f"sampler steps in [1, {info.max_steps}]"),
-        _tensor("class_label", "TYPE_INT32", [1], optional=True, comment=label),
-        _tensor("gamma", "TYPE_FP32", [1], optional=True,
+        _tensor("seed", INPUTS["seed"][0], [1], comment="noise seed >= 0: the image depends only on it and the settings"),
+        _tensor("steps", INPUTS["steps"][0], [1], comment=f"sampler steps in [1, {info.max_steps}]"),
+        _tensor("class_label", INPUTS["class_label"][0], [1], optional=True, comment=label),
+        _tensor("gamma", INPUTS["gamma"][0], [1], optional=True,
                 comment=f"stochasticity in [0, 1] (default {info.spec.get('gamma', 0.0)})"),
     ]
 
@@ -197,6 +198,9 @@ def ensemble_config(info: ModelInfo, opts: Options, manifest: dict) -> str:
         "gamma": str(spec.get("gamma", 0.0)),
         "jump_lands": str(spec.get("jump_lands", "s")),
         "value_range": json.dumps(list(info.value_range)),
+        # what the model was made for and how good it is at each step count (for the page)
+        "recommended_steps": json.dumps(recommended_steps(manifest)),
+        "quality": json.dumps(step_quality(manifest)),
     }
     return "\n".join([
         f"# {info.name}: what clients call. seed/steps[/class_label/gamma] -> image (+ png, sample)",
@@ -223,12 +227,16 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 def _copy_model_dir(src: Path, dst: Path, manifest: dict) -> None:
+    """Copy exactly manifest.json and the files it names (each a plain file directly in
+    src, checked by export.manifest.model_file): nothing else of src reaches the repository."""
+    from export.manifest import MANIFEST, model_file
+
     dst.mkdir(parents=True)
-    files = set(manifest.get("files", {})) | {"manifest.json", manifest.get("jump", {}).get("file", "jump.onnx")}
-    for f in sorted(files):
-        if (src / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            _copy_file(src / f, dst / f)
+    for f in sorted(set(manifest["files"]) | {MANIFEST}):
+        path = model_file(src, f)
+        if not path.is_file():
+            raise UserError(f"--model {src}: {f} is listed in the manifest but missing")
+        _copy_file(path, dst / f)
 
 
 def _write_python_model(model_root: Path, source: str, config: str, manifest: dict | None = None) -> None:

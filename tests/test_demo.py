@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,24 +51,120 @@ def test_display_images_scale_and_grey():
     assert rgb[0].shape == (160, 160, 3)
 
 
+def _meta(name="m", classes=0, max_steps=64, default=2, gamma=0.0, method="rf", lands="s", made=(), quality=None):
+    from serving.client import ModelMeta
+    return ModelMeta(name, (1, 28, 28), classes, max_steps, default, 16, gamma, ("image",), method, lands,
+                     tuple(made), quality)
+
+
+QUALITY = {"metric": "fid-classifier", "num": 1000, "by_steps": {1: 192.58, 2: 153.72, 4: 170.3, 8: 8.25}}
+
+
 def test_messages_and_controls():
-    from demo.app import class_names, describe_error, gamma_applies, model_info
-    from serving.client import ModelMeta, ServingError
+    from demo.app import class_names, describe_error, gamma_applies, model_info, steps_note
+    from serving.client import ServingError
 
     down = ServingError("UNAVAILABLE", "failed to connect to all addresses")
     assert "unreachable at `h:1`" in describe_error(down, "h:1")
+    assert describe_error(down, "h:1", markdown=False).startswith("Triton is unreachable at h:1")
     bad = ServingError("INVALID_ARGUMENT", "steps: must be an integer in [1, 64], got 99")
     assert "rejected" in describe_error(bad, "h:1") and "got 99" in describe_error(bad, "h:1")
-    meta = ModelMeta("m", (1, 28, 28), 10, 16, 4, 16, 0.0, ("image",), method="ctm", jump_lands="s")
+    meta = _meta(classes=10, max_steps=16, default=4, method="ctm")
     assert gamma_applies(meta)
-    assert not gamma_applies(ModelMeta("c", (1, 28, 28), 0, 16, 4, 16, 1.0, ("image",), "cd", "end"))
-    assert not gamma_applies(ModelMeta("f", (1, 28, 28), 0, 64, 8, 16, 0.0, ("image",), "cud", "s"))
-    manifest = {"training": {"config": {"data": {"name": "fmnist"}}},
-                "eval": {"metric": "fid", "num": 1000, "results": [{"steps": 1, "fid": 12.5}, {"steps": 4, "fid": 8.25}]}}
+    assert not gamma_applies(_meta(gamma=1.0, method="cd", lands="end"))
+    assert not gamma_applies(_meta(method="cud"))
+    manifest = {"training": {"config": {"data": {"name": "fmnist"}}}}
     assert class_names(meta, manifest)[9] == "Ankle boot"
     assert class_names(meta, None)[3] == "class 3"
-    text = model_info(meta, manifest)
-    assert "10 classes" in text and "1–16 steps" in text and "1 step: 12.50" in text and "4 steps: 8.25" in text
+    text = model_info(meta)
+    assert "10 classes" in text and "accepts 1–16" in text and "made for **4 steps**" in text and "FID" not in text
+    # the figures of the manifest's eval (results keyed `fid`, metric named by its features)
+    cud = _meta("cud_fmnist", default=1, method="cud-distill", made=(1,), quality=QUALITY)
+    text = model_info(cud)
+    assert "made for **1 step**" in text
+    assert "FID by steps (fid-classifier, 1000 samples, lower is better)" in text
+    assert "**1 → 192.6** (made for) · 2 → 153.7 · 4 → 170.3 · 8 → 8.25" in text
+    assert steps_note(cud, 1) == "FID 192.6 at 1 step"
+    assert steps_note(cud, 2) == "FID 153.7 at 2 steps; cud_fmnist was made for 1 step (FID 192.6 at 1 step)"
+    assert steps_note(cud, 3) == "cud_fmnist was made for 1 step (FID 192.6 at 1 step)"
+
+
+def test_step_counts_offered():
+    """The default is one of the counts the model was made for; compare shows those and the
+    evaluated ones (1, 2, 4, 8 only when that leaves fewer than two)."""
+    from demo.app import compare_steps, steps_hint
+
+    assert compare_steps(_meta(default=8)) == [1, 2, 4, 8]
+    assert compare_steps(_meta(default=1, made=(1,), quality=QUALITY)) == [1, 2, 4, 8]
+    assert compare_steps(_meta(default=2, made=(1, 2, 16))) == [1, 2, 16]
+    assert compare_steps(_meta(max_steps=3, default=2, made=(2,))) == [1, 2]
+    assert steps_hint(_meta("cd", default=2, made=(1, 2, 4, 8))).startswith("cd was made for **1, 2, 4 or 8 steps**")
+
+
+def test_request_checks_say_what_is_wrong():
+    """Nothing is rounded or clamped: out-of-range or fractional values are refused with a message."""
+    from demo.app import BadInput, check_request
+
+    m = _meta(default=2)
+    r = check_request(m, None, 5, 3)
+    assert (r.steps, r.seeds, r.label, r.gamma) == (2, [5, 6, 7], None, None)
+    assert check_request(m, 64.0).steps == 64
+    for steps, msg in ((1000, "steps must be a whole number in [1, 64], got 1000"), (0, "got 0"),
+                       (2.5, "got 2.5"), ("x", "got 'x'"), ("", "steps is empty")):
+        with pytest.raises(BadInput, match=re.escape(msg)):
+            check_request(m, steps)
+    with pytest.raises(BadInput, match=r"number of images must be a whole number in \[1, 16\], got 17"):
+        check_request(m, 2, 0, 17)
+    with pytest.raises(BadInput, match="seed must be"):
+        check_request(m, 2, -1)
+    with pytest.raises(BadInput, match="m is unconditional; send no class label"):
+        check_request(m, 2, 0, 1, label=3)
+    cond = _meta(classes=10)
+    with pytest.raises(BadInput, match=r"class label is required .* \[0, 9\]"):
+        check_request(cond, 2)
+    assert check_request(cond, 2, label=9).label == 9
+    with pytest.raises(BadInput, match="gamma has no effect at 1 step"):
+        check_request(m, 1, gamma=0.5)
+    with pytest.raises(BadInput, match="consistency model"):
+        check_request(_meta("cm", lands="end", gamma=1.0), 2, gamma=0.5)
+    with pytest.raises(BadInput, match=r"gamma must be a number in \[0, 1\], got 1.5"):
+        check_request(m, 2, gamma=1.5)
+    assert check_request(m, 2, gamma=0.5).gamma == 0.5
+
+
+def test_previews_are_denoised_estimates():
+    """serving.preview on the shared sampler loop: the estimate after step 1 is the 1-step image
+    of the seed, the last is the final image; a jump that lands at the end costs no extra call."""
+    from serving.preview import estimate_previews
+    from serving.protocol import Item, ModelInfo, run_group
+    from training import sampling
+
+    calls = []
+
+    def jump(x, t, s, labels):  # a flow whose denoiser is 0.5 x: an Euler step of its velocity
+        calls.append(1)
+        t, s = t.reshape(-1, 1), s.reshape(-1, 1)
+        v = (x - 0.5 * x) / t
+        return (x + (s - t) * v).astype(np.float32)
+
+    for spec, extra in ((sampling.flow_spec(), True), (sampling.flow_spec(jump_lands="end", gamma=1.0), False)):
+        info = ModelInfo("toy", (3,), 0, spec, 8)
+        frames = []
+        calls.clear()
+        wrapped, on_step = estimate_previews(jump, spec["t_end"], lambda i, x: frames.append((i, x.copy())))
+        items = [Item(seed=4, steps=4, gamma=sampling.check_request(spec, 4))]
+        final = run_group(wrapped, info, items, callback=on_step)
+        one = run_group(jump, info, [Item(4, 1, sampling.check_request(spec, 1))])
+        assert [i for i, _ in frames] == [0, 1, 2, 3]
+        np.testing.assert_allclose(frames[0][1], one, rtol=1e-6)
+        np.testing.assert_array_equal(frames[-1][1], final)
+        assert len(calls) - 1 == (4 + 3 if extra else 4)  # `one` made one call
+        # a frame is the denoiser's output at the state the step started from, not that (noisy) state
+        states = []
+        sampling.sample(lambda x, t, s: jump(x, t, s, None), spec, 4, [4], (3,), gamma=items[0].gamma,
+                        callback=lambda i, x: states.append(np.array(x)))
+        np.testing.assert_allclose(frames[1][1], 0.5 * states[0], rtol=1e-5)
+        assert not np.allclose(frames[1][1], states[0])
 
 
 # --- shipped default models -----------------------------------------------------------------------
@@ -162,10 +259,48 @@ def _launch(url: str):
     return app, page_url
 
 
+TINYQ_EVAL = {"metric": "fid-classifier", "num": 1000,
+              "results": [{"steps": 1, "fid": 90.0}, {"steps": 2, "fid": 40.0}, {"steps": 4, "fid": 60.0}]}
+
+
 @pytest.fixture(scope="module")
-def page_app(triton_server):
-    url, _, _ = triton_server
-    app, page_url = _launch(url)
+def demo_server(served_model_dirs, tmp_path_factory):
+    """A real tritonserver with `tiny` (a random-weight rf model as exported: no eval figures,
+    made for its default 8 steps) and `tinyq`: the same jump under a manifest that records eval
+    figures (results keyed `fid`, as `fewstep eval` writes them) and recommended steps [1, 2]."""
+    pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
+    from types import SimpleNamespace
+
+    from export.manifest import write_manifest
+    from fewstep.errors import UserError
+    from serving.launcher import Server, find_triton
+    from serving.repository import Options, write_repository
+
+    try:
+        find_triton()
+    except UserError as e:
+        pytest.skip(f"no tritonserver: {e}")
+    root = tmp_path_factory.mktemp("demo")
+    tinyq = root / "tinyq"
+    shutil.copytree(served_model_dirs["tiny"], tinyq)
+    manifest = json.loads((tinyq / "manifest.json").read_text())
+    manifest.update(name="tinyq", recommended_steps=[1, 2], eval=TINYQ_EVAL)
+    manifest["sampler"]["default_steps"] = 2
+    write_manifest(tinyq, manifest)
+    written = write_repository(root / "repo", [str(served_model_dirs["tiny"]), str(tinyq)],
+                               Options(device="cpu", threads=1))
+    server = Server(root / "repo", grpc_port=0, http_port=0, metrics_port=0,
+                    models=[n for w in written for n in w["models"]], log_file=root / "tritonserver.log")
+    server.start(timeout=240)
+    try:
+        yield SimpleNamespace(url=server.grpc_url, server=server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def page_app(demo_server):
+    app, page_url = _launch(demo_server.url)
     try:
         yield page_url
     finally:
@@ -204,6 +339,25 @@ def _generate(page, steps: int, num: int, preview: bool) -> str:
     return page.inner_text("#fewstep-latency")
 
 
+def _open(page, page_url: str, model: str = "tiny") -> None:
+    page.goto(page_url)
+    _wait_text(page, "fewstep-model-info", f"{model} — method")
+
+
+def _wait_text(page, elem_id: str, text: str) -> None:
+    page.wait_for_function(f"(document.querySelector('#{elem_id}')?.innerText || '').includes({text!r})", timeout=T)
+
+
+def _select_model(page, name: str) -> None:
+    page.locator("#fewstep-model input").click()
+    page.get_by_role("option", name=name, exact=True).click()
+    _wait_text(page, "fewstep-model-info", f"{name} — method")
+
+
+def _images_shown(page, elem_id: str) -> int:
+    return page.eval_on_selector_all(f"#{elem_id} img", "els => els.length")
+
+
 def _assert_images(images, n):
     assert len(images) == n
     for img in images:
@@ -213,8 +367,7 @@ def _assert_images(images, n):
 def test_page_generate_and_compare(browser, page_app, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     try:
-        page.goto(page_app)
-        page.wait_for_function("(document.querySelector('#fewstep-model-info')?.innerText || '').includes('tiny')", timeout=T)
+        _open(page, page_app)
         info = page.inner_text("#fewstep-model-info")
         assert "unconditional" in info and "steps" in info
         assert not page.locator("#fewstep-label").is_visible()  # an unconditional model: no class label
@@ -249,6 +402,104 @@ def test_page_generate_and_compare(browser, page_app, tmp_path):
         page.close()
 
 
+def test_page_model_switch_quality_and_steps(browser, page_app):
+    """Page items 1-3: a model switch clears the old model's results; the model line shows the
+    manifest's FID per step count; the steps box defaults to a count the model was made for;
+    the compare view shows those counts with their FID; another count is annotated."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        _open(page, page_app)
+        assert "FID" not in page.inner_text("#fewstep-model-info")  # tiny has no eval figures
+        assert page.input_value("#fewstep-steps input") == "8"       # its default, the count it was made for
+        _generate(page, steps=1, num=2, preview=False)
+        page.get_by_role("tab", name="Compare steps").click()
+        page.click("#fewstep-compare")
+        page.wait_for_function("document.querySelectorAll('#fewstep-compare-gallery img').length >= 4", timeout=T)
+        assert "tiny" in page.inner_text("#fewstep-compare-intro")
+
+        _select_model(page, "tinyq")  # switched on the compare tab, as the user who found it did
+        page.wait_for_function("document.querySelectorAll('#fewstep-compare-gallery img').length == 0"
+                               " && (document.querySelector('#fewstep-compare-table')?.innerText || '').trim() == ''",
+                               timeout=T)
+        info = page.inner_text("#fewstep-model-info")
+        assert "made for 1 or 2 steps" in info
+        assert "FID by steps (fid-classifier, 1000 samples, lower is better): 1 → 90.0 (made for) · " \
+               "2 → 40.0 (made for) · 4 → 60.0" in info
+        intro = page.inner_text("#fewstep-compare-intro")
+        assert "tinyq at 1, 2 and 4 steps" in intro
+        page.click("#fewstep-compare")
+        page.wait_for_function("(document.querySelector('#fewstep-compare-table')?.innerText || '')"
+                               ".includes('made for') && document.querySelectorAll('#fewstep-compare-gallery img').length >= 3", timeout=T)
+        table = page.inner_text("#fewstep-compare-table")
+        assert "FID (1000 samples)" in table and "90.0" in table and "60.0" in table
+        captions = page.inner_text("#fewstep-compare-gallery")
+        assert re.search(r"1 step · [\d.]+ ms · FID 90.0 · made for", captions)
+        assert re.search(r"4 steps · [\d.]+ ms · FID 60.0(?! · made for)", captions)
+
+        page.get_by_role("tab", name="Generate").click()
+        assert _images_shown(page, "fewstep-gallery") == 0       # tiny's images went with the switch
+        assert page.inner_text("#fewstep-latency").strip() == ""
+        assert page.input_value("#fewstep-steps input") == "2"   # tinyq's default
+        assert "made for 1 or 2 steps" in page.inner_text("#fewstep-steps-hint")
+        lat = _generate(page, steps=4, num=1, preview=False)
+        assert "tinyq" in lat and "FID 60.0 at 4 steps; tinyq was made for 1 or 2 steps (FID 90.0 at 1 step)" in lat
+    finally:
+        page.close()
+
+
+def test_page_says_out_of_range_values(browser, page_app):
+    """Page item 4: 1000 steps, 0 steps, 2.5 steps or 17 images are refused with a message; the box keeps
+    what was typed (no clamping) and nothing is generated."""
+    page = browser.new_page()
+    try:
+        _open(page, page_app)
+        for steps, num, said in ((1000, 1, "Steps must be a whole number in [1, 64], got 1000"),
+                                 (0, 1, "Steps must be a whole number in [1, 64], got 0"),
+                                 (2.5, 1, "Steps must be a whole number in [1, 64], got 2.5"),
+                                 (2, 17, "Number of images must be a whole number in [1, 16], got 17")):
+            _set_number(page, "fewstep-steps", steps)
+            _set_number(page, "fewstep-num", num)
+            page.click("#fewstep-generate")
+            _wait_text(page, "fewstep-status", said)
+            assert "Nothing was sent to the server" in page.inner_text("#fewstep-status")
+            assert page.input_value("#fewstep-steps input") == str(steps)
+            assert _images_shown(page, "fewstep-gallery") == 0
+        _generate(page, steps=2, num=1, preview=False)  # a good request clears the message
+        assert page.inner_text("#fewstep-status").strip() == ""
+    finally:
+        page.close()
+
+
+def test_page_preview_at_one_step(browser, page_app):
+    """Page item 5 in the browser: at 1 step the live preview shows the image (the stream's one
+    frame); unticked, the preview box is hidden rather than left empty."""
+    page = browser.new_page()
+    try:
+        _open(page, page_app)
+        _generate(page, steps=1, num=2, preview=True)
+        page.wait_for_function("document.querySelectorAll('#fewstep-live img').length == 1", timeout=T)
+        live = _gallery_images(page, "fewstep-live")
+        assert len(live) == 1 and np.array_equal(live[0], _gallery_images(page, "fewstep-gallery")[0])
+        page.locator("#fewstep-preview input[type=checkbox]").click()
+        page.wait_for_function("!document.querySelector('#fewstep-live') || "
+                               "document.querySelector('#fewstep-live').offsetParent === null", timeout=T)
+    finally:
+        page.close()
+
+
+def test_stream_previews_are_denoised_estimates(demo_server):
+    """Page item 5 at the source: `<name>_stream`'s frames are the denoised estimate at each step:
+    the first is the seed's 1-step image, the last the final image, none is the noisy state."""
+    from serving.client import Client
+
+    with Client(demo_server.url, timeout=120) as c:
+        frames = list(c.stream("tiny", seed=3, steps=4))
+        one, four = c.generate("tiny", [3], 1)[0], c.generate("tiny", [3], 4)[0]
+    assert [k for k, _ in frames] == [1, 2, 3, 4]
+    assert np.array_equal(frames[0][1], one) and np.array_equal(frames[-1][1], four)
+    assert not np.array_equal(frames[1][1], frames[0][1])
+
+
 def test_page_when_triton_is_down(browser):
     dead = f"127.0.0.1:{_free_port()}"  # nothing listens there
     app, page_url = _launch(dead)
@@ -268,36 +519,116 @@ def test_page_when_triton_is_down(browser):
         app.close()
 
 
-def test_gradio_client_api(page_app, triton_server):
+def test_gradio_client_api(page_app, demo_server, capfd):
+    """Page item 6: named, typed endpoints with plain data; no label for unconditional models;
+    a refused request is a clean one-line error for the client and no traceback in the log."""
     gradio_client = pytest.importorskip("gradio_client", reason="needs gradio_client (with gradio)")
+    import base64
+
     from PIL import Image
 
-    c = gradio_client.Client(page_app, verbose=False)
-    api = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/generate", "/compare", "/models"} <= set(api)
-    gallery, _, latency, status, seed = c.predict("tiny", 2, 11, False, 3, 0.0, None, False, api_name="/generate")
-    assert status == "" and seed == 11 and "3 images at 2 steps" in latency.replace("**", "")
-    assert [g["caption"] for g in gallery] == ["seed 11", "seed 12", "seed 13"]
-    images = [np.asarray(Image.open(g["image"]).convert("L"), np.float32) for g in gallery]
-    _assert_images(images, 3)
-    # the page shows what the server returns for those seeds (nothing is computed in the UI process)
-    from demo.app import display_images
     from serving.client import Client
-    with Client(triton_server[0]) as direct:
-        ref = display_images(direct.generate("tiny", [11, 12, 13], 2))
-    assert all(np.array_equal(a, b) for a, b in zip(images, ref))
-    compared, table, status, _ = c.predict("tiny", 3, False, 0.0, None, api_name="/compare")
-    assert status == "" and len(compared) == 4 and table.count("ms") == 4
+
+    c = gradio_client.Client(page_app, verbose=False)
+    api = c.view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == {"/models", "/generate", "/compare"} and not api["unnamed_endpoints"]
+    params = {k: [p["parameter_name"] for p in v["parameters"]] for k, v in api["named_endpoints"].items()}
+    assert params["/generate"] == ["model", "steps", "seed", "num_images", "class_label", "gamma"]
+    assert params["/compare"] == ["model", "seed", "class_label", "gamma"]
+    gen = {p["parameter_name"]: p for p in api["named_endpoints"]["/generate"]["parameters"]}
+    assert gen["steps"]["type"] == {"oneOf": [{"type": "null"}, {"type": "integer"}]}
+    assert gen["class_label"]["parameter_has_default"] and gen["class_label"]["parameter_default"] is None
+
+    models = {m["name"]: m for m in c.predict(api_name="/models")}
+    assert set(models) == {"tiny", "tinyq"}
+    q = models["tinyq"]
+    assert (q["recommended_steps"], q["default_steps"], q["max_steps"], q["num_classes"]) == ([1, 2], 2, 64, 0)
+    assert q["quality"] == {"metric": "fid-classifier", "samples": 1000, "by_steps": [
+        {"steps": 1, "value": 90.0}, {"steps": 2, "value": 40.0}, {"steps": 4, "value": 60.0}]}
+    assert models["tiny"]["recommended_steps"] == [8] and models["tiny"]["quality"] is None
+
+    r = c.predict("tiny", steps=2, seed=11, num_images=3, api_name="/generate")  # no class_label needed
+    assert (r["model"], r["steps"], r["seeds"], r["class_label"], r["gamma"]) == ("tiny", 2, [11, 12, 13], None, None)
+    assert r["latency_ms"] > 0 and r["server"] == demo_server.url and r["image_shape"] == [28, 28, 1]
+    assert "was made for 8 steps" in r["note"]
+    images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(i["png_base64"])))) for i in r["images"]]
+    assert [i["seed"] for i in r["images"]] == [11, 12, 13]
+    with Client(demo_server.url) as direct:  # the API returns what the server makes for those seeds
+        ref = direct.generate("tiny", [11, 12, 13], 2)
+    assert all(np.array_equal(a, b[:, :, 0]) for a, b in zip(images, ref))
+    assert c.predict("tinyq", api_name="/generate")["steps"] == 2  # the model's default
+
+    capfd.readouterr()
+    for kwargs, said in (({"steps": 1000}, "steps must be a whole number in [1, 64], got 1000"),
+                         ({"steps": 0}, "got 0"),
+                         ({"class_label": 3}, "tiny is unconditional; send no class label"),
+                         ({"steps": 1, "gamma": 0.5}, "gamma has no effect at 1 step"),
+                         ({"num_images": 17}, "number of images must be a whole number in [1, 16], got 17")):
+        with pytest.raises(gradio_client.exceptions.AppError) as e:
+            c.predict("tiny", api_name="/generate", **kwargs)
+        assert said in str(e.value) and "Traceback" not in str(e.value)
+    with pytest.raises(gradio_client.exceptions.AppError, match="NOT_FOUND|unknown model|nosuch"):
+        c.predict("nosuch", api_name="/generate")
+    log = capfd.readouterr()
+    assert "Traceback" not in log.err + log.out
+
+    cmp = c.predict("tinyq", seed=3, api_name="/compare")
+    rows = [(x["steps"], x["quality"], x["made_for"]) for x in cmp["results"]]
+    assert rows == [(1, 90.0, True), (2, 40.0, True), (4, 60.0, False)] and cmp["seed"] == 3
+    assert all(x["latency_ms"] > 0 and x["png_base64"] for x in cmp["results"])
 
 
-def test_rejected_request_message(triton_server):
+def test_uploads_are_refused(page_app):
+    """Issue 14 item 10: the page takes no files, so Gradio's upload route is closed: a small
+    upload and a 64 MB one are refused (never stored, never served back); the page still works."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(page_app)
+
+    def upload(size: int):
+        boundary = "fewstepboundary"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        try:
+            conn.putrequest("POST", "/gradio_api/upload")
+            conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+            conn.putheader("Content-Length", str(len(head) + size + len(tail)))
+            conn.endheaders()
+            try:
+                conn.send(head)
+                chunk = b"\0" * (1 << 20)
+                for lo in range(0, size, len(chunk)):
+                    conn.send(chunk[:min(len(chunk), size - lo)])
+                conn.send(tail)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server answered and closed before the body was all sent
+            try:
+                r = conn.getresponse()
+                return r.status, r.read().decode(errors="replace")
+            except (ConnectionResetError, http.client.RemoteDisconnected):
+                return None, ""
+        finally:
+            conn.close()
+
+    status, body = upload(10)
+    assert status == 403 and "uploads are disabled" in body
+    status, _ = upload(64 << 20)
+    assert status in (403, None)  # refused: the answer, or the connection closed on the sender
+    with urllib.request.urlopen(page_app, timeout=30) as r:
+        assert r.status == 200
+
+
+def test_rejected_request_message(demo_server):
     from demo.app import Backend, describe_error
     from serving.client import ServingError
 
-    backend = Backend(triton_server[0])
+    backend = Backend(demo_server.url)
     with pytest.raises(ServingError) as e:
         backend.generate("tiny", [0], 999)
-    msg = describe_error(e.value, triton_server[0])
+    msg = describe_error(e.value, demo_server.url)
     assert "rejected" in msg and "steps" in msg
 
 

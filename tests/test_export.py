@@ -16,7 +16,8 @@ pytest.importorskip("onnxscript")
 
 from export import onnx_export  # noqa: E402
 from export.cli import export_model  # noqa: E402
-from export.manifest import ManifestError, read_manifest, sha256_file, validate  # noqa: E402
+from export.manifest import (ManifestError, read_manifest, recommended_steps, sha256_file, step_quality,  # noqa: E402
+                             validate)
 from export.runner import load_runner  # noqa: E402
 from fewstep.cli import main as fewstep_main  # noqa: E402
 from training import checkpoint as ck  # noqa: E402
@@ -220,6 +221,26 @@ def test_manifest_validates_and_rejects(rf_model_dir):
     broken(lambda d: d.update(name="has space"))
     broken(lambda d: d["files"].update({"jump.onnx": "md5:00"}))
     broken(lambda d: d["image"].update(channels=3))
+    # the step counts it was made for: the default alone unless --recommended-steps says more
+    assert m["recommended_steps"] == [m["sampler"]["default_steps"]]
+    broken(lambda d: d.update(recommended_steps=[]))
+    broken(lambda d: d.update(recommended_steps=[2, 1]))                       # not ascending
+    broken(lambda d: d.update(recommended_steps=[m["sampler"]["max_steps"] + 1]))
+    broken(lambda d: d.update(recommended_steps=[k for k in (1, 2, 3) if k != m["sampler"]["default_steps"]]))
+    old = copy.deepcopy(m)
+    old.pop("recommended_steps")  # manifests written before the field still read
+    validate(old)
+    assert recommended_steps(old) == [m["sampler"]["default_steps"]]
+
+
+def test_step_quality_reads_eval_figures():
+    """`fewstep eval` names the metric by its features and keys each result by the quantity."""
+    ev = {"metric": "fid-classifier", "num": 10000,
+          "results": [{"steps": 2, "fid": 153.7, "png": "x.png"}, {"steps": 1, "fid": 192.6}, {"steps": 4}]}
+    assert step_quality({"eval": ev}) == {"metric": "fid-classifier", "num": 10000, "by_steps": {1: 192.6, 2: 153.7}}
+    assert step_quality({"eval": {"metric": "swd", "num": 500, "results": [{"steps": 1, "swd": 0.1}]}})["by_steps"] \
+        == {1: 0.1}
+    assert step_quality({"eval": None}) is None and step_quality({"eval": {"results": []}}) is None
 
 
 def test_read_manifest_detects_corruption(work, rf_model_dir):
@@ -332,6 +353,10 @@ def test_bad_inputs(work, rf_ckpt, capsys):
     _fails(["export", "--ckpt", str(rf_ckpt), "--out", out, "--format", "onnx,coreml"], capsys, "--format")
     _fails(["export", "--ckpt", str(rf_ckpt), "--out", out, "--max-batch", "0"], capsys, "--max-batch")
     _fails(["export", "--ckpt", str(rf_ckpt), "--out", out, "--opset", "17"], capsys, "--opset")
+    _fails(["export", "--ckpt", str(rf_ckpt), "--out", out, "--recommended-steps", "1,x"], capsys,
+           "--recommended-steps takes comma-separated integers")
+    _fails(["export", "--ckpt", str(rf_ckpt), "--out", out, "--recommended-steps", "1,2"], capsys,
+           "--recommended-steps", "must include sampler.default_steps")
 
     from export.tensorrt_build import unavailable_reason
     why = unavailable_reason()

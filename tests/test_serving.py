@@ -68,7 +68,7 @@ def test_repository_configs_are_valid_triton_configs(served_model_dirs, tmp_path
     assert ens.platform == "ensemble" and ens.max_batch_size == 16
     inputs = {i.name: i for i in ens.input}
     assert [inputs[n].data_type for n in ("seed", "steps", "class_label", "gamma")] == [
-        model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_INT32, model_config_pb2.TYPE_INT32, model_config_pb2.TYPE_FP32]
+        model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_FP32]
     assert not inputs["seed"].optional and not inputs["steps"].optional
     assert inputs["class_label"].optional and inputs["gamma"].optional
     outs = {o.name: list(o.dims) for o in ens.output}
@@ -92,20 +92,20 @@ def test_serve_dry_run_cli(served_model_dirs, tmp_path):
 
 def test_parse_request_rejects_each_bad_input():
     info = ModelInfo("m", (1, 4, 4), 3, sampling.flow_spec(max_steps=8), max_batch=4)
-    ok = {"seed": np.array([[1], [2]], np.int64), "steps": np.array([[2], [3]], np.int32),
-          "class_label": np.array([[0], [2]], np.int32)}
+    ok = {"seed": np.array([[1], [2]], np.int64), "steps": np.array([[2], [3]], np.int64),
+          "class_label": np.array([[0], [2]], np.int64)}
     items = parse_request(info, ok)
     assert [(i.seed, i.steps, i.label) for i in items] == [(1, 2, 0), (2, 3, 2)]
     cases = [
-        (dict(steps=np.array([[0], [1]], np.int32)), "steps", "[1, 8]"),
-        (dict(steps=np.array([[9], [1]], np.int32)), "steps", "[1, 8]"),
-        (dict(steps=np.array([[2], [-3]], np.int32)), "steps", "[1, 8]"),
-        (dict(steps=np.array([[2], [3]], np.int64)), "steps", "int32"),
+        (dict(steps=np.array([[0], [1]], np.int64)), "steps", "[1, 8]"),
+        (dict(steps=np.array([[9], [1]], np.int64)), "steps", "[1, 8]"),
+        (dict(steps=np.array([[2], [-3]], np.int64)), "steps", "[1, 8]"),
+        (dict(steps=np.array([[2], [3]], np.int32)), "steps", "int64"),
         (dict(seed=np.array([[1], [-2]], np.int64)), "seed", "[0,"),
         (dict(seed=np.array([1, 2, 3], np.int64).reshape(1, 3)), "seed", "shape"),
-        (dict(seed=np.arange(5, dtype=np.int64).reshape(5, 1), steps=np.ones((5, 1), np.int32),
-              class_label=np.zeros((5, 1), np.int32)), "seed", "maximum batch is 4"),
-        (dict(class_label=np.array([[0], [3]], np.int32)), "class_label", "[0, 2]"),
+        (dict(seed=np.arange(5, dtype=np.int64).reshape(5, 1), steps=np.ones((5, 1), np.int64),
+              class_label=np.zeros((5, 1), np.int64)), "seed", "maximum batch is 4"),
+        (dict(class_label=np.array([[0], [3]], np.int64)), "class_label", "[0, 2]"),
         (dict(class_label=None), "class_label", "[0, 2]"),
         (dict(gamma=np.array([[0.5], [np.nan]], np.float32)), "gamma", "[0, 1]"),
         (dict(gamma=np.array([[1.5], [0]], np.float32)), "gamma", "[0, 1]"),
@@ -117,14 +117,14 @@ def test_parse_request_rejects_each_bad_input():
         assert str(e.value).startswith(field + ":") and allowed in str(e.value), str(e.value)
     uncond = ModelInfo("u", (2,), 0, sampling.flow_spec(), max_batch=4)
     with pytest.raises(InvalidInput, match="class_label: model 'u' is unconditional"):
-        parse_request(uncond, {"seed": np.array([[0]], np.int64), "steps": np.array([[1]], np.int32),
-                               "class_label": np.array([[0]], np.int32)})
+        parse_request(uncond, {"seed": np.array([[0]], np.int64), "steps": np.array([[1]], np.int64),
+                               "class_label": np.array([[0]], np.int64)})
 
 
 def test_one_step_fast_path_equals_the_loop(served_model_dirs):
     runner = _runner(served_model_dirs["tiny"])
     info = ModelInfo.from_manifest(runner.manifest)
-    items = parse_request(info, {"seed": np.array([[3], [4]], np.int64), "steps": np.array([[1], [1]], np.int32)})
+    items = parse_request(info, {"seed": np.array([[3], [4]], np.int64), "steps": np.array([[1], [1]], np.int64)})
     fast = run_group(lambda x, t, s, labels: runner(x, t, s, labels), info, items)
     loop = sampling.sample(lambda x, t, s: runner(x, t, s), info.spec, 1, [3, 4], info.shape)
     np.testing.assert_array_equal(fast, loop)
@@ -263,25 +263,26 @@ def test_every_bad_input_is_refused_and_the_server_keeps_serving(triton_stack, c
     url = triton_stack.url
     good = client.generate("tiny", [1], 2)
     s1 = ("seed", np.array([[1]], np.int64), "INT64")
-    st2 = ("steps", np.array([[2]], np.int32), "INT32")
+    st2 = ("steps", np.array([[2]], np.int64), "INT64")
     cases = [  # (model, inputs, code, words the message must contain)
-        ("tiny", [s1, ("steps", np.array([[0]], np.int32), "INT32")], "steps", "[1, 64]"),
-        ("tiny", [s1, ("steps", np.array([[-4]], np.int32), "INT32")], "steps", "[1, 64]"),
-        ("tiny", [s1, ("steps", np.array([[65]], np.int32), "INT32")], "steps", "[1, 64]"),
+        ("tiny", [s1, ("steps", np.array([[0]], np.int64), "INT64")], "steps", "[1, 64]"),
+        ("tiny", [s1, ("steps", np.array([[-4]], np.int64), "INT64")], "steps", "[1, 64]"),
+        ("tiny", [s1, ("steps", np.array([[65]], np.int64), "INT64")], "steps", "[1, 64]"),
         ("tiny", [("seed", np.array([[1]], np.int32), "INT32"), st2], "seed", "INT64"),
-        ("tiny", [s1, ("steps", np.array([[2.0]], np.float32), "FP32")], "steps", "INT32"),
+        ("tiny", [s1, ("steps", np.array([[2]], np.int32), "INT32")], "steps", "INT64"),
+        ("tiny", [s1, ("steps", np.array([[2.0]], np.float32), "FP32")], "steps", "INT64"),
         ("tiny", [("seed", np.array([[1, 2]], np.int64), "INT64"), st2], "seed", "[-1,1]"),
         ("tiny", [s1], "steps", "missing required input"),
-        ("tiny", [s1, st2, ("class_label", np.array([[1]], np.int32), "INT32")], "class_label", "unconditional"),
-        ("toyc", [s1, st2, ("class_label", np.array([[4]], np.int32), "INT32")], "class_label", "[0, 3]"),
-        ("toyc", [s1, st2, ("class_label", np.array([[-1]], np.int32), "INT32")], "class_label", "[0, 3]"),
+        ("tiny", [s1, st2, ("class_label", np.array([[1]], np.int64), "INT64")], "class_label", "unconditional"),
+        ("toyc", [s1, st2, ("class_label", np.array([[4]], np.int64), "INT64")], "class_label", "[0, 3]"),
+        ("toyc", [s1, st2, ("class_label", np.array([[-1]], np.int64), "INT64")], "class_label", "[0, 3]"),
         ("toyc", [s1, st2], "class_label", "[0, 3]"),
         ("tiny", [s1, st2, ("gamma", np.array([[np.nan]], np.float32), "FP32")], "gamma", "[0, 1]"),
         ("tiny", [s1, st2, ("gamma", np.array([[1.5]], np.float32), "FP32")], "gamma", "[0, 1]"),
         ("tiny", [s1, st2, ("gamma", np.array([[-0.1]], np.float32), "FP32")], "gamma", "[0, 1]"),
         ("tiny", [("seed", np.array([[-1]], np.int64), "INT64"), st2], "seed", "[0,"),
         ("tiny", [("seed", np.arange(17, dtype=np.int64).reshape(17, 1), "INT64"),
-                  ("steps", np.full((17, 1), 2, np.int32), "INT32")], "batch-size", "16"),
+                  ("steps", np.full((17, 1), 2, np.int64), "INT64")], "batch-size", "16"),
     ]
     for model, inputs, field, allowed in cases:
         out = ("sample",) if model == "toyc" else ("image",)
@@ -373,7 +374,7 @@ def test_serve_cli_shuts_down_cleanly_on_sigterm_and_sigint(served_model_dirs, t
             assert f"gRPC     127.0.0.1:{port}" in text, text
             with Client(f"127.0.0.1:{port}") as c:
                 assert c.generate("toyc", [1], 2, class_labels=[1]).shape == (1, 2)
-            server_pid = [p for p in _children(proc.pid)]
+            server_pid = [p for p in _children(proc.pid) if _comm(p) == "tritonserver"]
             assert len(server_pid) == 1, server_pid
             triton = process_group_members(server_pid[0])  # tritonserver and its stubs: their own group
             assert len(triton) >= 4 and server_pid[0] in triton
@@ -401,6 +402,13 @@ def _children(pid: int) -> list[int]:
             if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
                 out.append(int(d.name))
     return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _state(pid: int) -> str:

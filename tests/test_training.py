@@ -228,3 +228,71 @@ def test_ddp_two_processes_gloo(tmp_path):
     st = load_file(str(tmp_path / "checkpoints/step-0000006/train_state.safetensors"))
     assert "rng.cpu.0" in st and "rng.cpu.1" in st and not torch.equal(st["rng.cpu.0"], st["rng.cpu.1"])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_default_threads_do_not_oversubscribe(tmp_path, monkeypatch, capsys):
+    """train.threads=0 (the default): the CPUs we may use, less the busy ones, shared among
+    the local processes; torch's own default (every CPU) ran 10x slower on a busy machine."""
+    import training.loop as loop
+    assert loop.auto_threads(cpus=2, load=7.0, machine_cpus=2, procs=1)[0] == 1       # busy 2-core machine
+    assert loop.auto_threads(cpus=16, load=0.3, machine_cpus=16, procs=1)[0] == 16    # idle
+    assert loop.auto_threads(cpus=8, load=6.0, machine_cpus=8, procs=1)[0] == 2
+    assert loop.auto_threads(cpus=16, load=0.0, machine_cpus=16, procs=4)[0] == 4     # 4 ranks under torchrun
+    assert loop.auto_threads(cpus=4, load=40.0, machine_cpus=64, procs=1)[0] == 4     # a cpuset on a big host
+    n = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 7.0, 7.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(loop, "_cgroup_cpu_quota", lambda: None)
+    try:
+        torch.set_num_threads(2)  # what torch takes on its own on 2 CPUs
+        assert train(tmp_path / "busy", "--iters", "2") == 0
+        assert torch.get_num_threads() == 1
+        assert "threads=1 (auto: 2 CPUs, load 7.0" in capsys.readouterr().err
+        assert train(tmp_path / "set", "--iters", "2", "train.threads=2") == 0  # the config wins
+        assert torch.get_num_threads() == 2 and "threads=2 (train.threads)" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_short_cud_distill_run_stores_only_what_it_draws(tmp_path, monkeypatch, capsys):
+    """6 iterations on the tiny preset (batch 16) need 96 teacher trajectories, not the
+    default 50000; the generation reports its progress."""
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    tiny = ["--preset", "tiny", "--no-progress", "data.limit=64"]
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--method", "cud", "--out", str(teacher), "--iters", "2", *tiny]) == 0
+    assert main(["train", "--method", "cud-distill", "--teacher", str(teacher), "--out", str(tmp_path / "student"),
+                 "--iters", "6", *tiny]) == 0
+    err = capsys.readouterr().err
+    files = list((tmp_path / "cache" / "cud-distill").glob("*.safetensors"))
+    assert len(files) == 1 and load_file(str(files[0]))["z"].shape[0] == 6 * 16
+    assert "generating 96 teacher trajectories" in err and "cud-distill trajectories: 96/96" in err
+
+
+def test_steps_title_grammar():
+    from fewstep.plots import steps_title
+    assert steps_title("cud", 1) == "cud 1 step" and steps_title("cd", 4) == "cd 4 steps"
+
+
+def test_generate_and_sample_draw_2d_samples_alike(triton_stack, tmp_path):
+    """The same 2-D samples from `fewstep sample` (PyTorch) and `fewstep generate` (Triton)
+    give the same plot; generate draws it without importing torch."""
+    import numpy as np
+    from PIL import Image
+
+    sampled, generated = tmp_path / "sample.png", tmp_path / "generate.png"
+    ckpt = triton_stack.dirs["ckpt"] / "run-toyc"
+    assert main(["sample", "--ckpt", str(ckpt), "--steps", "2", "--num", "64", "--label", "1",
+                 "--out", str(sampled)]) == 0
+    code = ("import sys; from fewstep.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'generate imported torch'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "generate", "--url", triton_stack.url, "--model", "toyc",
+                        "--steps", "2", "--num", "64", "--class-label", "1", "--out", str(generated)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = np.asarray(Image.open(sampled).convert("RGB")), np.asarray(Image.open(generated).convert("RGB"))
+    assert a.shape == b.shape
+    differ = (np.abs(a.astype(int) - b.astype(int)).max(axis=-1) > 8).mean()
+    assert differ < 0.002, f"{differ:.2%} of the pixels differ"

@@ -115,12 +115,18 @@ def load_model(path, ema: str | None = "default", device="cpu", load_teacher: bo
         fname = f"ema-{ema}.safetensors"
     else:
         raise UserError(f"checkpoint {ckpt} has no EMA {ema!r} (has: {', '.join(names) or 'none'})")
+    has_method = (ckpt / "method.safetensors").is_file()
+    ck.verify(ckpt, [fname] + (["method.safetensors"] if has_method else []), cfg)
     state = ck.load_tensors(ckpt / fname)
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:  # e.g. a diverged run, or damage to a checkpoint without checksums
+        raise UserError(f"checkpoint {ckpt}: {fname} holds NaN or inf in {len(nonfinite)} tensors "
+                        f"(first: {nonfinite[0]})")
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"checkpoint {ckpt}: weights do not fit the network of its config ({str(e)[:200]})") from None
-    if (ckpt / "method.safetensors").is_file():
+    if has_method:
         method.load_state_tensors(ck.load_tensors(ckpt / "method.safetensors"))
     net.to(device).eval().requires_grad_(False)
     return Model(cfg, method, net, ckpt, ema)

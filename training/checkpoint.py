@@ -2,23 +2,29 @@
 
 A run directory holds `config.json`, `metrics.jsonl`, `samples/` and
 `checkpoints/step-NNNNNNN/`, each checkpoint with:
-  config.json          the run's config plus {"step": N, "method": name, "format": 1}
+  config.json          the run's config plus {"step": N, "format": 1, "sha256": {file: hex}}
   model.safetensors    the online network
   ema-<decay>.safetensors  one per EMA decay
   method.safetensors   tensors the method needs at sampling time (optional)
   train_state.safetensors + train_state.json   optimizer and RNG state (for --resume)
 A checkpoint directory is written under a temporary name and renamed into place, so
-a crash never leaves a half-written checkpoint where a reader would find it.
+a crash never leaves a half-written checkpoint where a reader would find it. config.json is
+written last and records the sha256 of every other file: a reader verifies the files it
+loads (`verify`), so bytes damaged on disk later are refused instead of sampled from, and
+`--resume` falls back to the newest intact checkpoint (`newest_intact`). Checkpoints from
+before the hashes load unverified (with a note, once).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fewstep.errors import UserError
@@ -72,7 +78,6 @@ def save_checkpoint(run_dir, step: int, config: dict, model: dict, emas: dict[st
     tmp = ckdir / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_json(tmp / "config.json", {**config, "step": step, "format": FORMAT})
     save_file(_contiguous(model), str(tmp / "model.safetensors"))
     for decay, sd in emas.items():
         save_file(_contiguous(sd), str(tmp / f"ema-{decay}.safetensors"))
@@ -81,6 +86,8 @@ def save_checkpoint(run_dir, step: int, config: dict, model: dict, emas: dict[st
     if train_tensors is not None:
         save_file(_contiguous(train_tensors), str(tmp / "train_state.safetensors"))
         write_json(tmp / "train_state.json", train_meta or {})
+    # config.json last, with the hashes of everything else: in the same directory rename
+    write_json(tmp / "config.json", {**config, "step": step, "format": FORMAT, "sha256": hash_files(tmp)})
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -113,7 +120,7 @@ def find_checkpoint(path) -> Path:
 def read_config(ckpt: Path) -> dict:
     try:
         cfg = json.loads((ckpt / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint {ckpt}: unreadable config.json ({e})") from None
     if not isinstance(cfg, dict) or "method" not in cfg or "net" not in cfg:
         raise UserError(f"checkpoint {ckpt}: config.json is not a fewstep checkpoint config")
@@ -129,3 +136,113 @@ def load_tensors(path: Path) -> dict:
 
 def ema_names(ckpt: Path) -> list[str]:
     return sorted(p.name[len("ema-"):-len(".safetensors")] for p in ckpt.glob("ema-*.safetensors"))
+
+
+# --- integrity ---------------------------------------------------------------------------------
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files do not match what was written."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(ckpt: Path) -> dict[str, str]:
+    """{name: sha256} of every file of a checkpoint dir but config.json (which holds them)."""
+    return {p.name: sha256_file(p) for p in sorted(Path(ckpt).iterdir())
+            if p.is_file() and p.name != "config.json"}
+
+
+_UNVERIFIED_NOTED = False
+
+
+def verify(ckpt: Path, names: list[str] | None = None, cfg: dict | None = None) -> None:
+    """Check the named files (default: every recorded one) against the hashes in config.json;
+    raise CorruptCheckpoint with a one-line reason. A checkpoint from before the hashes is
+    only checked for readable safetensors headers, with a note (once per process)."""
+    global _UNVERIFIED_NOTED
+    ckpt = Path(ckpt)
+    cfg = read_config(ckpt) if cfg is None else cfg
+    recorded = cfg.get("sha256")
+    if not isinstance(recorded, dict):
+        if not _UNVERIFIED_NOTED:
+            _UNVERIFIED_NOTED = True
+            print(f"[fewstep] note: checkpoint {ckpt} records no checksums (saved by an older fewstep): "
+                  "its files are not verified", file=sys.stderr)
+        for name in names if names is not None else [p.name for p in ckpt.glob("*.safetensors")]:
+            try:
+                with safe_open(str(ckpt / name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CorruptCheckpoint(f"checkpoint {ckpt}: {name} is unreadable ({e})") from None
+        return
+    for name in names if names is not None else sorted(recorded):
+        path = ckpt / name
+        if name not in recorded:
+            raise CorruptCheckpoint(f"checkpoint {ckpt}: {name} has no checksum in config.json "
+                                    "(added after the save?)")
+        if not path.is_file():
+            raise CorruptCheckpoint(f"checkpoint {ckpt}: {name} is missing")
+        if sha256_file(path) != recorded[name]:
+            raise CorruptCheckpoint(f"checkpoint {ckpt}: {name} does not match the sha256 recorded at save "
+                                    "(the file is corrupt)")
+
+
+def check_resumable(ckpt: Path) -> dict:
+    """The config of a checkpoint that --resume can load completely (raises CorruptCheckpoint)."""
+    try:
+        cfg = read_config(ckpt)
+    except UserError as e:
+        raise CorruptCheckpoint(str(e)) from None
+    needed = ["model.safetensors", "train_state.safetensors", "train_state.json"]
+    needed += [f"ema-{d}.safetensors" for d in cfg.get("train", {}).get("ema", [])]
+    recorded = cfg.get("sha256")
+    for name in needed:
+        if not (ckpt / name).is_file():
+            raise CorruptCheckpoint(f"checkpoint {ckpt}: {name} is missing")
+    verify(ckpt, sorted(set(recorded) | set(needed)) if isinstance(recorded, dict) else
+           [n for n in needed if n.endswith(".safetensors")], cfg)
+    read_train_meta(ckpt)
+    return cfg
+
+
+def read_train_meta(ckpt: Path) -> dict:
+    path = Path(ckpt) / "train_state.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(f"checkpoint {ckpt}: unreadable train_state.json ({e})") from None
+    if not isinstance(meta, dict) or "optimizer" not in meta:
+        raise CorruptCheckpoint(f"checkpoint {ckpt}: train_state.json holds no optimizer state")
+    return meta
+
+
+def newest_intact(run_dir) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """For --resume: the newest checkpoint that loads completely, and the newer ones that
+    do not, each with its reason (newest first)."""
+    bad = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            check_resumable(ckpt)
+        except CorruptCheckpoint as e:
+            bad.append((ckpt, str(e)))
+            continue
+        return ckpt, bad
+    return None, bad
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a corrupt checkpoint to corrupt-step-N[.k]: kept for inspection, never loaded,
+    never counted among the kept checkpoints, never overwritten by a new save."""
+    dest = ckpt.with_name("corrupt-" + ckpt.name)
+    k = 1
+    while dest.exists():
+        dest = ckpt.with_name(f"corrupt-{ckpt.name}.{k}")
+        k += 1
+    os.replace(ckpt, dest)
+    return dest

@@ -64,7 +64,7 @@ def run_sample(args) -> int:
 
     from fewstep.errors import UserError
     from training.build import load_model
-    from training.sample import class_labels, save_samples
+    from training.sample import class_labels, save_samples, steps_title
 
     if args.num < 1:
         raise UserError(f"--num must be >= 1, got {args.num}")
@@ -90,7 +90,7 @@ def run_sample(args) -> int:
         labels = class_labels(n_cls, args.num, device)
     x = model.sample(steps, list(range(args.seed, args.seed + args.num)), labels=labels,
                      gamma=args.gamma, device=device)
-    save_samples(x, args.out, f"{model.method.name} {steps} steps")
+    save_samples(x, args.out, steps_title(model.method.name, steps))
     print(f"wrote {args.out} ({args.num} samples, {steps} steps, from {model.ckpt})", file=sys.stderr)
     return 0
 

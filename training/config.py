@@ -33,7 +33,7 @@ TRAIN_DEFAULTS = {
     "bf16": True,         # autocast on GPU only
     "time_limit": 0,      # minutes of training before stopping with a checkpoint; 0 = off. Curricula
                           # (cud-distill stages) then follow the elapsed fraction of it
-    "threads": 0,         # CPU threads for torch; 0 = torch's default (1 is faster on a busy machine)
+    "threads": 0,         # CPU threads for torch; 0 = auto: idle CPUs / local processes (training.loop.auto_threads)
 }
 
 # preset -> net preset (training.networks.PRESETS_NET) + training settings

@@ -478,7 +478,7 @@ def _sample_all(model, steps, seeds, labels, gamma, device, batch, progress, des
 def run(args) -> int:
     from training.build import load_model
     from training.checkpoint import write_json
-    from training.sample import class_labels, grid_image, save_png, save_scatter
+    from training.sample import class_labels, grid_image, save_png, save_scatter, steps_title
     from training.sampling import to_uint8
 
     steps_list = parse_steps(args.steps)
@@ -546,7 +546,7 @@ def run(args) -> int:
             t_sample += dt
             pts = torch.cat(chunks)
             png = out.with_name(f"{out.stem}-steps{k}.png")
-            save_scatter(pts.numpy(), png, f"{model.method.name} {k} steps", ref=ref.numpy())
+            save_scatter(pts.numpy(), png, steps_title(model.method.name, k), ref=ref.numpy())
             results.append({"steps": k, "swd": sliced_wasserstein(pts, ref, seed=args.seed),
                             "energy": energy_distance(pts, ref, seed=args.seed),
                             "seconds": round(dt, 3), "png": png.name})

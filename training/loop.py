@@ -68,8 +68,7 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
     tcfg = cfg["train"]
     if not isinstance(tcfg["iters"], int) or tcfg["iters"] < 1:
         raise UserError(f"--iters must be a positive integer, got {tcfg['iters']!r}")
-    if tcfg.get("threads"):
-        torch.set_num_threads(int(tcfg["threads"]))
+    threads_note = set_threads(tcfg.get("threads") or 0)
     rank, world = _dist_env()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -78,11 +77,13 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
 
     start = 0
     prev = None
+    corrupt = []
     if resume:
-        cks = ck.list_checkpoints(out)
-        if not cks:
+        if not ck.list_checkpoints(out):
             raise UserError(f"--resume: no checkpoint in {out}/checkpoints")
-        prev = cks[-1]
+        prev, corrupt = ck.newest_intact(out)
+        if prev is None:
+            raise UserError(f"--resume: no intact checkpoint in {out}/checkpoints ({corrupt[0][1]})")
         old = ck.read_config(prev)
         for sec in ("method", "net"):  # options newer than the run: it goes on with the defaults it was built with
             for k in set(cfg[sec]) - set(old[sec]) - set(DATA_NET_KEYS):
@@ -108,6 +109,7 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
     if method.needs_teacher and teacher is None:
         raise UserError(f"method {method.name} needs --teacher CKPT")
     net = build_initial_net(cfg, method)  # identical initial weights on every rank
+    method.run_samples = tcfg["iters"] * tcfg["batch"]
     method.init_student(net)
     net.to(device).train()
     emas = {str(dcy): copy.deepcopy(net).eval().requires_grad_(False) for dcy in tcfg["ema"]}
@@ -126,7 +128,7 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
         for name, e in emas.items():
             e.load_state_dict(ck.load_tensors(prev / f"ema-{name}.safetensors"))
         tt = ck.load_tensors(prev / "train_state.safetensors")
-        meta = json.loads((prev / "train_state.json").read_text())
+        meta = ck.read_train_meta(prev)
         ck.optimizer_from_flat(opt, tt, meta["optimizer"])
         for name, m in extra.items():
             pre = f"module.{name}."
@@ -134,6 +136,11 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
         if meta.get("world") == world and f"rng.cpu.{rank}" in tt:
             tt["rng.cpu"] = tt[f"rng.cpu.{rank}"]
         _restore_rng(tt, device)
+        if rank == 0:
+            for bad, why in corrupt:  # set aside: never loaded again, never rotated in for a good one
+                dest = ck.set_aside(bad)
+                print(f"[fewstep] --resume: {why}; moved it to {dest} and resumed from {prev.name}",
+                      file=sys.stderr)
     else:
         torch.manual_seed(tcfg["seed"] * 1000 + rank)  # per-rank noise from here on
 
@@ -143,10 +150,11 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
         ck.write_json(out / "config.json", cfg)
         n_params = sum(p.numel() for p in net.parameters())
         print(f"[fewstep] method={method.name} data={d['name']} {tuple(ds.shape)} n={len(ds)} "
-              f"net={cfg['net']['preset']} params={n_params:,} device={device} world={world}", file=sys.stderr)
+              f"net={cfg['net']['preset']} params={n_params:,} device={device} world={world} "
+              f"threads={torch.get_num_threads()}{threads_note}", file=sys.stderr)
 
     amp = device.type == "cuda" and tcfg["bf16"]
-    if rank == 0 and start:
+    if rank == 0:  # from a checkpoint, or from scratch after a run killed before its first one
         _drop_metrics_after(out / "metrics.jsonl", start)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=tcfg["iters"], initial=start, disable=not progress or rank != 0, dynamic_ncols=True,
@@ -212,13 +220,75 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
-    """On resume: drop the log lines of steps after the checkpoint, which are trained again."""
+    """Drop the log lines of steps after the starting one, which are trained again (all of
+    them on a fresh start). A torn last line (killed mid-write) is dropped too; damage
+    elsewhere is an error, not something to guess about."""
     if not path.is_file():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    keep = []
+    if step == 0:  # a fresh start: lines here are from a run stopped before its first checkpoint
+        if lines:
+            print(f"[fewstep] {path}: dropped {len(lines)} lines of an earlier start that saved no checkpoint",
+                  file=sys.stderr)
+        lines = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                print(f"[fewstep] {path}: dropped a torn last line (the run was killed while writing it)",
+                      file=sys.stderr)
+                break
+            raise UserError(f"{path}: line {i + 1} is not JSON; repair or remove the file to go on") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}: line {i + 1} is not a metrics record; repair or remove the file to go on")
+        if rec.get("step", 0) <= step:
+            keep.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(l + "\n" for l in keep))
     os.replace(tmp, path)
+
+
+def set_threads(configured: int) -> str:
+    """Set torch's CPU threads: train.threads when given, else OMP_NUM_THREADS when set, else
+    auto_threads(). Returns a note on how the count was chosen (for the start-up line)."""
+    if configured:
+        if not isinstance(configured, int) or configured < 0:
+            raise UserError(f"train.threads must be a positive integer or 0 (auto), got {configured!r}")
+        torch.set_num_threads(configured)
+        return " (train.threads)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return " (OMP_NUM_THREADS)"
+    n, why = auto_threads()
+    torch.set_num_threads(n)
+    return f" (auto: {why}; set train.threads to change)"
+
+
+def auto_threads(cpus: int | None = None, load: float | None = None, machine_cpus: int | None = None,
+                 procs: int | None = None) -> tuple[int, str]:
+    """Threads per process that do not oversubscribe the machine: the CPUs this process may
+    use (affinity, cgroup quota), less the busy ones (1-minute load average), shared among
+    the local training processes (torchrun's LOCAL_WORLD_SIZE). torch's own default takes
+    every CPU, which on a busy machine ran 10x slower than one thread."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = min(cpus, _cgroup_cpu_quota() or cpus)
+    machine_cpus = machine_cpus or os.cpu_count() or cpus
+    load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else (load or 0.0)
+    procs = procs or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    idle = machine_cpus - load
+    n = max(1, int(min(cpus, idle) + 0.5) // max(1, procs))
+    return n, f"{cpus} CPUs, load {load:.1f}, {procs} process{'es' if procs > 1 else ''}"
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """CPUs allowed by a cgroup v2 quota (containers), or None."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else max(1, int(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
 
 
 def ema_decay(decay: float, step: int, warmup: bool) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewstep.plots import save_scatter, steps_title  # noqa: F401  (save_scatter: the one 2-D plot)
 from training import sampling
 
 
@@ -32,27 +33,6 @@ def save_png(img: np.ndarray, path) -> None:
     tmp.replace(path)
 
 
-def save_scatter(points: np.ndarray, path, title: str = "", ref: np.ndarray | None = None) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    if ref is not None:
-        ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.8", label="data")
-    ax.scatter(points[:, 0], points[:, 1], s=1, c="C0", label="samples")
-    ax.set_xlim(-3, 3)
-    ax.set_ylim(-3, 3)
-    ax.set_aspect("equal")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def class_labels(num_classes: int, n: int, device="cpu"):
     return torch.arange(n, device=device) % num_classes if num_classes else None
 
@@ -75,5 +55,5 @@ def save_grid(method, net, cfg: dict, path, device="cpu", steps: int | None = No
     steps = steps or method.sampler_spec()["default_steps"]
     labels = class_labels(cfg["net"].get("label_dim", 0), num, device)
     x = method.sample(net, steps, list(range(num)), shape, labels=labels, device=device)
-    save_samples(x, path, f"{method.name} {steps} steps")
+    save_samples(x, path, steps_title(method.name, steps))
     net.train(was_training)

@@ -97,7 +97,8 @@ def time_grid(spec: dict, steps: int) -> np.ndarray:
         grid = (hi + u * (lo - hi)) ** float(spec["rho"])
     else:
         raise ValueError(f"unknown grid {spec['grid']!r}")
-    grid[-1] = t_end
+    # the ends exactly: (t_max ** (1/rho)) ** rho can round one ulp off t_max
+    grid[0], grid[-1] = t_max, t_end
     return grid
 
 

@@ -2,8 +2,10 @@
 
 One request = one image (seed, steps, optional class_label and gamma, as for `<name>`).
 It gets `steps` responses, each with `image` (uint8 [H, W, C]; `sample` float32 for 2-D
-models) and `step` (1..steps); the last one is the final image (the same bytes as
-`<name>` returns) and carries the final flag. The loop is `training.sampling.sample`
+models) and `step` (1..steps). Each is the denoised estimate at that step
+(`serving.preview`: the jump from the step's starting state to the end), not the noisy
+state: the first is the 1-step image of the seed, the last is the final image (the same
+bytes as `<name>` returns) and carries the final flag. The loop is `training.sampling.sample`
 with a callback; jumps are BLS calls to `<name>_jump`. Requests run on worker threads,
 so one slow stream does not hold up the next.
 """
@@ -13,6 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.models.common import internal, invalid, load_info, make_jump, read_inputs
+from serving.preview import estimate_previews
 from serving.protocol import InvalidInput, parse_request, run_group, to_images
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -55,8 +58,9 @@ class TritonPythonModel:
             last = i + 1 == steps
             sender.send(pb_utils.InferenceResponse(output_tensors=outs), flags=FINAL if last else 0)
 
+        jump, on_step = estimate_previews(self.jump, float(self.info.spec["t_end"]), preview)
         try:
-            run_group(self.jump, self.info, items, callback=preview)
+            run_group(jump, self.info, items, callback=on_step)
         except _Cancelled:
             sender.send(flags=FINAL)
         except Exception as e:  # noqa: BLE001

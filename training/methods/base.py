@@ -26,6 +26,9 @@ class Method:
     # options that may change after training (how the net is stepped, not the net itself):
     # `fewstep sample --set KEY=VALUE` accepts these
     sample_options: tuple = ()
+    # samples the run draws (train.iters x train.batch), set by the training loop before
+    # init_student: a method that precomputes data (cud-distill) makes no more than that
+    run_samples: int | None = None
 
     def __init__(self, opts: dict | None = None, teacher=None):
         self.opts = dict(self.defaults)

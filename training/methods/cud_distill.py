@@ -13,8 +13,10 @@ The authors' "additional training" (train_distill_update.py, generate.py --save_
 
 The trajectories are generated once per teacher and stored in a compact safetensors file
 (float16 z and targets, only the steps the curriculum uses) in a cache keyed by the
-teacher's weights and the generation options (or at method.data_file). Generation writes
-chunks atomically and picks up where it stopped when interrupted, with a progress bar; the
+teacher's weights and the generation options (or at method.data_file). A run stores no more
+than it can draw: min(method.num_trajs, train.iters x train.batch), so a short run does not
+wait for 50000 trajectories. Generation writes chunks atomically and picks up where it
+stopped when interrupted, with a progress bar on a terminal and log lines elsewhere; the
 noise of chunk i depends only on (data_seed, i), so a resumed file equals a fresh one.
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -68,14 +72,20 @@ def _chunk_noise(seed: int, index: int, n: int, shape) -> torch.Tensor:
 def generate_trajectories(teacher, path, num: int, steps: int, keep: list[int], seed: int, shape,
                           num_classes: int = 0, batch: int = 500, device="cpu", meta: dict | None = None,
                           progress: bool | None = None) -> Path:
-    """Write the distillation data file at `path` (resumable: chunks go to <path>.parts/)."""
+    """Write the distillation data file at `path` (resumable: chunks go to <path>.parts/).
+    progress: None = a bar on a terminal, else log lines (about every 10%); True = a bar;
+    False = silent."""
     path = Path(path)
     parts = path.with_name(path.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     n_chunks = (num + batch - 1) // batch
-    # progress None: a bar only on a terminal
     bar = tqdm(total=num, desc="cud-distill trajectories", unit="traj", dynamic_ncols=True,
                disable=None if progress is None else not progress)
+    log_lines = progress is None and bar.disable
+    if progress is not False:
+        print(f"[fewstep] cud-distill: generating {num} teacher trajectories ({steps} Euler steps each) "
+              f"into {path}", file=sys.stderr)
+    t0, computed, next_log = time.time(), 0, 0.1
     for i in range(n_chunks):
         lo, hi = i * batch, min(num, (i + 1) * batch)
         f = parts / f"chunk-{i:06d}.safetensors"
@@ -94,6 +104,11 @@ def generate_trajectories(teacher, path, num: int, steps: int, keep: list[int], 
         save_file(tensors, str(tmp))
         os.replace(tmp, f)
         bar.update(hi - lo)
+        computed += hi - lo
+        if log_lines and (hi / num >= next_log or hi == num):
+            next_log = hi / num + 0.1
+            left = (num - hi) * (time.time() - t0) / computed
+            print(f"[fewstep] cud-distill trajectories: {hi}/{num}, about {left:.0f} s left", file=sys.stderr)
     bar.close()
     chunks = [load_file(str(parts / f"chunk-{i:06d}.safetensors")) for i in range(n_chunks)]
     merged = {k: torch.cat([c[k] for c in chunks], dim=1 if k == "targets" else 0) for k in chunks[0]}
@@ -120,7 +135,7 @@ class CUDDistill(RectifiedFlow):
         "default_steps": 1,
         "traj_steps": 16,          # the teacher's Euler steps
         "stage_steps": [8, 11, 14],  # curriculum: x0_hat from these steps (t = 1 - k/traj_steps)
-        "num_trajs": 50000,        # stored (z, targets) pairs
+        "num_trajs": 50000,        # stored (z, targets) pairs; fewer when iters x batch is smaller
         "ema_weight": 0.1,         # weight of mse(v, v_ema)
         "ema_decay": 0.9999,       # the student's own EMA for that term
         "data_seed": 0,
@@ -189,8 +204,13 @@ class CUDDistill(RectifiedFlow):
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         return {"format": FORMAT, "teacher_weights": h.hexdigest(), "teacher_method": t.config["method"],
-                "num": o["num_trajs"], "traj_steps": o["traj_steps"], "stage_steps": o["stage_steps"],
+                "num": self.stored_trajectories(), "traj_steps": o["traj_steps"], "stage_steps": o["stage_steps"],
                 "seed": o["data_seed"], "shape": list(shape), "num_classes": num_classes}
+
+    def stored_trajectories(self) -> int:
+        """method.num_trajs, or fewer when the run draws fewer samples than that."""
+        n = self.opts["num_trajs"]
+        return min(n, self.run_samples) if self.run_samples else n
 
     def data_path(self, meta: dict) -> Path:
         if self.opts["data_file"]:
