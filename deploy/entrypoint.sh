@@ -9,7 +9,8 @@
 #   FEWSTEP_SERVE_ARGS    more `fewstep serve` options, e.g. "--instances 2 --workers 16"
 #   FEWSTEP_ADMIN_KEY     when set, Triton's admin protocols (model repository, shared memory,
 #                         logging, trace) answer only gRPC calls that carry it in the header
-#                         triton-grpc-protocol-fewstep-admin-key (Triton adds the prefix)
+#                         triton-grpc-protocol-fewstep-admin-key (Triton adds the prefix); the
+#                         protocols and the header are serving.launcher's RESTRICTED, ADMIN_HEADER
 set -euo pipefail
 
 models_dir=${FEWSTEP_MODELS:-/models}
@@ -34,15 +35,15 @@ fewstep serve --dry-run --repo "$repo" "${model_args[@]}" \
 
 admin=()
 if [ -n "${FEWSTEP_ADMIN_KEY:-}" ]; then
-  admin=(--grpc-restricted-protocol="model-repository,shared-memory,logging,trace:fewstep-admin-key=${FEWSTEP_ADMIN_KEY}")
+  admin=(--grpc-restricted-protocol="shared-memory,model-repository,logging,trace:fewstep-admin-key=${FEWSTEP_ADMIN_KEY}")
 fi
 
-# gRPC for clients and metrics for Prometheus on every address; HTTP (which a large body can
-# crash in this Triton release) on loopback only, where the exec probes reach it.
+# gRPC for clients (and the probes) and metrics for Prometheus on every address; HTTP off, as
+# in `fewstep serve` (a large HTTP body can crash this Triton release).
 exec tritonserver \
   --model-repository="$repo" \
   --grpc-address=0.0.0.0 --grpc-port=8001 \
-  --http-address=127.0.0.1 --http-port=8000 \
+  --allow-http=false \
   --metrics-address=0.0.0.0 --metrics-port=8002 \
   --strict-readiness=true --exit-on-error=true --exit-timeout-secs=10 \
   --model-control-mode=none \

@@ -1,45 +1,27 @@
 #!/usr/bin/env python3
 """Kubernetes probes of a fewstep Triton pod, run inside the container (exec probes).
 
-    probe.py ready  every model of the repository answers ready (Triton's model-ready endpoints)
+    probe.py ready  the server and every model of the repository report ready
     probe.py infer  `ready`, then one real 1-image, 1-step request through every ensemble,
                     which must come back in time with a finite sample
 
-Exit 0 when healthy, 1 (with one line on stderr) when not. Only the standard library: the
-probe starts in a fraction of a second and needs nothing beyond the image's Python.
+Exit 0 when healthy, 1 (with one line on stderr) when not. Over gRPC on loopback, the
+server's only client protocol (HTTP is off, as in `fewstep serve`).
 
 Why a real request: Triton 2.51 (the 24.10 container) keeps answering "ready" for a Python
-model whose stub process has died (docs/deploy.md), so only a request notices a dead
-model. HTTP on 127.0.0.1 is enough: the probe runs in the pod, and the server binds HTTP to
-loopback so no client can reach the HTTP front end.
+model whose stub process has died (docs/deploy.md), so only a request notices a dead model.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 
 class Unhealthy(Exception):
     pass
-
-
-def _request(url: str, timeout: float, body: dict | None = None) -> tuple[int, bytes]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"} if data is not None else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, OSError) as e:
-        raise Unhealthy(f"{url}: {getattr(e, 'reason', e)}") from None
 
 
 def repository_models(repo: Path) -> list[str]:
@@ -50,24 +32,19 @@ def repository_models(repo: Path) -> list[str]:
     return names
 
 
-def check_ready(base: str, models: list[str], timeout: float) -> None:
-    code, _ = _request(f"{base}/v2/health/ready", timeout)
-    if code != 200:
-        raise Unhealthy(f"server not ready (HTTP {code})")
+def check_ready(client, models: list[str], timeout: float) -> None:
+    if not client.is_server_ready(client_timeout=timeout):
+        raise Unhealthy("server not ready")
     for m in models:
-        code, _ = _request(f"{base}/v2/models/{m}/ready", timeout)
-        if code != 200:
-            raise Unhealthy(f"model {m} not ready (HTTP {code})")
+        if not client.is_model_ready(m, client_timeout=timeout):
+            raise Unhealthy(f"model {m} not ready")
 
 
-def ensembles(base: str, models: list[str], timeout: float) -> list[dict]:
+def ensembles(client, models: list[str], timeout: float) -> list[dict]:
     """Configs of the models clients call (the ensembles)."""
     out = []
     for m in models:
-        code, body = _request(f"{base}/v2/models/{m}/config", timeout)
-        if code != 200:
-            raise Unhealthy(f"model {m}: no config (HTTP {code})")
-        cfg = json.loads(body)
+        cfg = client.get_model_config(m, as_json=True, client_timeout=timeout)["config"]
         if cfg.get("platform") == "ensemble":
             out.append(cfg)
     if not out:
@@ -75,43 +52,56 @@ def ensembles(base: str, models: list[str], timeout: float) -> list[dict]:
     return out
 
 
-def check_infer(base: str, cfg: dict, timeout: float) -> None:
+def check_infer(client, cfg: dict, timeout: float) -> None:
     """One image at one step; a class-conditional model gets class 0."""
+    import numpy as np
+    import tritonclient.grpc as grpc
+
     name = cfg["name"]
     params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-    inputs = [{"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [0]},
-              {"name": "steps", "shape": [1, 1], "datatype": "INT32", "data": [1]}]
+    dtypes = {i["name"]: i["data_type"].replace("TYPE_", "") for i in cfg.get("input", [])}
+    values = {"seed": 0, "steps": 1}
     if int(params.get("num_classes", "0") or 0) > 0:
-        inputs.append({"name": "class_label", "shape": [1, 1], "datatype": "INT32", "data": [0]})
-    code, body = _request(f"{base}/v2/models/{name}/infer", timeout,
-                          {"inputs": inputs, "outputs": [{"name": "sample"}]})
-    if code != 200:
-        raise Unhealthy(f"model {name}: request failed (HTTP {code}): {body[:300].decode(errors='replace')}")
-    outs = {o["name"]: o for o in json.loads(body).get("outputs", [])}
-    data = outs.get("sample", {}).get("data") or []
-    if not data or not all(math.isfinite(v) for v in data):
+        values["class_label"] = 0
+    inputs = []
+    for key, value in values.items():  # the dtypes the config declares
+        dtype = dtypes[key]
+        inp = grpc.InferInput(key, [1, 1], dtype)
+        inp.set_data_from_numpy(np.full((1, 1), value, dtype={"INT32": np.int32, "INT64": np.int64}[dtype]))
+        inputs.append(inp)
+    result = client.infer(name, inputs, outputs=[grpc.InferRequestedOutput("sample")], client_timeout=timeout)
+    sample = result.as_numpy("sample")
+    if sample is None or sample.size == 0 or not all(math.isfinite(float(v)) for v in sample.reshape(-1)):
         raise Unhealthy(f"model {name}: no finite sample in the answer")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=("ready", "infer"))
-    p.add_argument("--url", default=os.environ.get("FEWSTEP_PROBE_URL", "http://127.0.0.1:8000"),
-                   help="Triton's HTTP endpoint (default http://127.0.0.1:8000)")
+    p.add_argument("--url", default=os.environ.get("FEWSTEP_PROBE_URL", "127.0.0.1:8001"),
+                   help="Triton's gRPC endpoint (default 127.0.0.1:8001)")
     p.add_argument("--repo", default=os.environ.get("FEWSTEP_REPO", "/srv/repo"),
                    help="the model repository the server runs (default $FEWSTEP_REPO or /srv/repo)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per HTTP request")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
     args = p.parse_args(argv)
-    base = args.url.rstrip("/")
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc.InferenceServerClient(args.url)
     try:
         models = repository_models(Path(args.repo))
-        check_ready(base, models, args.timeout)
+        check_ready(client, models, args.timeout)
         if args.mode == "infer":
-            for cfg in ensembles(base, models, args.timeout):
-                check_infer(base, cfg, args.timeout)
+            for cfg in ensembles(client, models, args.timeout):
+                check_infer(client, cfg, args.timeout)
+    except InferenceServerException as e:
+        print(f"unhealthy: {e.message() or e}", file=sys.stderr)
+        return 1
     except Unhealthy as e:
         print(f"unhealthy: {e}", file=sys.stderr)
         return 1
+    finally:
+        client.close()
     return 0
 
 

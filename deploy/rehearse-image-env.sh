@@ -28,14 +28,14 @@ if "$py310" -c 'import torch' 2>/dev/null; then
   exit 1
 fi
 
-read -r grpc http metrics < <("$py310" -c '
+read -r grpc metrics < <("$py310" -c '
 import socket
-socks = [socket.socket() for _ in range(3)]
+socks = [socket.socket() for _ in range(2)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 "$py310" -m fewstep serve --model "$export_dir" --repo "$work/repo" --device cpu \
-  --grpc-port "$grpc" --http-port "$http" --metrics-port "$metrics" > "$work/serve.log" 2>&1 &
+  --grpc-port "$grpc" --metrics-port "$metrics" > "$work/serve.log" 2>&1 &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
 for _ in $(seq 300); do
@@ -43,7 +43,7 @@ for _ in $(seq 300); do
   if ! kill -0 "$server" 2>/dev/null; then cat "$work/serve.log" >&2; exit 1; fi
   sleep 1
 done
-"$py310" deploy/probe.py infer --url "http://127.0.0.1:$http" --repo "$work/repo"
+"$py310" deploy/probe.py infer --url "127.0.0.1:$grpc" --repo "$work/repo"
 echo "rehearsal passed: Python $("$py310" -c 'import platform; print(platform.python_version())'), no torch," \
      "$(PYTHONPATH="$work/site" "$py310" -c 'import onnxruntime as o; print("onnxruntime-gpu", o.__version__)')," \
      "a real request through every model of $export_dir"

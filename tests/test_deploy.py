@@ -187,7 +187,7 @@ runner = export.runner.load_runner({str(served_model_dirs["tiny"])!r}, backend="
 from serving.protocol import ModelInfo, parse_request, run_group
 import numpy as np
 info = ModelInfo.from_manifest(runner.manifest, name="tiny")
-x = run_group(runner, info, parse_request(info, {{"seed": np.array([[1]]), "steps": np.array([[2]], np.int32)}}))
+x = run_group(runner, info, parse_request(info, {{"seed": np.array([[1]]), "steps": np.array([[2]])}}))
 assert np.isfinite(x).all()
 print("torch" in sys.modules, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")))
 """
@@ -249,8 +249,9 @@ os.execve(b, [b, f"--backend-directory={{d}}"] + sys.argv[1:], server_env())
 def test_entrypoint_writes_the_repository_and_runs_triton(served_model_dirs, tmp_path):
     """deploy/entrypoint.sh as the container runs it, with the bundled tritonserver in place of
     the container's (so the jump stays on the Python backend): the repository from /models,
-    HTTP on loopback only, the admin key restricting the model-repository protocol, and the
-    probes passing. gRPC and metrics are moved to loopback ports for the test."""
+    HTTP off, the admin key restricting the model-repository protocol (with the launcher's
+    protocols and header), and the probes passing. gRPC and metrics are moved to loopback
+    ports for the test."""
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
     import tritonclient.grpc as grpc
     from tritonclient.utils import InferenceServerException
@@ -274,13 +275,13 @@ def test_entrypoint_writes_the_repository_and_runs_triton(served_model_dirs, tmp
     assert empty.returncode == 2 and "no exported model dir" in empty.stderr
     for name in ("tiny", "toyc"):
         (models / name).symlink_to(served_model_dirs[name])
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     log = open(tmp_path / "entrypoint.log", "w")
     proc = subprocess.Popen([str(DEPLOY / "entrypoint.sh"), f"--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
-                             f"--http-port={http_port}", f"--metrics-address=127.0.0.1",
+                             f"--metrics-address=127.0.0.1",
                              f"--metrics-port={metrics_port}"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    url = f"http://127.0.0.1:{http_port}"
+    url = f"127.0.0.1:{grpc_port}"
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -292,16 +293,18 @@ def test_entrypoint_writes_the_repository_and_runs_triton(served_model_dirs, tmp
             assert time.monotonic() < deadline, ready.stderr
             time.sleep(2)
         text = (tmp_path / "entrypoint.log").read_text()
-        assert f"Started HTTPService at 127.0.0.1:{http_port}" in text
+        assert "Started GRPCInferenceService" in text and "HTTPService" not in text  # HTTP off
         assert {p.name for p in (tmp_path / "repo").iterdir()} == {
             "tiny", "tiny_jump", "tiny_sampler", "tiny_stream", "toyc", "toyc_jump", "toyc_sampler", "toyc_stream"}
+        from serving.launcher import ADMIN_HEADER, GRPC_ADMIN_HEADER, RESTRICTED
+        entry = (DEPLOY / "entrypoint.sh").read_text()
+        assert f'--grpc-restricted-protocol="{",".join(RESTRICTED)}:{ADMIN_HEADER}=' in entry
         client = grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         try:
             assert client.is_model_ready("tiny")  # inference-side calls need no key
             with pytest.raises(InferenceServerException):
                 client.get_model_repository_index()
-            index = client.get_model_repository_index(headers={"triton-grpc-protocol-fewstep-admin-key": "s3cret"},
-                                                     as_json=True)
+            index = client.get_model_repository_index(headers={GRPC_ADMIN_HEADER: "s3cret"}, as_json=True)
             assert {m["name"] for m in index["models"]} >= {"tiny", "toyc_jump"}
         finally:
             client.close()
@@ -341,7 +344,7 @@ def _as_python_jump(model_root: Path, export_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def native_stack(served_model_dirs, tmp_path_factory):
     """A real tritonserver on a repository written with --jump-backend onnxruntime, its jumps
-    swapped to the Python backend. HTTP on loopback, as in the container."""
+    swapped to the Python backend."""
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
     from fewstep.errors import UserError
     from serving.launcher import Server, find_triton
@@ -380,7 +383,7 @@ def test_native_config_loads_warms_and_serves(native_stack, served_model_dirs):
         got = c.infer("tiny", seeds, 4, outputs=("sample",))["sample"]
         got_c = c.infer("toyc", [7, 8], 2, class_labels=[1, 3], outputs=("sample",))["sample"]
     items = parse_request(info, {"seed": np.array(seeds, np.int64).reshape(-1, 1),
-                                 "steps": np.full((3, 1), 4, np.int32)})
+                                 "steps": np.full((3, 1), 4, np.int64)})
     ref = run_group(runner, info, items)
     np.testing.assert_allclose(got, ref, atol=1e-4)
     assert got_c.shape == (2, 2) and np.isfinite(got_c).all()
@@ -481,7 +484,7 @@ def test_autoscaling_series_exist_and_mean_requests_in_flight(native_stack):
 # --- the container's probes ------------------------------------------------------------------------
 
 def _probe(server, mode: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PROBE), mode, "--url", server.http_url, "--repo", str(server.repo),
+    return subprocess.run([sys.executable, str(PROBE), mode, "--url", server.grpc_url, "--repo", str(server.repo),
                            "--timeout", str(timeout)], capture_output=True, text=True, timeout=120)
 
 
@@ -506,7 +509,7 @@ def test_probes_see_a_dead_model(native_stack, tmp_path):
     shutil.copytree(native_stack.repo / "tiny", bad_repo / "tiny")
     (bad_repo / "absent").mkdir()
     (bad_repo / "absent" / "config.pbtxt").write_text('name: "absent"\n')
-    bad = subprocess.run([sys.executable, str(PROBE), "ready", "--url", native_stack.http_url, "--repo",
+    bad = subprocess.run([sys.executable, str(PROBE), "ready", "--url", native_stack.grpc_url, "--repo",
                           str(bad_repo)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "absent not ready" in bad.stderr
     # kill -9 the sampler's Python stub: the request-level probe must fail (the liveness probe);
@@ -518,7 +521,7 @@ def test_probes_see_a_dead_model(native_stack, tmp_path):
     ready = _probe(native_stack, "ready")
     print(f"after a killed stub: ready probe exit {ready.returncode} ({ready.stderr.strip() or 'ready'})")
     # unreachable server
-    gone = subprocess.run([sys.executable, str(PROBE), "ready", "--url", f"http://127.0.0.1:{free_port()}",
+    gone = subprocess.run([sys.executable, str(PROBE), "ready", "--url", f"127.0.0.1:{free_port()}",
                            "--repo", str(native_stack.repo), "--timeout", "2"], capture_output=True, text=True,
                           timeout=60)
     assert gone.returncode == 1 and "unhealthy" in gone.stderr
