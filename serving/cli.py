@@ -23,7 +23,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=8001,
                    help="port of Triton's gRPC endpoint, the one clients use (default 8001; 0 = any free port)")
     p.add_argument("--http-port", type=int, default=8000,
-                   help="with --http: port of Triton's HTTP endpoint (default 8000; 0 = any free port)")
+                   help="port of Triton's HTTP endpoint (default 8000; 0 = any free port), used with --http")
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="port of Triton's Prometheus metrics (default 8002; 0 = any free port)")
     add_hardening_args(p)
