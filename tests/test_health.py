@@ -10,6 +10,8 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +100,7 @@ def test_dead_stub_is_noticed_and_recovered(own_server):
                 while _ready(probe):
                     assert time.monotonic() - killed < 5, f"{model}: still ready 5 s after its stub died"
                     time.sleep(0.05)
+                not_ready_s = time.monotonic() - killed
                 # every request in flight at the kill ends fast, with an error status (not the deadline)
                 for w in workers:
                     w.join(30)
@@ -112,7 +115,12 @@ def test_dead_stub_is_noticed_and_recovered(own_server):
                 while not (_ready(probe) and len(watchdog.recoveries) == k and watchdog.recoveries[-1].seconds):
                     assert time.monotonic() - killed < 90, f"not recovered 90 s after the {model} stub died: {lines}"
                     time.sleep(0.1)
+                back_s = time.monotonic() - killed
                 np.testing.assert_array_equal(client.generate("tiny", seeds, 4), ref)
+                print(f"{model}: not ready {not_ready_s:.2f} s after the kill; {len(inflight)} requests in flight, "
+                      f"ended within {max(c[1] for c in inflight) - killed:.2f} s "
+                      f"({Counter(c[2] for c in inflight)}); ready again after {back_s:.1f} s "
+                      f"(restart {watchdog.recoveries[-1].seconds:.1f} s)")
                 assert any(f"stub of {model}" in line and "died" in line for line in lines), lines
                 assert sum("restarted" in line for line in lines) == k, lines
                 assert stub.pid not in {s.pid for s in find_stubs(server.proc.pid)}
@@ -217,3 +225,38 @@ def test_parse_jump_limits():
         parse_jump(flow, np.zeros((1, 3), np.float32), one, 0 * one)
     with pytest.raises(InvalidInput, match="t: has 1 values for a batch of 2"):
         parse_jump(flow, np.zeros((2, 2), np.float32), one, 0 * one)
+
+
+# --- the soak (scripts/soak.py), small --------------------------------------------------------
+
+def test_small_soak_with_a_stub_kill(served_model_dirs):
+    """What CI runs of the soak: a few hundred mixed requests (5% bad) through `fewstep serve`,
+    one stub killed in the middle. No wrong image, every bad request refused, the server back
+    by itself (the watchdog's line in serve's output), and only requests around the kill lost."""
+    import importlib.util
+
+    from fewstep.errors import UserError
+    from serving.launcher import find_triton
+
+    try:
+        find_triton()
+    except UserError as e:
+        pytest.skip(f"no tritonserver: {e}")
+    spec = importlib.util.spec_from_file_location("soak", Path(__file__).resolve().parents[1] / "scripts" / "soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    args = soak.parse_args(["--model", str(served_model_dirs["tiny"]), "--requests", "300", "--concurrency", "16",
+                            "--kills", "1", "--seeds", "6", "--max-seconds", "120", "--rng", "1"])
+    report = soak.run(args)
+    assert report["requests"] == 300 and report["not_sent"] == 0
+    assert report["images_checked"] > 300 and report["wrong_images"] == 0, report
+    assert report["bad_sent"] > 0 and not report["bad_not_refused"], report
+    assert report["codes"]["INVALID_ARGUMENT"] >= report["bad_sent"] - report["codes"].get("UNAVAILABLE", 0)
+    assert set(report["codes"]) <= {"OK", "INVALID_ARGUMENT", "UNAVAILABLE", "INTERNAL"}, report["codes"]
+    (kill,) = report["kills"]
+    assert kill["stub"] == "tiny_sampler_0_0"
+    assert kill["recover_s"] is not None and kill["recover_s"] < 60, report
+    assert kill["watchdog_restart_s"] is not None, report["watchdog_lines"]
+    assert kill["lost"] <= args.concurrency * 2, report  # those in flight, and those sent before the restart
+    assert report["lost_unattributed"] == 0, report
+    assert report["serve_exit_code"] == 0
