@@ -151,7 +151,7 @@ def test_crash_loop_gives_up(own_server):
 # --- <name>_jump validates like the ensemble -------------------------------------------------
 
 def _jump(url, model, x, t, s, labels=None):
-    from serving.client import ServingError, _wrap
+    from serving.client import _wrap
     from tritonclient.utils import InferenceServerException
 
     inputs = []
@@ -202,7 +202,8 @@ def test_jump_refuses_bad_inputs(triton_stack):
         with pytest.raises(ServingError) as e:
             _jump(url, "toyc_jump", x2, t2, np.full((1, 1), s2, np.float32), np.full((1, 1), label, np.int64))
         assert e.value.code == "INVALID_ARGUMENT" and e.value.message.startswith(field), e.value.message
-    assert _jump(url, "toyc_jump", x2, t2, np.full((1, 1), spec["t_end"], np.float32), np.zeros((1, 1), np.int64)).shape == (1, 2)
+    t_end = np.full((1, 1), spec["t_end"], np.float32)
+    assert _jump(url, "toyc_jump", x2, t2, t_end, np.zeros((1, 1), np.int64)).shape == (1, 2)
     # a good request still goes through, and is the same as before
     np.testing.assert_array_equal(_jump(url, "tiny_jump", x, t, s), good)
 
