@@ -183,6 +183,7 @@ async def soak(args, serve: Serve, model: str, plan: list[dict], refs: dict) -> 
     from serving.client import AsyncClient, ServingError
 
     codes: Counter = Counter()
+    messages: dict = {}  # the first message of every error code
     wrong, checked, bad_not_refused = 0, 0, []
     done = 0
     kills: list[dict] = []
@@ -214,6 +215,7 @@ async def soak(args, serve: Serve, model: str, plan: list[dict], refs: dict) -> 
                 code = "OK"
             except ServingError as e:
                 code, out = e.code, None
+                messages.setdefault(code, e.message[:200])
             codes[code] += 1
             done += 1
             if req["bad"] is not None:
@@ -246,7 +248,8 @@ async def soak(args, serve: Serve, model: str, plan: list[dict], refs: dict) -> 
         k["watchdog_restart_s"] = watchdog[j] if j < len(watchdog) else None
         k["at_s"] = round(k.pop("at") - start, 2)
     return {"requests": done, "not_sent": len(plan) - done, "seconds": round(elapsed, 1),
-            "requests_per_s": round(done / elapsed, 1), "codes": dict(codes), "images_checked": checked,
+            "requests_per_s": round(done / elapsed, 1), "codes": dict(codes), "messages": messages,
+            "images_checked": checked,
             "wrong_images": wrong, "bad_sent": sum(1 for r in plan[:done] if r["bad"]),
             "bad_not_refused": bad_not_refused, "kills": kills, "lost_unattributed": sum(
                 1 for t, _ in failures if not kills or t < start + kills[0]["at_s"])}
