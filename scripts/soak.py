@@ -68,6 +68,14 @@ def parse_args(argv=None):
 
 # --- the server under test --------------------------------------------------------------------
 
+def _die_with_parent() -> None:
+    """In the child: SIGINT when the soak dies (even by SIGKILL), so `serve` never outlives it."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+
+
 class Serve:
     """`fewstep serve` in a subprocess; its stdout/stderr lines are kept."""
 
@@ -80,7 +88,7 @@ class Serve:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
