@@ -113,8 +113,9 @@ class Watchdog:
         self.stubs = [] if proc is None else find_stubs(proc.pid)
 
     def dead(self) -> list[Stub]:
-        if self._server_pid is None:
-            return []
+        proc = getattr(self.server, "proc", None)
+        if self._server_pid is None or proc is None or proc.poll() is not None:
+            return []  # the server itself is gone: the launcher's own check reports that
         return [s for s in self.stubs if not stub_alive(s, self._server_pid)]
 
     def check(self) -> bool:

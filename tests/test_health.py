@@ -146,6 +146,10 @@ def test_crash_loop_gives_up(own_server):
         time.sleep(0.05)
     assert not watchdog.check()
     assert "giving up" in lines[-1]
+    # the server itself dying is the launcher's to report (serve exits 1), not a stub to restart
+    own_server.proc.kill()
+    own_server.proc.wait(10)
+    assert watchdog.dead() == [] and watchdog.check()
 
 
 # --- <name>_jump validates like the ensemble -------------------------------------------------
