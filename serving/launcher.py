@@ -100,12 +100,6 @@ def make_backend_dir(dest: Path) -> Path:
             shutil.copy2(f, py / f.name)
     shutil.copy2(t["stub"], py / "triton_python_backend_stub")
     os.chmod(py / "triton_python_backend_stub", 0o755)
-    # The stub's Python runs isolated (it ignores PYTHONPATH) but has this dir on sys.path:
-    # link the project's packages here, so the models import this launcher's code and not
-    # another copy that an editable install's import hook would find first.
-    for pkg in ("training", "export", "serving", "fewstep"):
-        if (PROJECT_ROOT / pkg / "__init__.py").is_file():
-            (py / pkg).symlink_to(PROJECT_ROOT / pkg, target_is_directory=True)
     return Path(dest)
 
 
@@ -199,7 +193,6 @@ class Server:
             raise RuntimeError("server already started")
         for port in (self.grpc_port, self.http_port, self.metrics_port):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: TIME_WAIT is free
                 try:
                     s.bind((self.host, port))
                 except OSError as e:
