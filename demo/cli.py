@@ -125,10 +125,15 @@ def run_demo(args) -> int:
         print(f"fewstep demo: open {page}", flush=True)
         print(f"  Triton gRPC {url}" + ("" if server else " (attached)"), flush=True)
         print("Ctrl-C (SIGINT) or SIGTERM stops it.", flush=True)
+        from serving.health import Watchdog
+
+        watchdog = Watchdog(server) if server is not None else None  # a dead Python stub restarts the server
         while stop["signal"] is None:
             if server is not None and server.proc is not None and server.proc.poll() is not None:
                 print(f"fewstep demo: tritonserver exited with code {server.proc.returncode}; last lines of its "
                       f"log:\n{server.log_tail()}", file=sys.stderr)
+                return 1
+            if watchdog is not None and not watchdog.check():
                 return 1
             time.sleep(0.2)
         return 0

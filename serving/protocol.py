@@ -189,3 +189,52 @@ def chunks(n: int, size: int):
     for lo in range(0, n, size):
         yield lo, min(n, lo + size)
 
+
+
+# --- `<name>_jump`: the raw jump, open to any client, validated like the ensemble ------------
+
+def jump_x_limit(info: ModelInfo) -> float:
+    """The largest |x| `<name>_jump` accepts: 100 times the scale of any x_t the sampler can
+    make (a sample in the value range plus sigma(t_max) of noise), so a real input is never
+    refused while 1e38 (whose jump overflows into garbage) is."""
+    scale = max(abs(v) for v in info.value_range) + float(sampling.sigma(info.spec["process"], info.spec["t_max"]))
+    return 100.0 * scale
+
+
+def parse_jump(info: ModelInfo, x, t, s, labels=None):
+    """Validate a jump request (x [B, *shape], t, s per sample, class labels); returns
+    (x float32 [B, *shape], t [B], s [B], labels int64 [B] or None) or raises InvalidInput."""
+    x = np.asarray(x)
+    if x.ndim != 1 + len(info.shape) or tuple(x.shape[1:]) != tuple(info.shape):
+        raise InvalidInput(f"x: expected shape [batch, {', '.join(str(d) for d in info.shape)}], got {list(x.shape)}")
+    n = x.shape[0]
+    if n < 1:
+        raise InvalidInput("x: at least one sample (batch >= 1)")
+    limit = jump_x_limit(info)
+    bad = ~np.isfinite(x) | (np.abs(x) > limit)
+    if bad.any():
+        raise InvalidInput(f"x: every value must be finite with |x| <= {limit:g}, got {float(x[bad][0])!r}")
+    # float32, as Triton hands them over: t_max and t_end are compared in the same precision
+    lo, hi = float(np.float32(info.spec["t_end"])), float(np.float32(info.spec["t_max"]))
+    cols = []
+    for name, v in (("t", t), ("s", s)):
+        v = _column(name, v, np.float32, n)
+        bad = ~np.isfinite(v) | (v < lo) | (v > hi)
+        if bad.any():
+            raise InvalidInput(f"{name}: must be a time in [{lo:g}, {hi:g}] (the model's process), "
+                               f"got {float(v[bad][0])!r}")
+        cols.append(v)
+    t, s = cols
+    if (s > t).any():
+        k = int(np.argmax(s > t))
+        raise InvalidInput(f"s: must be <= t (a jump goes back in time), got s = {float(s[k])!r} > t = {float(t[k])!r}")
+    if info.num_classes:
+        if labels is None:
+            raise InvalidInput(f"class_label: required, an integer in [0, {info.num_classes - 1}]")
+        labels = _column("class_label", labels, np.int64, n)
+        bad = (labels < 0) | (labels >= info.num_classes)
+        if bad.any():
+            raise InvalidInput(f"class_label: must be in [0, {info.num_classes - 1}], got {int(labels[bad][0])}")
+    elif labels is not None:
+        raise InvalidInput(f"class_label: model '{info.name}' is unconditional; send no class_label")
+    return x.astype(np.float32, copy=False), t, s, labels
