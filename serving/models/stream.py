@@ -7,12 +7,18 @@ models) and `step` (1..steps); the last one is the final image (the same bytes a
 with a callback; jumps are BLS calls to `<name>_jump`. Requests run on worker threads,
 so one slow stream does not hold up the next.
 """
+import os
+import sys
+
+# the Python stub's embedded interpreter ignores PYTHONPATH, which the launcher sets to this
+# checkout: put it first, or an installed copy of the project would serve instead
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.models.common import internal, invalid, load_info, make_jump, read_inputs
+from serving.models.common import LocalJump, internal, invalid, load_info, make_jump, read_inputs
 from serving.protocol import InvalidInput, parse_request, run_group, to_images
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -26,6 +32,8 @@ class TritonPythonModel:
     def initialize(self, args):
         self.cfg, params, self.info = load_info(args)
         self.jump = make_jump(args, params, self.info)
+        if isinstance(self.jump, LocalJump):  # warm before ready (with bls, <name>_jump warms itself)
+            self.jump.warm(self.info)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("workers", "8") or 8),
                                        thread_name_prefix="stream")
 
