@@ -255,6 +255,37 @@ def process_cpu_s(pids) -> float:
     return total / tick
 
 
+COUNTER_NAMES = {"fewstep_sampler_jump_calls": "calls", "fewstep_sampler_image_steps": "image_steps"}
+
+
+def parse_jump_counters(text: str, model: str) -> dict | None:
+    """Prometheus text -> {"calls", "image_steps"} of `<model>_sampler`, summed over its
+    instances (the sampler's scheduler counts them: serving.models.common.JumpCounters)."""
+    out = {}
+    want = f'model="{model}_sampler"'
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        key = COUNTER_NAMES.get(name.strip().removesuffix("_total"))
+        if key is None or want not in rest:
+            continue
+        out[key] = out.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out if len(out) == 2 else None
+
+
+def read_jump_counters(metrics_url: str | None, model: str, timeout: float = 5.0) -> dict | None:
+    """The sampler's jump counters from Triton's metrics endpoint (None when not there)."""
+    import urllib.error
+    import urllib.request
+
+    if not metrics_url:
+        return None
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
+            return parse_jump_counters(r.read().decode("utf-8", "replace"), model)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
 # --- the baselines -------------------------------------------------------------------------------
 
 def onnxruntime_baseline(export_dir: str, threads: int | None, meta):
