@@ -20,6 +20,12 @@ Baselines run one request at a time. When concurrency 1 is measured, the baselin
 and the Triton requests alternate request by request, so that all of them see the same
 background load (a shared host); otherwise the baselines run before the Triton cells.
 
+`--mix 1:0.5,8:0.5` adds a mixed cell per concurrency: each request draws its step count
+from the weights, and the latency is reported per step count. Every Triton cell also
+reports jump calls per image-step and the average jump batch, from the sampler's own
+counters (Triton metrics, `--metrics-url`) and, with `--jump bls`, the jump model's
+statistics.
+
 `--serve` starts a tritonserver on the `--export` dir for the run (then the CPU time of the
 server and its stubs per request is reported too). Outputs, under `--out`: bench.csv
 (perf_analyzer-like columns, latencies in microseconds), bench.json (everything, in ms),
@@ -54,7 +60,7 @@ CSV_COLUMNS = [
     "Avg latency", "p50 latency", "p90 latency", "p95 latency", "p99 latency", "Min latency", "Max latency",
     "Server Queue", "Server Compute Input", "Server Compute Infer", "Server Compute Output",
     "Sampler Queue", "Sampler Compute", "Jump Queue", "Jump Compute", "Jump Executions", "Jump Avg Batch",
-    "CPU per Request", "Quality",
+    "CPU per Request", "Quality", "Mix", "Jump Calls per Image-Step", "Sampler Avg Jump Batch",
 ]
 
 
@@ -64,7 +70,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC HOST:PORT (default 127.0.0.1:8001)")
     p.add_argument("--model", help="model name (the ensemble, as `fewstep serve` printed); "
                                    "default with --serve: the export's name")
-    p.add_argument("--steps", default="1,2,4,8,16", help="step counts, comma-separated (default 1,2,4,8,16)")
+    p.add_argument("--steps", help="step counts, comma-separated (default 1,2,4,8,16; none with --mix)")
+    p.add_argument("--mix", metavar="STEPS:WEIGHT,...",
+                   help="a mixed workload, e.g. 1:0.5,8:0.5: each request draws its step count by weight; "
+                        "one cell per concurrency, latency reported per step count")
     p.add_argument("--concurrency", default="1,4,16",
                    help="requests in flight, comma-separated (default 1,4,16)")
     p.add_argument("--batch", type=int, default=1, help="images per request (default 1)")
@@ -81,9 +90,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "default: what the server's jump uses (its `threads` parameter, 0 = runtime default)")
     p.add_argument("--serve", action="store_true",
                    help="start a tritonserver on the --export dir for this run (ignores --url)")
-    p.add_argument("--instances", type=int, default=1, help="with --serve: instances of <model>_jump")
-    p.add_argument("--jump", default="bls", choices=("bls", "inline"),
+    p.add_argument("--instances", type=int, default=0,
+                   help="with --serve: instances that run the jump (0 = auto, see `fewstep serve --instances`)")
+    p.add_argument("--jump", default="auto", choices=("auto", "inline", "bls"),
                    help="with --serve: how the sampler runs its steps (see `fewstep serve --jump`)")
+    p.add_argument("--metrics-url", help="the server's Prometheus metrics (default: HOST:8002/metrics of --url; "
+                                         "with --serve its own): the sampler's jump counters")
     p.add_argument("--quality", metavar="EVAL.json",
                    help="a `fewstep eval` report: adds FID (or SWD) per step count and the quality-vs-latency plot")
     p.add_argument("--seed", type=int, default=0, help="first seed; every image gets its own (default 0)")
@@ -114,10 +126,28 @@ class Plan:
     requests: int | None
     duration: float | None
     warmup: int
+    mix: list | None = None         # [(steps, probability)], or None
+
+
+def parse_mix(text: str) -> list:
+    """'1:0.5,8:0.5' -> [(1, 0.5), (8, 0.5)] (weights normalised to sum 1)."""
+    out = {}
+    for part in str(text).replace(" ", "").split(","):
+        k, sep, w = part.partition(":")
+        try:
+            k, w = int(k), float(w)
+        except ValueError:
+            raise UserError(f"--mix: expected STEPS:WEIGHT pairs like 1:0.5,8:0.5, got {part!r}") from None
+        if not sep or k < 1 or not w > 0 or not math.isfinite(w) or k in out:
+            raise UserError(f"--mix: each pair needs steps >= 1 (once) and a weight > 0, got {part!r}")
+        out[k] = w
+    total = sum(out.values())
+    return [(k, w / total) for k, w in sorted(out.items())]
 
 
 def make_plan(args) -> Plan:
-    steps = parse_list(args.steps, "--steps")
+    mix = parse_mix(args.mix) if getattr(args, "mix", None) else None
+    steps = parse_list(args.steps, "--steps") if args.steps is not None else ([] if mix else [1, 2, 4, 8, 16])
     conc = parse_list(args.concurrency, "--concurrency")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
@@ -136,7 +166,7 @@ def make_plan(args) -> Plan:
     if args.threads is not None and args.threads < 0:
         raise UserError(f"--threads must be >= 0, got {args.threads}")
     requests = args.requests if args.requests is not None or args.duration is not None else 100
-    return Plan(steps, conc, args.batch, requests, args.duration, args.warmup)
+    return Plan(steps, conc, args.batch, requests, args.duration, args.warmup, mix)
 
 
 # --- measurements -------------------------------------------------------------------------------
@@ -155,6 +185,8 @@ class Cell:
     cpu_s: float = 0.0
     cpu_counted: bool = False
     server: dict | None = None                       # composing model -> stats delta
+    mix: str | None = None                           # the --mix this row is a part of
+    jump_calls: dict | None = None                   # jump_calls(): of the whole cell
 
     def error(self, code: str, message: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -180,6 +212,10 @@ class Cell:
             r["error_messages"] = list(self.error_messages)
         if self.server is not None:
             r["server"] = self.server
+        if self.mix is not None:
+            r["mix"] = self.mix
+        if self.jump_calls is not None:
+            r["jump_calls"] = self.jump_calls
         return r
 
 
@@ -286,6 +322,29 @@ def read_jump_counters(metrics_url: str | None, model: str, timeout: float = 5.0
         return None
 
 
+def jump_calls(before: dict | None, after: dict | None, server: dict | None, model: str) -> dict:
+    """Jump calls per image-step and the average jump batch of a cell: from the sampler's
+    counters ("sampler": the calls its schedulers made) and, when the jump runs as its own
+    model (bls), from Triton's statistics of `<model>_jump` ("jump_model": its executions,
+    where calls of several samplers may meet). The headline figures take the sampler's."""
+    out = {}
+    if before is not None and after is not None:
+        calls, steps = after["calls"] - before["calls"], after["image_steps"] - before["image_steps"]
+        out["sampler"] = {"calls": calls, "image_steps": steps}
+    jump = (server or {}).get(model + "_jump") or {}
+    if jump.get("inferences"):
+        out["jump_model"] = {"calls": jump["executions"], "image_steps": jump["inferences"]}
+    for part in out.values():
+        part["calls_per_image_step"] = part["calls"] / part["image_steps"] if part["image_steps"] else None
+        part["avg_batch"] = part["image_steps"] / part["calls"] if part["calls"] else None
+    head = out.get("sampler") or out.get("jump_model")
+    if head and head["image_steps"]:
+        out["calls_per_image_step"] = head["calls_per_image_step"]
+        out["avg_batch"] = head["avg_batch"]
+        out["from"] = "sampler" if "sampler" in out else "jump_model"
+    return out
+
+
 # --- the baselines -------------------------------------------------------------------------------
 
 def onnxruntime_baseline(export_dir: str, threads: int | None, meta):
@@ -372,6 +431,7 @@ class Bench:
         self.baselines: dict = {}           # source -> callable
         self.baseline_info: dict = {}
         self.server_pids = None             # with --serve: a callable returning the pids
+        self.metrics_url = None             # Triton metrics: the sampler's jump counters
         self.cells: list[Cell] = []
 
     # --- one request --------------------------------------------------------------------------
@@ -424,6 +484,8 @@ class Bench:
         last = None
         while True:
             after = await self._stats()
+            # the sampler's counters (flushed when its scheduler goes idle) must stop moving too
+            after["__counters__"] = await asyncio.to_thread(read_jump_counters, self.metrics_url, self.model)
             a, b = after.get(self.model, {}), before.get(self.model, {})
             counted = sum(a.get(k, 0) - b.get(k, 0) for k in ("success_count", "fail_count"))
             # every request counted by the ensemble, and nothing moved since the last look
@@ -491,10 +553,67 @@ class Bench:
         after = await self._settled_stats(before, len(cell.latencies_ms) + sum(cell.errors.values()))
         server_cpu1 = self._server_cpu()
         cell.server = stats_delta(before, after, self.composing)
+        cell.jump_calls = jump_calls(before.get("__counters__"), after.get("__counters__"), cell.server, self.model)
         if server_cpu0 is not None:
             cell.cpu_s = client_cpu + (server_cpu1 - server_cpu0)
             cell.cpu_counted = True
         return [cell] + [base[s] for s in paired]
+
+    async def mix_cell(self, client, conc: int) -> list[Cell]:
+        """`conc` requests in flight, each drawing its step count from --mix; one Cell per step
+        count (its requests' latencies; images/s over the whole cell's wall time)."""
+        plan = self.plan
+        label = ",".join(f"{k}:{w:g}" for k, w in plan.mix)
+        ks = [k for k, _ in plan.mix]
+        probs = [w for _, w in plan.mix]
+        rng = np.random.default_rng([self.args.seed, conc])
+        cells = {k: Cell("triton", k, conc, plan.batch, mix=label) for k in ks}
+        self.progress.describe(f"mix {label} conc {conc}")
+
+        def draw() -> int:
+            return int(rng.choice(ks, p=probs))
+
+        remaining = plan.warmup
+
+        async def warm():
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                await self._triton_once(client, None, draw())
+
+        if plan.warmup:
+            await asyncio.gather(*(warm() for _ in range(min(conc, plan.warmup))))
+        before = await self._settled_stats(None, 0)
+        server_cpu0 = self._server_cpu()
+        deadline = time.perf_counter() + plan.duration if plan.duration else None
+        issued = 0
+        c0, t0 = time.process_time(), time.perf_counter()
+
+        async def worker():
+            nonlocal issued
+            while self._more(issued, deadline):
+                issued += 1
+                k = draw()
+                await self._triton_once(client, cells[k], k)
+                self.progress.update()
+
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
+        sent = sum(len(c.latencies_ms) + sum(c.errors.values()) for c in cells.values())
+        after = await self._settled_stats(before, sent)
+        server_cpu1 = self._server_cpu()
+        server = stats_delta(before, after, self.composing)
+        calls = jump_calls(before.get("__counters__"), after.get("__counters__"), server, self.model)
+        out = []
+        for k, cell in cells.items():
+            cell.wall_s, cell.server, cell.jump_calls = wall, server, calls
+            if server_cpu0 is not None and len(cell.latencies_ms):
+                # the cell's CPU, shared out by image-steps
+                share = len(cell.latencies_ms) * k / max(1, sum(len(c.latencies_ms) * j for j, c in cells.items()))
+                cell.cpu_s = (client_cpu + server_cpu1 - server_cpu0) * share
+                cell.cpu_counted = True
+            out.append(cell)
+        return out
 
     def baseline_cell(self, source: str, steps: int) -> Cell:
         """A baseline alone, one request at a time (when concurrency 1 is not measured)."""
@@ -529,6 +648,8 @@ class Bench:
             await self.raw.close()
             raise UserError(f"the server at {url} is not ready")
         client = AsyncClient(url, timeout=self.args.timeout)
+        if not getattr(self, "metrics_url", None):
+            self.metrics_url = self.args.metrics_url or f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
         try:
             self.meta = await client.meta(self.model)
         except ServingError as e:
@@ -555,7 +676,7 @@ class Bench:
 
     def check_against_model(self) -> None:
         meta, plan = self.meta, self.plan
-        too_many = [s for s in plan.steps if s > meta.max_steps]
+        too_many = [s for s in plan.steps + [k for k, _ in plan.mix or []] if s > meta.max_steps]
         if too_many:
             raise UserError(f"--steps: {too_many[0]} is above the model's max_steps ({meta.max_steps}) "
                             f"for '{meta.name}'")
@@ -584,7 +705,8 @@ class Bench:
                     pytorch_baseline(args.ckpt, threads, self.meta)
             paired = list(self.baselines) if 1 in plan.concurrency else []
             per_cell = plan.requests if plan.requests is not None else None
-            total = None if per_cell is None else per_cell * len(plan.steps) * len(plan.concurrency)
+            cells = (len(plan.steps) + (1 if plan.mix else 0)) * len(plan.concurrency)
+            total = None if per_cell is None else per_cell * cells
             if total is not None and not paired:
                 total += per_cell * len(plan.steps) * len(self.baselines)
             self.progress = Progress(total, enabled=not args.no_progress)
@@ -599,6 +721,9 @@ class Bench:
                     for conc in plan.concurrency:
                         self.cells.extend(await self.triton_cell(client, steps, conc,
                                                                  paired if conc == 1 else []))
+                if plan.mix:
+                    for conc in plan.concurrency:
+                        self.cells.extend(await self.mix_cell(client, conc))
             finally:
                 self.progress.close()
             load1 = os.getloadavg()
@@ -624,11 +749,13 @@ class Bench:
             "meta": {"shape": list(meta.shape), "num_classes": meta.num_classes, "max_steps": meta.max_steps,
                      "max_batch": meta.max_batch, "default_steps": meta.default_steps, "gamma": meta.gamma},
             "jump": {"instances": self.jump_instances, "kind": self.jump_kind,
-                     "threads": self.jump_params.get("threads"), "backend": self.jump_params.get("backend"),
+                     "threads": self.sampler_params.get("threads") or self.jump_params.get("threads"),
+                     "backend": self.jump_params.get("backend"),
                      "mode": self.sampler_params.get("jump_mode", "bls")},
             "sampler": {"instances": self.sampler_params.get("instances"),
                         "workers": self.sampler_params.get("workers")},
-            "settings": {"steps": plan.steps, "concurrency": plan.concurrency, "batch": plan.batch,
+            "metrics_url": self.metrics_url,
+            "settings": {"steps": plan.steps, "mix": plan.mix, "concurrency": plan.concurrency, "batch": plan.batch,
                          "requests": plan.requests, "duration": plan.duration, "warmup": plan.warmup,
                          "seed": args.seed, "gamma": args.gamma, "served_by_bench": bool(args.serve),
                          "baselines_paired_with_concurrency_1": bool(self.baselines) and 1 in plan.concurrency},
@@ -648,7 +775,8 @@ class Bench:
 
 def _find(rows, source, steps, conc=None):
     for r in rows:
-        if r["source"] == source and r["steps"] == steps and (conc is None or r["concurrency"] == conc):
+        if r["source"] == source and r["steps"] == steps and (conc is None or r["concurrency"] == conc) \
+                and not r.get("mix"):
             return r
     return None
 
@@ -720,7 +848,30 @@ def summarize(rows: list[dict], plan: Plan) -> dict:
             if lo and hi and lo["images_per_s"] and hi["images_per_s"]:
                 scale[steps] = hi["images_per_s"] / lo["images_per_s"]
         out[f"throughput_ratio_c{c_hi}_vs_c{c_lo}"] = scale
+    if plan.mix:
+        out["mix"] = summarize_mix(rows)
     out["errors"] = int(sum(r["errors"] for r in rows))
+    return out
+
+
+def summarize_mix(rows: list[dict]) -> dict:
+    """Per concurrency of the mixed cells: p50 per step count (beside the same step count's
+    p50 alone, where measured), images/s, jump calls per image-step, average jump batch."""
+    out = {}
+    for conc in sorted({r["concurrency"] for r in rows if r.get("mix")}):
+        part = [r for r in rows if r.get("mix") and r["concurrency"] == conc]
+        jc = part[0].get("jump_calls") or {}
+        alone = {r["steps"]: (_find(rows, "triton", r["steps"], conc) or {}).get("p50_ms") for r in part}
+        out[conc] = {
+            "mix": part[0]["mix"],
+            "p50_ms": {r["steps"]: r["p50_ms"] for r in part},
+            "p50_ms_alone": {k: v for k, v in alone.items() if v is not None},
+            "requests": {r["steps"]: r["requests"] for r in part},
+            "images_per_s": sum(r["images_per_s"] or 0.0 for r in part),
+            "jump_calls_per_image_step": jc.get("calls_per_image_step"),
+            "avg_jump_batch": jc.get("avg_batch"),
+            "jump_calls": jc,
+        }
     return out
 
 
@@ -741,6 +892,10 @@ def read_quality(path) -> dict:
         raise UserError(f"--quality {path}: every result needs 'steps' and 'fid' (or 'swd')")
     return {"path": str(p), "metric": report.get("metric", key), "key": key,
             "values": {int(r["steps"]): float(r[key]) for r in results}}
+
+
+def _round(v, nd):
+    return "" if v is None else round(v, nd)
 
 
 def _us(v):
@@ -771,6 +926,9 @@ def csv_rows(report: dict) -> list[dict]:
             "Jump Avg Batch": "" if jmp.get("avg_batch") is None else round(jmp["avg_batch"], 3),
             "CPU per Request": _us(r.get("cpu_ms_per_request")),
             "Quality": "" if r.get("quality") is None else r["quality"],
+            "Mix": r.get("mix", ""),
+            "Jump Calls per Image-Step": _round((r.get("jump_calls") or {}).get("calls_per_image_step"), 4),
+            "Sampler Avg Jump Batch": _round(((r.get("jump_calls") or {}).get("sampler") or {}).get("avg_batch"), 3),
         })
     return out
 
@@ -809,8 +967,8 @@ def plot(report: dict, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     for conc in s["concurrency"]:
-        pts = [(r["steps"], r["p50_ms"], r["p95_ms"]) for r in rows
-               if r["source"] == "triton" and r["concurrency"] == conc and r["p50_ms"] is not None]
+        pts = [(r["steps"], r["p50_ms"], r["p95_ms"]) for r in rows if r["source"] == "triton"
+               and r["concurrency"] == conc and r["p50_ms"] is not None and not r.get("mix")]
         if pts:
             x, y, hi = zip(*pts)
             line, = ax.plot(x, y, "o-", label=f"Triton, concurrency {conc}")
@@ -838,7 +996,7 @@ def plot(report: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     for steps in s["steps"]:
         pts = [(r["concurrency"], r["images_per_s"]) for r in rows
-               if r["source"] == "triton" and r["steps"] == steps and r["images_per_s"]]
+               if r["source"] == "triton" and r["steps"] == steps and r["images_per_s"] and not r.get("mix")]
         if pts:
             x, y = zip(*pts)
             ax.plot(x, y, "o-", label=f"{steps} step{'s' if steps > 1 else ''}")
@@ -858,8 +1016,8 @@ def plot(report: dict, out: Path) -> list[Path]:
     q = report.get("quality")
     if q:
         c_lo = min(s["concurrency"])
-        pts = [(r["p50_ms"], r["quality"], r["steps"]) for r in rows
-               if r["source"] == "triton" and r["concurrency"] == c_lo and r.get("quality") is not None]
+        pts = [(r["p50_ms"], r["quality"], r["steps"]) for r in rows if r["source"] == "triton"
+               and r["concurrency"] == c_lo and r.get("quality") is not None and not r.get("mix")]
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
         if pts:
             x, y, st = zip(*pts)
@@ -885,16 +1043,18 @@ def _f(v, nd=2):
 
 def console_table(report: dict) -> str:
     head = ["source", "steps", "conc", "ok", "err", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "img/s",
-            "jump q ms", "jump c ms", "jump batch", "cpu ms/req"]
+            "jump q ms", "jump c ms", "jump batch", "calls/img-step", "cpu ms/req"]
     if report.get("quality"):
         head.append(report["quality"]["key"])
     lines = []
     for r in report["results"]:
         jmp = (r.get("server") or {}).get(report["model"] + "_jump") or {}
-        cells = [r["source"], str(r["steps"]), str(r["concurrency"]), str(r["requests"]), str(r["errors"]),
+        jc = r.get("jump_calls") or {}
+        cells = [r["source"] + (" mix" if r.get("mix") else ""), str(r["steps"]), str(r["concurrency"]),
+                 str(r["requests"]), str(r["errors"]),
                  _f(r["p50_ms"]), _f(r["p90_ms"]), _f(r["p95_ms"]), _f(r["p99_ms"]), _f(r["images_per_s"], 1),
-                 _f(jmp.get("queue_ms")), _f(jmp.get("compute_ms")), _f(jmp.get("avg_batch")),
-                 _f(r.get("cpu_ms_per_request"))]
+                 _f(jmp.get("queue_ms")), _f(jmp.get("compute_ms")), _f(jc.get("avg_batch")),
+                 _f(jc.get("calls_per_image_step"), 3), _f(r.get("cpu_ms_per_request"))]
         if report.get("quality"):
             cells.append(_f(r.get("quality"), 3))
         lines.append(cells)
@@ -925,6 +1085,12 @@ def console_table(report: dict) -> str:
         if sm.get("cpu_overhead_ms_per_step") is not None:
             line += f"; CPU overhead per step {sm['cpu_overhead_ms_per_step']:+.3f} ms"
         notes.append(line)
+    for conc, mx in (sm.get("mix") or {}).items():
+        per = ", ".join(f"{k} steps {_f(v)}" + (f" (alone {_f(mx['p50_ms_alone'][k])})" if k in mx["p50_ms_alone"] else "")
+                        for k, v in mx["p50_ms"].items())
+        notes.append(f"mix {mx['mix']} at concurrency {conc}: p50 ms {per}; {_f(mx['images_per_s'], 1)} images/s; "
+                     f"jump calls per image-step {_f(mx['jump_calls_per_image_step'], 3)}, "
+                     f"average jump batch {_f(mx['avg_jump_batch'])}")
     m = report["machine"]
     notes.append(f"load average {m['load_avg_start'][0]:.2f} -> {m['load_avg_end'][0]:.2f} on {m['cpus']} CPUs")
     if sm.get("errors"):
@@ -938,8 +1104,8 @@ def run_bench(args) -> int:
     plan = make_plan(args)
     if args.serve and not args.export:
         raise UserError("--serve needs --export DIR (the model to serve)")
-    if args.instances < 1:
-        raise UserError(f"--instances must be >= 1, got {args.instances}")
+    if args.instances < 0:
+        raise UserError(f"--instances must be >= 0 (0 = auto), got {args.instances}")
     if args.quality:
         read_quality(args.quality)  # fail before the run, not after it
     if args.export and not Path(args.export).is_dir():
@@ -981,5 +1147,6 @@ def _run_served(args, plan: Plan, out: Path) -> int:
             bench = Bench(args, plan)
             bench.model = name
             bench.server_pids = server.pids
+            bench.metrics_url = server.metrics_url
             report = asyncio.run(bench.run(server.grpc_url))
     return _finish(report, out)
