@@ -440,6 +440,7 @@ class Bench:
 
         seeds = self.seeds.take(self.plan.batch)
         labels = labels_for(seeds, self.meta.num_classes)
+        self.sent_total += 1
         t0 = time.perf_counter()
         try:
             await client.infer(self.model, seeds, steps, labels, self.args.gamma, outputs=(self.output,))
@@ -475,11 +476,13 @@ class Bench:
         js = await self.raw.get_inference_statistics("", as_json=True, client_timeout=30)
         return parse_stats(js)
 
-    async def _settled_stats(self, before: dict | None, sent: int, wait_s: float = 2.0) -> dict:
-        """Statistics once Triton has counted every request sent since `before` and they stopped
-        moving (Triton updates them just after a response leaves, so a snapshot taken at once
-        can miss the last requests, warm-up ones included)."""
-        before = before or {}
+    async def _settled_stats(self, wait_s: float = 5.0) -> dict:
+        """Statistics once Triton has counted every request this run sent (warm-up ones too)
+        and they stopped moving. Triton counts a request when it is released, which can be
+        after its response reached us (the sampler answers from its own thread), so a
+        snapshot taken at once can miss the last requests."""
+        before = self.stats_origin
+        sent = self.sent_total
         deadline = time.perf_counter() + wait_s
         last = None
         while True:
@@ -518,7 +521,7 @@ class Bench:
 
             await asyncio.gather(*(warm() for _ in range(min(conc, plan.warmup))))
 
-        before = await self._settled_stats(None, 0)
+        before = await self._settled_stats()
         server_cpu0 = self._server_cpu()
         deadline = time.perf_counter() + plan.duration if plan.duration else None
         issued = 0
@@ -550,7 +553,7 @@ class Bench:
             client_cpu = time.process_time() - c0
         for s in paired:
             base[s].wall_s = sum(base[s].latencies_ms) / 1e3
-        after = await self._settled_stats(before, len(cell.latencies_ms) + sum(cell.errors.values()))
+        after = await self._settled_stats()
         server_cpu1 = self._server_cpu()
         cell.server = stats_delta(before, after, self.composing)
         cell.jump_calls = jump_calls(before.get("__counters__"), after.get("__counters__"), cell.server, self.model)
@@ -583,7 +586,7 @@ class Bench:
 
         if plan.warmup:
             await asyncio.gather(*(warm() for _ in range(min(conc, plan.warmup))))
-        before = await self._settled_stats(None, 0)
+        before = await self._settled_stats()
         server_cpu0 = self._server_cpu()
         deadline = time.perf_counter() + plan.duration if plan.duration else None
         issued = 0
@@ -599,8 +602,7 @@ class Bench:
 
         await asyncio.gather(*(worker() for _ in range(conc)))
         wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
-        sent = sum(len(c.latencies_ms) + sum(c.errors.values()) for c in cells.values())
-        after = await self._settled_stats(before, sent)
+        after = await self._settled_stats()
         server_cpu1 = self._server_cpu()
         server = stats_delta(before, after, self.composing)
         calls = jump_calls(before.get("__counters__"), after.get("__counters__"), server, self.model)
@@ -657,6 +659,9 @@ class Bench:
             await self.raw.close()
             raise UserError(f"--model {self.model}: {e.message}") from None
         self.server_version = (await self.raw.get_server_metadata(as_json=True)).get("version")
+        # requests this run sent, and the statistics before the first: see _settled_stats
+        self.sent_total = 0
+        self.stats_origin = await self._stats()
         self.jump_params = {}
         try:
             cfg = (await self.raw.get_model_config(self.model + "_jump", as_json=True))["config"]
