@@ -94,6 +94,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="with --serve: instances that run the jump (0 = auto, see `fewstep serve --instances`)")
     p.add_argument("--jump", default="auto", choices=("auto", "inline", "bls"),
                    help="with --serve: how the sampler runs its steps (see `fewstep serve --jump`)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="where the jump runs: the in-process ONNX Runtime baseline (CUDA for gpu) and, "
+                        "with --serve, the server's jump (default cpu)")
     p.add_argument("--metrics-url", help="the server's Prometheus metrics (default: HOST:8002/metrics of --url; "
                                          "with --serve its own): the sampler's jump counters")
     p.add_argument("--quality", metavar="EVAL.json",
@@ -347,7 +350,7 @@ def jump_calls(before: dict | None, after: dict | None, server: dict | None, mod
 
 # --- the baselines -------------------------------------------------------------------------------
 
-def onnxruntime_baseline(export_dir: str, threads: int | None, meta):
+def onnxruntime_baseline(export_dir: str, threads: int | None, meta, device: str = "cpu"):
     """A callable (seeds, steps, labels, gamma) running the sampler in-process on ONNX Runtime."""
     from export.runner import load_runner
     from serving.protocol import Item, ModelInfo, run_group, to_images
@@ -356,7 +359,8 @@ def onnxruntime_baseline(export_dir: str, threads: int | None, meta):
     path = Path(export_dir)
     if not path.is_dir():
         raise UserError(f"--export {export_dir}: not a directory")
-    runner = load_runner(path, backend="onnxruntime", device="cpu", threads=threads or None)
+    runner = load_runner(path, backend="onnxruntime", device="cuda" if device == "gpu" else "cpu",
+                         threads=threads or None)
     info = ModelInfo.from_manifest(runner.manifest)
     if tuple(info.shape) != tuple(meta.shape) or info.num_classes != meta.num_classes:
         raise UserError(f"--export {export_dir} is not the served model: it makes {list(info.shape)} samples with "
@@ -704,7 +708,7 @@ class Bench:
             threads = self.baseline_threads()
             if args.export:
                 self.baselines["onnxruntime"], self.baseline_info["onnxruntime"] = \
-                    onnxruntime_baseline(args.export, threads, self.meta)
+                    onnxruntime_baseline(args.export, threads, self.meta, getattr(args, "device", "cpu"))
             if args.ckpt:
                 self.baselines["pytorch"], self.baseline_info["pytorch"] = \
                     pytorch_baseline(args.ckpt, threads, self.meta)
@@ -715,6 +719,13 @@ class Bench:
             if total is not None and not paired:
                 total += per_cell * len(plan.steps) * len(self.baselines)
             self.progress = Progress(total, enabled=not args.no_progress)
+            self.first_request = None
+            if args.serve:
+                # the first request a fresh server gets (the models warmed themselves before ready)
+                k = min(plan.steps or [k for k, _ in plan.mix])
+                first = Cell("triton", k, 1, plan.batch)
+                await self._triton_once(client, first, k)
+                self.first_request = {"steps": k, "ms": first.latencies_ms[0] if first.latencies_ms else None}
             load0 = os.getloadavg()
             t0 = time.time()
             try:
@@ -772,7 +783,7 @@ class Bench:
             "seconds": seconds,
             "quality": quality,
             "results": rows,
-            "summary": summarize(rows, plan),
+            "summary": summarize(rows, plan, self.first_request),
         }
 
 
@@ -796,10 +807,14 @@ def _slope(xs, ys) -> float | None:
     return float(np.median(slopes)) if slopes else None
 
 
-def summarize(rows: list[dict], plan: Plan) -> dict:
+def summarize(rows: list[dict], plan: Plan, first_request: dict | None = None) -> dict:
     """The serving figures: Triton against the in-process sampler, per-step overhead, scaling."""
     out: dict = {}
     c_lo, c_hi = min(plan.concurrency), max(plan.concurrency)
+    if first_request and first_request.get("ms") is not None:
+        same = _find(rows, "triton", first_request["steps"], c_lo) or {}
+        out["first_request"] = dict(first_request, p50_ms=same.get("p50_ms"),
+                                    vs_p50=first_request["ms"] / same["p50_ms"] if same.get("p50_ms") else None)
     for source in ("onnxruntime", "pytorch"):
         ratios = {}
         for steps in plan.steps:
@@ -1084,6 +1099,10 @@ def console_table(report: dict) -> str:
         if sm.get("bls_overhead_ms_per_step") is not None:
             line += f"; server time beyond the jump {sm['bls_overhead_ms_per_step']:+.3f} ms/step"
         notes.append(line)
+    if sm.get("first_request"):
+        fr = sm["first_request"]
+        notes.append(f"first request after start ({fr['steps']} steps): {_f(fr['ms'])} ms, "
+                     f"{_f(fr.get('vs_p50'))}x the p50 of its cell")
     if sm.get("cpu_ratio_triton_vs_onnxruntime"):
         line = ("CPU per request, Triton / in-process: "
                 + ", ".join(f"{k} steps {x:.2f}x" for k, x in sm["cpu_ratio_triton_vs_onnxruntime"].items()))
@@ -1145,7 +1164,7 @@ def _run_served(args, plan: Plan, out: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="fewstep-bench-") as tmp:
         repo = Path(tmp) / "repo"
         written = write_repository(repo, [f"{name}={args.export}"], Options(
-            device="cpu", threads=args.threads or 0, instances=args.instances, jump=args.jump))
+            device=args.device, threads=args.threads or 0, instances=args.instances, jump=args.jump))
         print(f"starting tritonserver on {args.export} as '{name}'", file=sys.stderr)
         with Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=written[0]["models"],
                     log_file=Path(tmp) / "tritonserver.log") as server:

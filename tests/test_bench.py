@@ -269,6 +269,9 @@ def test_bench_serve_starts_its_own_server(triton_stack, tmp_path, capsys):
     assert tri["requests"] == 3 and tri["errors"] == 0
     # with its own server, the CPU time of the server's processes is counted
     assert tri["cpu_ms_per_request"] > 0
+    # the first request of the fresh server is timed on its own (its models warmed before ready)
+    fr = report["summary"]["first_request"]
+    assert fr["steps"] == 2 and fr["ms"] > 0 and fr["vs_p50"] == pytest.approx(fr["ms"] / tri["p50_ms"])
 
 
 def test_slope_ignores_one_disturbed_point():

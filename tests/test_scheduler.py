@@ -211,9 +211,20 @@ def _counters(server, model="tiny", settle=True):
 
 
 def test_warm_before_ready(one_scheduler):
+    from serving.client import Client
+
     # the scheduler already ran a request of its own before Triton said ready
     c = _counters(one_scheduler)
     assert c is not None and c["calls"] >= 2 and c["image_steps"] >= 2
+    with Client(one_scheduler.grpc_url, timeout=60) as client:
+        client.ready()
+        times = []
+        for seed in range(11):  # the first request this server gets, then ten more
+            t0 = time.perf_counter()
+            client.generate("tiny", [seed], 2)
+            times.append(time.perf_counter() - t0)
+    # loose on a shared host: a cold ONNX Runtime session or PNG import would cost far more
+    assert times[0] <= 3 * float(np.median(times[1:])) + 0.05, times
 
 
 def test_mixed_step_counts_at_once_equal_each_served_alone(one_scheduler):
