@@ -133,7 +133,12 @@ class Scheduler:
                     smp = self._pending.popleft()
                     if not smp.request.answered:  # (a request that failed meanwhile)
                         self._active.append(smp)
-            self._tick()
+            try:
+                self._tick()
+            except Exception as e:  # noqa: BLE001 - a bug must not leave requests waiting forever
+                for smp in self._active:
+                    smp.request.answer(e)
+                self._active = []
             if self.on_idle is not None and time.monotonic() - last_idle > self.idle_every:
                 self._idle()
                 last_idle = time.monotonic()
