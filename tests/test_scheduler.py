@@ -341,3 +341,48 @@ def test_shutdown_with_requests_in_flight(served_model_dirs, tmp_path):
         else:
             assert o.tobytes() == ref.tobytes()
     assert any(not isinstance(o, ServingError) for o in outs), outs
+
+
+# --- defaults and the GPU jump's padding (no server) --------------------------------------------------
+
+def test_serving_plan_defaults():
+    from serving.repository import Options, serving_plan
+
+    cpu2 = serving_plan(Options(), "KIND_CPU", cores=2)
+    assert (cpu2.jump, cpu2.instances, cpu2.threads, cpu2.jump_instances, cpu2.sampler_kind) == \
+        ("inline", 2, 1, 1, "KIND_CPU")
+    big = serving_plan(Options(), "KIND_CPU", cores=16)
+    assert (big.instances, big.threads) == (8, 2)  # instances x threads = cores
+    assert serving_plan(Options(threads=1), "KIND_CPU", cores=16).instances == 8
+    gpu = serving_plan(Options(), "KIND_GPU", cores=16)
+    assert (gpu.jump, gpu.instances, gpu.sampler_kind) == ("inline", 1, "KIND_GPU")
+    bls = serving_plan(Options(jump="bls", instances=3), "KIND_GPU", cores=2)
+    assert (bls.instances, bls.jump_instances, bls.sampler_kind) == (3, 3, "KIND_CPU")
+    assert serving_plan(Options(instances=2, sampler_instances=1), "KIND_CPU", cores=4).instances == 1
+
+
+def test_gpu_jump_pads_to_power_of_two_buckets(served_model_dirs, monkeypatch):
+    import sys
+    import types
+
+    # common.py imports the Triton stub's module at the top; LocalJump itself does not use it
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    from serving.models.common import LocalJump, batch_buckets
+
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64] and batch_buckets(12) == [1, 2, 4, 8, 12]
+    jump = LocalJump(served_model_dirs["toyc"], threads=1)  # CPU: no padding
+    assert jump.buckets is None
+    calls = []
+    inner = jump.runner
+    jump.runner = lambda x, t, s, labels=None: (calls.append(x.shape[0]), inner(x, t, s, labels))[1]
+    jump.buckets = batch_buckets(16)  # as on a GPU
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 2)).astype(np.float32)
+    t, s = np.full(5, 0.8, np.float32), np.linspace(0.1, 0.5, 5).astype(np.float32)
+    labels = np.array([0, 1, 2, 3, 0], np.int64)
+    got = jump(x, t, s, labels)
+    assert calls == [8] and got.shape == (5, 2)
+    np.testing.assert_allclose(got, inner(x, t, s, labels), atol=1e-6)
+    info = ModelInfo.from_manifest(inner.manifest)
+    calls.clear()
+    assert jump.warm(info) == 5 and calls == [1, 2, 4, 8, 16]
