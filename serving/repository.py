@@ -174,30 +174,46 @@ def jump_config(info: ModelInfo, opts: Options, kind: str, plan: ServingPlan) ->
     ])
 
 
-JUMP_WARMUP_FILES = ("t_max", "t_end")
-
-
-def jump_warmup(info: ModelInfo) -> str:
-    """Triton runs one 1-step jump (noise at t_max to t_end) before it marks the jump ready;
-    t and s come from files in the model's warmup/ dir (`write_jump_warmup_files`)."""
-    lines = ["# one jump before the model is ready, so the first request finds it warm",
-             "model_warmup [", "  {", '    name: "one_step"', "    batch_size: 1",
-             '    inputs { key: "x" value { data_type: TYPE_FP32 dims: [ ' + ", ".join(map(str, info.shape))
-             + " ] zero_data: true } }",
-             '    inputs { key: "t" value { data_type: TYPE_FP32 dims: [ 1 ] input_data_file: "t_max" } }',
-             '    inputs { key: "s" value { data_type: TYPE_FP32 dims: [ 1 ] input_data_file: "t_end" } }']
-    if info.num_classes:
-        lines.append('    inputs { key: "class_label" value { data_type: TYPE_INT64 dims: [ 1 ] zero_data: true } }')
+def _warmup(comment: str, inputs: list) -> str:
+    """A `model_warmup` block of one batch-1 request: inputs are (name, TYPE, dims, file or None
+    for zeros); a file is raw data in the model's warmup/ dir (`write_warmup_files`)."""
+    lines = [f"# {comment}", "model_warmup [", "  {", '    name: "first_request"', "    batch_size: 1"]
+    for name, dtype, dims, file in inputs:
+        data = f'input_data_file: "{file}"' if file else "zero_data: true"
+        lines.append(f'    inputs {{ key: "{name}" value {{ data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] '
+                     f"{data} }} }}")
     return "\n".join(lines + ["  }", "]"])
 
 
-def write_jump_warmup_files(model_root: Path, info: ModelInfo) -> None:
+def jump_warmup(info: ModelInfo) -> str:
+    """Triton runs one 1-step jump (zeros at t_max, to t_end) before it marks the jump ready."""
+    inputs = [("x", "TYPE_FP32", info.shape, None), ("t", "TYPE_FP32", [1], "t_max"), ("s", "TYPE_FP32", [1], "t_end")]
+    if info.num_classes:
+        inputs.append(("class_label", "TYPE_INT64", [1], None))
+    return _warmup("one jump before the model is ready, so the first request finds it warm", inputs)
+
+
+def sampler_warmup(info: ModelInfo) -> str:
+    """Triton sends one 2-step request (seed 0) through execute(), the scheduler and the
+    response sender before it marks the sampler ready (inline only: with bls the jump model
+    may not be loaded yet)."""
+    inputs = [("seed", "TYPE_INT64", [1], None), ("steps", "TYPE_INT32", [1], "steps")]
+    if info.num_classes:
+        inputs.append(("class_label", "TYPE_INT32", [1], None))
+    return _warmup("one request through the whole sampler before it is ready", inputs)
+
+
+def write_warmup_files(repo: Path, info: ModelInfo, plan: ServingPlan) -> None:
     import numpy as np
 
-    d = model_root / "warmup"
-    d.mkdir(parents=True, exist_ok=True)
-    for name in JUMP_WARMUP_FILES:
-        (d / name).write_bytes(np.array([info.spec[name]], np.float32).tobytes())
+    files = {info.name + "_jump": {k: np.array([info.spec[k]], np.float32) for k in ("t_max", "t_end")}}
+    if plan.jump == "inline":
+        files[info.name + "_sampler"] = {"steps": np.array([min(2, info.max_steps)], np.int32)}
+    for model, arrays in files.items():
+        d = repo / model / "warmup"
+        d.mkdir(parents=True, exist_ok=True)
+        for name, arr in arrays.items():
+            (d / name).write_bytes(arr.tobytes())
 
 
 def sampler_config(info: ModelInfo, opts: Options, plan: ServingPlan) -> str:
@@ -214,6 +230,7 @@ def sampler_config(info: ModelInfo, opts: Options, plan: ServingPlan) -> str:
         _block("output", result_outputs(info, opts.png)),
         _instance(plan.instances, plan.sampler_kind),
         _params(_loop_params(info, opts, plan)),
+        sampler_warmup(info) if plan.jump == "inline" else "",
         "",
     ])
 
@@ -370,10 +387,10 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
         for n in names:
             shutil.rmtree(repo / n, ignore_errors=True)
         _write_python_model(repo / names[0], "jump.py", jump_config(info, opts, kind, plan))
-        write_jump_warmup_files(repo / names[0], info)
         _copy_model_dir(src, repo / names[0] / "1" / "model", manifest)
         _write_python_model(repo / names[1], "sampler.py", sampler_config(info, opts, plan), manifest)
         _write_python_model(repo / names[2], "stream.py", stream_config(info, opts, plan), manifest)
+        write_warmup_files(repo, info, plan)
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(ensemble_config(info, opts, manifest))
         written.append({"name": name, "models": names, "source": str(src), "kind": kind, "info": info,

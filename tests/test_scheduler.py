@@ -37,9 +37,11 @@ class Recorder:
         self.batches = []
         self.fail_when = fail_when
         self.gate = None
+        self.waiting = threading.Event()
 
     def __call__(self, x, t, s, labels=None):
         if self.gate is not None:
+            self.waiting.set()
             self.gate.wait(30)
         self.batches.append((x.shape[0], t.copy(), s.copy()))
         if self.fail_when is not None and self.fail_when(x, t, s):
@@ -64,6 +66,14 @@ class Collect:
         return done
 
 
+def _hold(sched, info, rec):
+    """Hold the scheduler in its first jump call (a 1-step request of its own) until rec.gate
+    opens: whatever is submitted meanwhile joins the next tick together."""
+    rec.gate = threading.Event()
+    sched.submit(_items(info, [999], [1]), lambda result: None)
+    assert rec.waiting.wait(30)
+
+
 def _items(info, seeds, steps, gammas=None, labels=None):
     out = []
     for i, (seed, n) in enumerate(zip(seeds, steps)):
@@ -79,7 +89,7 @@ def test_mixed_steps_gammas_in_one_batch_equal_each_sample_alone(served_model_di
     sched = Scheduler(rec, info, max_batch=16)
     got = Collect()
     reqs = {"a": ([1, 2], [1, 8], [0.0, 0.5]), "b": ([3], [4], [0.3]), "c": ([4, 5, 6], [2, 1, 8], None)}
-    rec.gate = threading.Event()  # hold the first tick so all three requests meet in one batch
+    _hold(sched, info, rec)  # so that all three requests meet in one batch
     for key, (seeds, steps, gammas) in reqs.items():
         sched.submit(_items(info, seeds, steps, gammas), got.cb(key))
     rec.gate.set()
@@ -89,11 +99,12 @@ def test_mixed_steps_gammas_in_one_batch_equal_each_sample_alone(served_model_di
         for b, (seed, n) in enumerate(zip(seeds, steps)):
             ref = _alone(runner, seed, n, None if gammas is None else gammas[b])
             np.testing.assert_allclose(got.results[key][b], ref, atol=1e-5, rtol=0)
-    # one call per tick for every sample in flight: 8 ticks for the longest, 6 samples in the first
-    assert len(rec.batches) == 8 and rec.batches[0][0] == 6
-    assert sched.image_steps == 1 + 8 + 4 + 2 + 1 + 8 and sched.calls == 8
-    # per-sample t: the first tick holds the 1-, 2-, 4- and 8-step grids' first steps together
-    assert len(set(rec.batches[0][2].tolist())) > 1
+    # one call per tick for every sample in flight: 8 ticks for the longest, 6 samples in the
+    # first (after the holding request's own tick)
+    assert len(rec.batches) == 1 + 8 and rec.batches[1][0] == 6
+    assert sched.image_steps == 1 + (1 + 8 + 4 + 2 + 1 + 8) and sched.calls == 1 + 8
+    # per-sample s: that tick holds the 1-, 2-, 4- and 8-step grids' first steps together
+    assert len(set(rec.batches[1][2].tolist())) > 1
 
 
 def test_consistency_model_labels_and_renoise_per_sample(served_model_dirs):
@@ -115,18 +126,18 @@ def test_join_mid_loop_max_batch_oldest_first(served_model_dirs):
     rec = Recorder(runner)
     sched = Scheduler(rec, info, max_batch=4)
     got = Collect()
-    rec.gate = threading.Event()
+    _hold(sched, info, rec)
     sched.submit(_items(info, [10, 11, 12], [12, 12, 12]), got.cb("old"))
     sched.submit(_items(info, [13, 14, 15], [1, 1, 1]), got.cb("new"))  # only one fits beside "old"
     rec.gate.set()
-    while len(rec.batches) < 2:
+    while len(rec.batches) < 3:
         time.sleep(0.001)
     sched.submit(_items(info, [16], [2]), got.cb("late"))  # joins a loop already running
     assert got.event.wait(60)
     sched.stop()
     sizes = [b for b, _, _ in rec.batches]
-    assert max(sizes) <= 4 and sizes[0] == 4, sizes
-    assert sched.calls == 12  # nobody waited for a loop of its own: the 12-step samples set the pace
+    assert max(sizes) <= 4 and sizes[1] == 4, sizes
+    assert sched.calls == 1 + 12  # nobody waited for a loop of its own: the 12-step samples set the pace
     assert got.order.index("new") < got.order.index("old") and got.order.index("late") < got.order.index("old")
     for key, seeds, steps in (("old", [10, 11, 12], 12), ("new", [13, 14, 15], 1), ("late", [16], 2)):
         for b, seed in enumerate(seeds):
@@ -139,7 +150,7 @@ def test_a_failing_jump_answers_its_batch_and_the_scheduler_goes_on(served_model
     rec = Recorder(runner, fail_when=lambda x, t, s: x.shape[0] == 3)
     sched = Scheduler(rec, info, max_batch=8)
     got = Collect()
-    rec.gate = threading.Event()
+    _hold(sched, info, rec)
     sched.submit(_items(info, [1, 2], [2, 2]), got.cb("a"))
     sched.submit(_items(info, [3], [2]), got.cb("b"))
     rec.gate.set()

@@ -19,16 +19,14 @@ import sys
 # checkout: put it first, or an installed copy of the project would serve instead
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 import functools
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.models.common import JumpCounters, LocalJump, internal, invalid, load_info, make_jump, read_inputs
-from serving.protocol import InvalidInput, Item, encode_png, parse_request, to_images
+from serving.protocol import InvalidInput, encode_png, parse_request, to_images
 from serving.scheduler import Scheduler
-from training import sampling
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -54,25 +52,15 @@ class TritonPythonModel:
         self._warm()
 
     def _warm(self):
-        """Run what the first request would: every batch size of an in-process jump, a whole
-        request through the scheduler, and its response (images, PNG). With bls the jump is
-        `<name>_jump`'s and warms there (its model_warmup); it may not be loaded yet."""
-        png = "png" in self.outputs
+        """Before Triton marks the instance ready: run every batch size an in-process jump will
+        see, and start the responder thread with a response built (images, PNG). With the jump
+        inline, Triton's model_warmup then sends one request through execute(), the scheduler
+        and the response sender; with bls the jump warms in `<name>_jump` (which may not be
+        loaded yet when this runs)."""
         if isinstance(self.jump, LocalJump):
             self.jump.warm(self.info)
-            steps = min(2, self.info.max_steps)
-            gamma = sampling.check_request(self.info.spec, steps)
-            item = Item(0, steps, gamma, 0 if self.info.num_classes else None)
-            got = threading.Event()
-            box = {}
-            self.scheduler.submit([item], lambda r: (box.setdefault("r", r), got.set()))
-            got.wait()
-            if isinstance(box["r"], BaseException):
-                raise box["r"]
-            x = box["r"]
-        else:
-            x = np.zeros((1,) + tuple(self.info.shape), np.float32)
-        self._response(x, {"image", "png", "sample"} if png else {"image", "sample"})
+        x = np.zeros((1,) + tuple(self.info.shape), np.float32)
+        self.responder.submit(self._response, x, set(self.outputs)).result()
 
     def execute(self, requests):
         for request in requests:
