@@ -70,7 +70,7 @@ def serving_plan(opts: Options, kind: str, cores: int | None = None) -> ServingP
         instances = opts.instances or 1
         threads = opts.threads or 1
     else:
-        instances = opts.instances or min(cores, 8)
+        instances = opts.instances or (max(1, cores // opts.threads) if opts.threads else min(cores, 8))
         threads = opts.threads or max(1, cores // instances)
     sampler_instances = opts.sampler_instances or instances
     return ServingPlan(jump=jump, instances=sampler_instances,

@@ -370,7 +370,9 @@ def test_serving_plan_defaults():
         ("inline", 2, 1, 1, "KIND_CPU")
     big = serving_plan(Options(), "KIND_CPU", cores=16)
     assert (big.instances, big.threads) == (8, 2)  # instances x threads = cores
-    assert serving_plan(Options(threads=1), "KIND_CPU", cores=16).instances == 8
+    assert serving_plan(Options(threads=1), "KIND_CPU", cores=16).instances == 16
+    assert (serving_plan(Options(threads=4), "KIND_CPU", cores=16).instances,
+            serving_plan(Options(instances=2), "KIND_CPU", cores=16).threads) == (4, 8)
     gpu = serving_plan(Options(), "KIND_GPU", cores=16)
     assert (gpu.jump, gpu.instances, gpu.sampler_kind) == ("inline", 1, "KIND_GPU")
     bls = serving_plan(Options(jump="bls", instances=3), "KIND_GPU", cores=2)
