@@ -27,7 +27,8 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grpc-port", type=int, default=None, help="default 8001, or a free port when 8001 is taken")
     g.add_argument("--http-port", type=int, default=None, help="default 8000, or a free port when 8000 is taken")
     g.add_argument("--metrics-port", type=int, default=None, help="default 8002, or a free port when taken")
-    g.add_argument("--instances", type=int, default=1, help="instances of each <name>_jump (default 1)")
+    g.add_argument("--instances", type=int, default=0,
+                   help="instances that run the jump (0 = auto: instances x threads = cores on the CPU)")
     g.add_argument("--threads", type=int, default=0, help="intra-op threads per jump instance (0 = default)")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
     g.add_argument("--log-file", help="tritonserver log (default: a file in a temporary dir)")

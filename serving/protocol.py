@@ -2,8 +2,8 @@
 
 Triton's Python models (serving/models/*.py) are thin: they read tensors, call
 `parse_request` (validation: every bad input becomes an `InvalidInput` naming the field
-and the allowed range) and `run_items` (the shared sampler loop of `training.sampling`,
-one loop per group of images with the same step count and gamma). Keeping this here,
+and the allowed range); the sampler loop is `training.sampling`'s, driven per sample by
+`serving.scheduler` or per batch by `run_group`. Keeping this here,
 free of Triton, lets unit tests cover it and keeps the models and the PyTorch sampler
 on one code path.
 """
@@ -135,38 +135,18 @@ def parse_request(info: ModelInfo, inputs: dict, max_images: int | None = None) 
     return items
 
 
-def group_items(items: list[Item]) -> dict[tuple, list[int]]:
-    """Indices of items that can share one sampler loop: same (steps, gamma)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, it in enumerate(items):
-        groups.setdefault((it.steps, it.gamma), []).append(i)
-    return groups
-
-
 def run_group(jump, info: ModelInfo, items: list[Item], callback=None) -> np.ndarray:
-    """Samples (float32 [B, *shape]) of items that share steps and gamma.
+    """Samples (float32 [B, *shape]) of items that share steps and gamma, by the whole-batch
+    loop `training.sampling.sample` (the stream model and the in-process baseline; the
+    sampler model advances any mix of items per step with `serving.scheduler`).
 
-    jump(x, t, s, labels) -> x_s on numpy arrays (labels int64 [B] or None). A 1-step
-    group takes the fast path: one jump from t_max to t_end, no loop (the same numbers
-    as the loop's single step).
+    jump(x, t, s, labels) -> x_s on numpy arrays (labels int64 [B] or None).
     """
     steps, gamma = items[0].steps, items[0].gamma
     assert all(it.steps == steps and it.gamma == gamma for it in items)
-    seeds = [it.seed for it in items]
     labels = None if items[0].label is None else np.array([it.label for it in items], dtype=np.int64)
-
-    def j(x, t, s):
-        return jump(x, t, s, labels)
-
-    if steps == 1 and callback is None:
-        grid = sampling.time_grid(info.spec, 1)
-        z = sampling.noise(seeds, 0, info.shape)
-        x = z * float(sampling.sigma(info.spec["process"], grid[0]))
-        b = x.shape[0]
-        return np.asarray(j(x.astype(np.float32), np.full((b,), grid[0], np.float32),
-                            np.full((b,), grid[1], np.float32)), dtype=np.float32)
-    x = sampling.sample(j, info.spec, steps, seeds, info.shape, gamma=gamma,
-                        like_x=np.zeros((1,), np.float32), callback=callback)
+    x = sampling.sample(lambda x, t, s: jump(x, t, s, labels), info.spec, steps, [it.seed for it in items],
+                        info.shape, gamma=gamma, like_x=np.zeros((1,), np.float32), callback=callback)
     return np.asarray(x, dtype=np.float32)
 
 
