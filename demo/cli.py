@@ -27,7 +27,8 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grpc-port", type=int, default=None, help="default 8001, or a free port when 8001 is taken")
     g.add_argument("--http-port", type=int, default=None, help="default 8000, or a free port when 8000 is taken")
     g.add_argument("--metrics-port", type=int, default=None, help="default 8002, or a free port when taken")
-    g.add_argument("--instances", type=int, default=1, help="instances of each <name>_jump (default 1)")
+    g.add_argument("--instances", type=int, default=0,
+                   help="instances that run the jump (0 = auto: instances x threads = cores on the CPU)")
     g.add_argument("--threads", type=int, default=0, help="intra-op threads per jump instance (0 = default)")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
     g.add_argument("--log-file", help="tritonserver log (default: a file in a temporary dir)")
@@ -125,10 +126,15 @@ def run_demo(args) -> int:
         print(f"fewstep demo: open {page}", flush=True)
         print(f"  Triton gRPC {url}" + ("" if server else " (attached)"), flush=True)
         print("Ctrl-C (SIGINT) or SIGTERM stops it.", flush=True)
+        from serving.health import Watchdog
+
+        watchdog = Watchdog(server) if server is not None else None  # a dead Python stub restarts the server
         while stop["signal"] is None:
             if server is not None and server.proc is not None and server.proc.poll() is not None:
                 print(f"fewstep demo: tritonserver exited with code {server.proc.returncode}; last lines of its "
                       f"log:\n{server.log_tail()}", file=sys.stderr)
+                return 1
+            if watchdog is not None and not watchdog.check():
                 return 1
             time.sleep(0.2)
         return 0

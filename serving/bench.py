@@ -20,6 +20,12 @@ Baselines run one request at a time. When concurrency 1 is measured, the baselin
 and the Triton requests alternate request by request, so that all of them see the same
 background load (a shared host); otherwise the baselines run before the Triton cells.
 
+`--mix 1:0.5,8:0.5` adds a mixed cell per concurrency: each request draws its step count
+from the weights, and the latency is reported per step count. Every Triton cell also
+reports jump calls per image-step and the average jump batch, from the sampler's own
+counters (Triton metrics, `--metrics-url`) and, with `--jump bls`, the jump model's
+statistics.
+
 `--serve` starts a tritonserver on the `--export` dir for the run (then the CPU time of the
 server and its stubs per request is reported too). Outputs, under `--out`: bench.csv
 (perf_analyzer-like columns, latencies in microseconds), bench.json (everything, in ms),
@@ -30,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import json
 import math
 import os
 import platform
@@ -44,18 +48,12 @@ from pathlib import Path
 import numpy as np
 
 from fewstep.errors import UserError
+from serving.bench_report import (  # noqa: F401  (re-exported: the summary is part of the benchmark's API)
+    CSV_COLUMNS, _slope, console_table, read_quality, summarize, write_outputs)
 
 SOURCES = ("triton", "onnxruntime", "pytorch")
 PERCENTILES = (50, 90, 95, 99)
 
-# bench.csv: perf_analyzer's column names where one exists (its latencies are in usec)
-CSV_COLUMNS = [
-    "Source", "Steps", "Concurrency", "Batch", "Requests", "Errors", "Inferences/Second", "Requests/Second",
-    "Avg latency", "p50 latency", "p90 latency", "p95 latency", "p99 latency", "Min latency", "Max latency",
-    "Server Queue", "Server Compute Input", "Server Compute Infer", "Server Compute Output",
-    "Sampler Queue", "Sampler Compute", "Jump Queue", "Jump Compute", "Jump Executions", "Jump Avg Batch",
-    "CPU per Request", "Quality",
-]
 
 
 # --- arguments ----------------------------------------------------------------------------------
@@ -64,7 +62,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC HOST:PORT (default 127.0.0.1:8001)")
     p.add_argument("--model", help="model name (the ensemble, as `fewstep serve` printed); "
                                    "default with --serve: the export's name")
-    p.add_argument("--steps", default="1,2,4,8,16", help="step counts, comma-separated (default 1,2,4,8,16)")
+    p.add_argument("--steps", help="step counts, comma-separated (default 1,2,4,8,16; none with --mix)")
+    p.add_argument("--mix", metavar="STEPS:WEIGHT,...",
+                   help="a mixed workload, e.g. 1:0.5,8:0.5: each request draws its step count by weight; "
+                        "one cell per concurrency, latency reported per step count")
     p.add_argument("--concurrency", default="1,4,16",
                    help="requests in flight, comma-separated (default 1,4,16)")
     p.add_argument("--batch", type=int, default=1, help="images per request (default 1)")
@@ -81,9 +82,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "default: what the server's jump uses (its `threads` parameter, 0 = runtime default)")
     p.add_argument("--serve", action="store_true",
                    help="start a tritonserver on the --export dir for this run (ignores --url)")
-    p.add_argument("--instances", type=int, default=1, help="with --serve: instances of <model>_jump")
-    p.add_argument("--jump", default="bls", choices=("bls", "inline"),
+    p.add_argument("--instances", type=int, default=0,
+                   help="with --serve: instances that run the jump (0 = auto, see `fewstep serve --instances`)")
+    p.add_argument("--jump", default="auto", choices=("auto", "inline", "bls"),
                    help="with --serve: how the sampler runs its steps (see `fewstep serve --jump`)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="where the jump runs: the in-process ONNX Runtime baseline (CUDA for gpu) and, "
+                        "with --serve, the server's jump (default cpu)")
+    p.add_argument("--metrics-url", help="the server's Prometheus metrics (default: HOST:8002/metrics of --url; "
+                                         "with --serve its own): the sampler's jump counters")
     p.add_argument("--quality", metavar="EVAL.json",
                    help="a `fewstep eval` report: adds FID (or SWD) per step count and the quality-vs-latency plot")
     p.add_argument("--seed", type=int, default=0, help="first seed; every image gets its own (default 0)")
@@ -114,10 +121,28 @@ class Plan:
     requests: int | None
     duration: float | None
     warmup: int
+    mix: list | None = None         # [(steps, probability)], or None
+
+
+def parse_mix(text: str) -> list:
+    """'1:0.5,8:0.5' -> [(1, 0.5), (8, 0.5)] (weights normalised to sum 1)."""
+    out = {}
+    for part in str(text).replace(" ", "").split(","):
+        k, sep, w = part.partition(":")
+        try:
+            k, w = int(k), float(w)
+        except ValueError:
+            raise UserError(f"--mix: expected STEPS:WEIGHT pairs like 1:0.5,8:0.5, got {part!r}") from None
+        if not sep or k < 1 or not w > 0 or not math.isfinite(w) or k in out:
+            raise UserError(f"--mix: each pair needs steps >= 1 (once) and a weight > 0, got {part!r}")
+        out[k] = w
+    total = sum(out.values())
+    return [(k, w / total) for k, w in sorted(out.items())]
 
 
 def make_plan(args) -> Plan:
-    steps = parse_list(args.steps, "--steps")
+    mix = parse_mix(args.mix) if getattr(args, "mix", None) else None
+    steps = parse_list(args.steps, "--steps") if args.steps is not None else ([] if mix else [1, 2, 4, 8, 16])
     conc = parse_list(args.concurrency, "--concurrency")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
@@ -136,7 +161,7 @@ def make_plan(args) -> Plan:
     if args.threads is not None and args.threads < 0:
         raise UserError(f"--threads must be >= 0, got {args.threads}")
     requests = args.requests if args.requests is not None or args.duration is not None else 100
-    return Plan(steps, conc, args.batch, requests, args.duration, args.warmup)
+    return Plan(steps, conc, args.batch, requests, args.duration, args.warmup, mix)
 
 
 # --- measurements -------------------------------------------------------------------------------
@@ -155,6 +180,8 @@ class Cell:
     cpu_s: float = 0.0
     cpu_counted: bool = False
     server: dict | None = None                       # composing model -> stats delta
+    mix: str | None = None                           # the --mix this row is a part of
+    jump_calls: dict | None = None                   # jump_calls(): of the whole cell
 
     def error(self, code: str, message: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -180,6 +207,10 @@ class Cell:
             r["error_messages"] = list(self.error_messages)
         if self.server is not None:
             r["server"] = self.server
+        if self.mix is not None:
+            r["mix"] = self.mix
+        if self.jump_calls is not None:
+            r["jump_calls"] = self.jump_calls
         return r
 
 
@@ -255,9 +286,63 @@ def process_cpu_s(pids) -> float:
     return total / tick
 
 
+COUNTER_NAMES = {"fewstep_sampler_jump_calls": "calls", "fewstep_sampler_image_steps": "image_steps"}
+
+
+def parse_jump_counters(text: str, model: str) -> dict | None:
+    """Prometheus text -> {"calls", "image_steps"} of `<model>_sampler`, summed over its
+    instances (the sampler's scheduler counts them: serving.models.common.JumpCounters)."""
+    out = {}
+    want = f'model="{model}_sampler"'
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        key = COUNTER_NAMES.get(name.strip().removesuffix("_total"))
+        if key is None or want not in rest:
+            continue
+        out[key] = out.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out if len(out) == 2 else None
+
+
+def read_jump_counters(metrics_url: str | None, model: str, timeout: float = 5.0) -> dict | None:
+    """The sampler's jump counters from Triton's metrics endpoint (None when not there)."""
+    import urllib.error
+    import urllib.request
+
+    if not metrics_url:
+        return None
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
+            return parse_jump_counters(r.read().decode("utf-8", "replace"), model)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def jump_calls(before: dict | None, after: dict | None, server: dict | None, model: str) -> dict:
+    """Jump calls per image-step and the average jump batch of a cell: from the sampler's
+    counters ("sampler": the calls its schedulers made) and, when the jump runs as its own
+    model (bls), from Triton's statistics of `<model>_jump` ("jump_model": its executions,
+    where calls of several samplers may meet). The headline figures take the sampler's."""
+    out = {}
+    if before is not None and after is not None:
+        calls, steps = after["calls"] - before["calls"], after["image_steps"] - before["image_steps"]
+        out["sampler"] = {"calls": calls, "image_steps": steps}
+    jump = (server or {}).get(model + "_jump") or {}
+    if jump.get("inferences"):
+        out["jump_model"] = {"calls": jump["executions"], "image_steps": jump["inferences"]}
+    for part in out.values():
+        part["calls_per_image_step"] = part["calls"] / part["image_steps"] if part["image_steps"] else None
+        part["avg_batch"] = part["image_steps"] / part["calls"] if part["calls"] else None
+    head = out.get("sampler") or out.get("jump_model")
+    if head and head["image_steps"]:
+        out["calls_per_image_step"] = head["calls_per_image_step"]
+        out["avg_batch"] = head["avg_batch"]
+        out["from"] = "sampler" if "sampler" in out else "jump_model"
+    return out
+
+
 # --- the baselines -------------------------------------------------------------------------------
 
-def onnxruntime_baseline(export_dir: str, threads: int | None, meta):
+def onnxruntime_baseline(export_dir: str, threads: int | None, meta, device: str = "cpu"):
     """A callable (seeds, steps, labels, gamma) running the sampler in-process on ONNX Runtime."""
     from export.runner import load_runner
     from serving.protocol import Item, ModelInfo, run_group, to_images
@@ -266,7 +351,8 @@ def onnxruntime_baseline(export_dir: str, threads: int | None, meta):
     path = Path(export_dir)
     if not path.is_dir():
         raise UserError(f"--export {export_dir}: not a directory")
-    runner = load_runner(path, backend="onnxruntime", device="cpu", threads=threads or None)
+    runner = load_runner(path, backend="onnxruntime", device="cuda" if device == "gpu" else "cpu",
+                         threads=threads or None)
     info = ModelInfo.from_manifest(runner.manifest)
     if tuple(info.shape) != tuple(meta.shape) or info.num_classes != meta.num_classes:
         raise UserError(f"--export {export_dir} is not the served model: it makes {list(info.shape)} samples with "
@@ -341,6 +427,7 @@ class Bench:
         self.baselines: dict = {}           # source -> callable
         self.baseline_info: dict = {}
         self.server_pids = None             # with --serve: a callable returning the pids
+        self.metrics_url = None             # Triton metrics: the sampler's jump counters
         self.cells: list[Cell] = []
 
     # --- one request --------------------------------------------------------------------------
@@ -349,6 +436,7 @@ class Bench:
 
         seeds = self.seeds.take(self.plan.batch)
         labels = labels_for(seeds, self.meta.num_classes)
+        self.sent_total += 1
         t0 = time.perf_counter()
         try:
             await client.infer(self.model, seeds, steps, labels, self.args.gamma, outputs=(self.output,))
@@ -384,15 +472,19 @@ class Bench:
         js = await self.raw.get_inference_statistics("", as_json=True, client_timeout=30)
         return parse_stats(js)
 
-    async def _settled_stats(self, before: dict | None, sent: int, wait_s: float = 2.0) -> dict:
-        """Statistics once Triton has counted every request sent since `before` and they stopped
-        moving (Triton updates them just after a response leaves, so a snapshot taken at once
-        can miss the last requests, warm-up ones included)."""
-        before = before or {}
+    async def _settled_stats(self, wait_s: float = 5.0) -> dict:
+        """Statistics once Triton has counted every request this run sent (warm-up ones too)
+        and they stopped moving. Triton counts a request when it is released, which can be
+        after its response reached us (the sampler answers from its own thread), so a
+        snapshot taken at once can miss the last requests."""
+        before = self.stats_origin
+        sent = self.sent_total
         deadline = time.perf_counter() + wait_s
         last = None
         while True:
             after = await self._stats()
+            # the sampler's counters (flushed when its scheduler goes idle) must stop moving too
+            after["__counters__"] = await asyncio.to_thread(read_jump_counters, self.metrics_url, self.model)
             a, b = after.get(self.model, {}), before.get(self.model, {})
             counted = sum(a.get(k, 0) - b.get(k, 0) for k in ("success_count", "fail_count"))
             # every request counted by the ensemble, and nothing moved since the last look
@@ -425,7 +517,7 @@ class Bench:
 
             await asyncio.gather(*(warm() for _ in range(min(conc, plan.warmup))))
 
-        before = await self._settled_stats(None, 0)
+        before = await self._settled_stats()
         server_cpu0 = self._server_cpu()
         deadline = time.perf_counter() + plan.duration if plan.duration else None
         issued = 0
@@ -457,13 +549,69 @@ class Bench:
             client_cpu = time.process_time() - c0
         for s in paired:
             base[s].wall_s = sum(base[s].latencies_ms) / 1e3
-        after = await self._settled_stats(before, len(cell.latencies_ms) + sum(cell.errors.values()))
+        after = await self._settled_stats()
         server_cpu1 = self._server_cpu()
         cell.server = stats_delta(before, after, self.composing)
+        cell.jump_calls = jump_calls(before.get("__counters__"), after.get("__counters__"), cell.server, self.model)
         if server_cpu0 is not None:
             cell.cpu_s = client_cpu + (server_cpu1 - server_cpu0)
             cell.cpu_counted = True
         return [cell] + [base[s] for s in paired]
+
+    async def mix_cell(self, client, conc: int) -> list[Cell]:
+        """`conc` requests in flight, each drawing its step count from --mix; one Cell per step
+        count (its requests' latencies; images/s over the whole cell's wall time)."""
+        plan = self.plan
+        label = ",".join(f"{k}:{w:g}" for k, w in plan.mix)
+        ks = [k for k, _ in plan.mix]
+        probs = [w for _, w in plan.mix]
+        rng = np.random.default_rng([self.args.seed, conc])
+        cells = {k: Cell("triton", k, conc, plan.batch, mix=label) for k in ks}
+        self.progress.describe(f"mix {label} conc {conc}")
+
+        def draw() -> int:
+            return int(rng.choice(ks, p=probs))
+
+        remaining = plan.warmup
+
+        async def warm():
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                await self._triton_once(client, None, draw())
+
+        if plan.warmup:
+            await asyncio.gather(*(warm() for _ in range(min(conc, plan.warmup))))
+        before = await self._settled_stats()
+        server_cpu0 = self._server_cpu()
+        deadline = time.perf_counter() + plan.duration if plan.duration else None
+        issued = 0
+        c0, t0 = time.process_time(), time.perf_counter()
+
+        async def worker():
+            nonlocal issued
+            while self._more(issued, deadline):
+                issued += 1
+                k = draw()
+                await self._triton_once(client, cells[k], k)
+                self.progress.update()
+
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
+        after = await self._settled_stats()
+        server_cpu1 = self._server_cpu()
+        server = stats_delta(before, after, self.composing)
+        calls = jump_calls(before.get("__counters__"), after.get("__counters__"), server, self.model)
+        out = []
+        for k, cell in cells.items():
+            cell.wall_s, cell.server, cell.jump_calls = wall, server, calls
+            if server_cpu0 is not None and len(cell.latencies_ms):
+                # the cell's CPU, shared out by image-steps
+                share = len(cell.latencies_ms) * k / max(1, sum(len(c.latencies_ms) * j for j, c in cells.items()))
+                cell.cpu_s = (client_cpu + server_cpu1 - server_cpu0) * share
+                cell.cpu_counted = True
+            out.append(cell)
+        return out
 
     def baseline_cell(self, source: str, steps: int) -> Cell:
         """A baseline alone, one request at a time (when concurrency 1 is not measured)."""
@@ -498,6 +646,8 @@ class Bench:
             await self.raw.close()
             raise UserError(f"the server at {url} is not ready")
         client = AsyncClient(url, timeout=self.args.timeout)
+        if not getattr(self, "metrics_url", None):
+            self.metrics_url = self.args.metrics_url or f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
         try:
             self.meta = await client.meta(self.model)
         except ServingError as e:
@@ -505,6 +655,9 @@ class Bench:
             await self.raw.close()
             raise UserError(f"--model {self.model}: {e.message}") from None
         self.server_version = (await self.raw.get_server_metadata(as_json=True)).get("version")
+        # requests this run sent, and the statistics before the first: see _settled_stats
+        self.sent_total = 0
+        self.stats_origin = await self._stats()
         self.jump_params = {}
         try:
             cfg = (await self.raw.get_model_config(self.model + "_jump", as_json=True))["config"]
@@ -524,7 +677,7 @@ class Bench:
 
     def check_against_model(self) -> None:
         meta, plan = self.meta, self.plan
-        too_many = [s for s in plan.steps if s > meta.max_steps]
+        too_many = [s for s in plan.steps + [k for k, _ in plan.mix or []] if s > meta.max_steps]
         if too_many:
             raise UserError(f"--steps: {too_many[0]} is above the model's max_steps ({meta.max_steps}) "
                             f"for '{meta.name}'")
@@ -547,16 +700,31 @@ class Bench:
             threads = self.baseline_threads()
             if args.export:
                 self.baselines["onnxruntime"], self.baseline_info["onnxruntime"] = \
-                    onnxruntime_baseline(args.export, threads, self.meta)
+                    onnxruntime_baseline(args.export, threads, self.meta, getattr(args, "device", "cpu"))
             if args.ckpt:
                 self.baselines["pytorch"], self.baseline_info["pytorch"] = \
                     pytorch_baseline(args.ckpt, threads, self.meta)
             paired = list(self.baselines) if 1 in plan.concurrency else []
             per_cell = plan.requests if plan.requests is not None else None
-            total = None if per_cell is None else per_cell * len(plan.steps) * len(plan.concurrency)
+            cells = (len(plan.steps) + (1 if plan.mix else 0)) * len(plan.concurrency)
+            total = None if per_cell is None else per_cell * cells
             if total is not None and not paired:
                 total += per_cell * len(plan.steps) * len(self.baselines)
             self.progress = Progress(total, enabled=not args.no_progress)
+            self.first_request = None
+            if args.serve:
+                # the first request a fresh server gets (the models warmed themselves before ready);
+                # the client's own first call (gRPC, protobuf) is paid first by a request that
+                # Triton refuses before any model runs (an output the model does not have)
+                from serving.client import ServingError
+                try:
+                    await client.infer(self.model, [0], 1, None, None, outputs=("no_such_output",))
+                except ServingError:
+                    pass
+                k = min(plan.steps or [k for k, _ in plan.mix])
+                first = Cell("triton", k, 1, plan.batch)
+                await self._triton_once(client, first, k)
+                self.first_request = {"steps": k, "ms": first.latencies_ms[0] if first.latencies_ms else None}
             load0 = os.getloadavg()
             t0 = time.time()
             try:
@@ -568,6 +736,9 @@ class Bench:
                     for conc in plan.concurrency:
                         self.cells.extend(await self.triton_cell(client, steps, conc,
                                                                  paired if conc == 1 else []))
+                if plan.mix:
+                    for conc in plan.concurrency:
+                        self.cells.extend(await self.mix_cell(client, conc))
             finally:
                 self.progress.close()
             load1 = os.getloadavg()
@@ -593,11 +764,13 @@ class Bench:
             "meta": {"shape": list(meta.shape), "num_classes": meta.num_classes, "max_steps": meta.max_steps,
                      "max_batch": meta.max_batch, "default_steps": meta.default_steps, "gamma": meta.gamma},
             "jump": {"instances": self.jump_instances, "kind": self.jump_kind,
-                     "threads": self.jump_params.get("threads"), "backend": self.jump_params.get("backend"),
+                     "threads": self.sampler_params.get("threads") or self.jump_params.get("threads"),
+                     "backend": self.jump_params.get("backend"),
                      "mode": self.sampler_params.get("jump_mode", "bls")},
             "sampler": {"instances": self.sampler_params.get("instances"),
                         "workers": self.sampler_params.get("workers")},
-            "settings": {"steps": plan.steps, "concurrency": plan.concurrency, "batch": plan.batch,
+            "metrics_url": self.metrics_url,
+            "settings": {"steps": plan.steps, "mix": plan.mix, "concurrency": plan.concurrency, "batch": plan.batch,
                          "requests": plan.requests, "duration": plan.duration, "warmup": plan.warmup,
                          "seed": args.seed, "gamma": args.gamma, "served_by_bench": bool(args.serve),
                          "baselines_paired_with_concurrency_1": bool(self.baselines) and 1 in plan.concurrency},
@@ -609,296 +782,8 @@ class Bench:
             "seconds": seconds,
             "quality": quality,
             "results": rows,
-            "summary": summarize(rows, plan),
+            "summary": summarize(rows, plan, self.first_request),
         }
-
-
-# --- summary, outputs ------------------------------------------------------------------------------
-
-def _find(rows, source, steps, conc=None):
-    for r in rows:
-        if r["source"] == source and r["steps"] == steps and (conc is None or r["concurrency"] == conc):
-            return r
-    return None
-
-
-def _slope(xs, ys) -> float | None:
-    """Theil-Sen slope (the median of the pairwise slopes): one disturbed point on a busy
-    host does not tilt it, as it would a least-squares line."""
-    pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-    if len(pts) < 2:
-        return None
-    slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(pts) for x2, y2 in pts[i + 1:] if x2 != x1]
-    return float(np.median(slopes)) if slopes else None
-
-
-def summarize(rows: list[dict], plan: Plan) -> dict:
-    """The serving figures: Triton against the in-process sampler, per-step overhead, scaling."""
-    out: dict = {}
-    c_lo, c_hi = min(plan.concurrency), max(plan.concurrency)
-    for source in ("onnxruntime", "pytorch"):
-        ratios = {}
-        for steps in plan.steps:
-            tri, base = _find(rows, "triton", steps, c_lo), _find(rows, source, steps)
-            if tri and base and tri["p50_ms"] and base["p50_ms"]:
-                ratios[steps] = tri["p50_ms"] / base["p50_ms"]
-        if ratios:
-            out[f"p50_ratio_triton_vs_{source}"] = ratios
-    # CPU time per request (client + server processes, with --serve): robust on a busy host
-    cpu_ratio = {}
-    for steps in plan.steps:
-        tri, base = _find(rows, "triton", steps, c_lo), _find(rows, "onnxruntime", steps)
-        if tri and base and tri.get("cpu_ms_per_request") and base.get("cpu_ms_per_request"):
-            cpu_ratio[steps] = tri["cpu_ms_per_request"] / base["cpu_ms_per_request"]
-    if cpu_ratio:
-        out["cpu_ratio_triton_vs_onnxruntime"] = cpu_ratio
-        if len(cpu_ratio) >= 2:
-            ks = sorted(cpu_ratio)
-            tri_cpu = _slope(ks, [_find(rows, "triton", k, c_lo)["cpu_ms_per_request"] for k in ks])
-            ort_cpu = _slope(ks, [_find(rows, "onnxruntime", k)["cpu_ms_per_request"] for k in ks])
-            out["cpu_overhead_ms_per_step"] = tri_cpu - ort_cpu
-    if len(plan.steps) >= 2:
-        tri = [(_find(rows, "triton", s, c_lo) or {}).get("p50_ms") for s in plan.steps]
-        out["triton_ms_per_step"] = _slope(plan.steps, tri)
-        ort = [(_find(rows, "onnxruntime", s) or {}).get("p50_ms") for s in plan.steps]
-        ort_slope = _slope(plan.steps, ort)
-        if ort_slope is not None and out["triton_ms_per_step"] is not None:
-            out["onnxruntime_ms_per_step"] = ort_slope
-            out["serving_overhead_ms_per_step"] = out["triton_ms_per_step"] - ort_slope
-        sampler = []
-        for s in plan.steps:
-            r = _find(rows, "triton", s, c_lo) or {}
-            srv = r.get("server") or {}
-            jump = next((v for k, v in srv.items() if k.endswith("_jump")), None)
-            ens = next((v for k, v in srv.items() if not k.endswith(("_jump", "_sampler"))), None)
-            if jump and ens and jump.get("request_ms") is not None and ens.get("request_ms") is not None \
-                    and r.get("requests"):
-                # server-side time of a request beyond its jump executions, per step
-                jump_ms = jump["request_ms"] * jump["requests"] / r["requests"]
-                sampler.append(ens["request_ms"] - jump_ms)
-            else:
-                sampler.append(None)
-        out["server_time_beyond_jump_ms"] = dict(zip(plan.steps, sampler))
-        slope = _slope(plan.steps, sampler)
-        if slope is not None:
-            out["bls_overhead_ms_per_step"] = slope
-    if c_hi > c_lo:
-        scale = {}
-        for steps in plan.steps:
-            lo, hi = _find(rows, "triton", steps, c_lo), _find(rows, "triton", steps, c_hi)
-            if lo and hi and lo["images_per_s"] and hi["images_per_s"]:
-                scale[steps] = hi["images_per_s"] / lo["images_per_s"]
-        out[f"throughput_ratio_c{c_hi}_vs_c{c_lo}"] = scale
-    out["errors"] = int(sum(r["errors"] for r in rows))
-    return out
-
-
-def read_quality(path) -> dict:
-    """A `fewstep eval` report -> {"metric", "key", "values": {steps: value}, "path"}."""
-    p = Path(path)
-    try:
-        report = json.loads(p.read_text())
-    except OSError as e:
-        raise UserError(f"--quality {path}: cannot read it ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"--quality {path}: not JSON ({e})") from None
-    results = report.get("results") if isinstance(report, dict) else None
-    if not isinstance(results, list) or not results:
-        raise UserError(f"--quality {path}: not a `fewstep eval` report (no results)")
-    key = next((k for k in ("fid", "swd") if k in results[0]), None)
-    if key is None or any("steps" not in r or key not in r for r in results):
-        raise UserError(f"--quality {path}: every result needs 'steps' and 'fid' (or 'swd')")
-    return {"path": str(p), "metric": report.get("metric", key), "key": key,
-            "values": {int(r["steps"]): float(r[key]) for r in results}}
-
-
-def _us(v):
-    return "" if v is None else int(round(v * 1e3))
-
-
-def csv_rows(report: dict) -> list[dict]:
-    out = []
-    for r in report["results"]:
-        srv = r.get("server") or {}
-        ens = srv.get(report["model"]) or {}
-        smp = srv.get(report["model"] + "_sampler") or {}
-        jmp = srv.get(report["model"] + "_jump") or {}
-        out.append({
-            "Source": r["source"], "Steps": r["steps"], "Concurrency": r["concurrency"], "Batch": r["batch"],
-            "Requests": r["requests"], "Errors": r["errors"],
-            "Inferences/Second": "" if r["images_per_s"] is None else round(r["images_per_s"], 3),
-            "Requests/Second": "" if r["requests_per_s"] is None else round(r["requests_per_s"], 3),
-            "Avg latency": _us(r["avg_ms"]), "p50 latency": _us(r["p50_ms"]), "p90 latency": _us(r["p90_ms"]),
-            "p95 latency": _us(r["p95_ms"]), "p99 latency": _us(r["p99_ms"]),
-            "Min latency": _us(r["min_ms"]), "Max latency": _us(r["max_ms"]),
-            "Server Queue": _us(ens.get("queue_ms")), "Server Compute Input": _us(ens.get("compute_input_ms")),
-            "Server Compute Infer": _us(ens.get("compute_infer_ms")),
-            "Server Compute Output": _us(ens.get("compute_output_ms")),
-            "Sampler Queue": _us(smp.get("queue_ms")), "Sampler Compute": _us(smp.get("compute_ms")),
-            "Jump Queue": _us(jmp.get("queue_ms")), "Jump Compute": _us(jmp.get("compute_ms")),
-            "Jump Executions": jmp.get("executions", ""),
-            "Jump Avg Batch": "" if jmp.get("avg_batch") is None else round(jmp["avg_batch"], 3),
-            "CPU per Request": _us(r.get("cpu_ms_per_request")),
-            "Quality": "" if r.get("quality") is None else r["quality"],
-        })
-    return out
-
-
-def write_outputs(report: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    with open(out / "bench.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(csv_rows(report))
-    paths.append(out / "bench.csv")
-    (out / "bench.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    paths.append(out / "bench.json")
-    paths += plot(report, out)
-    return paths
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def plot(report: dict, out: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["results"]
-    s = report["settings"]
-    title = f"{report['model']}, batch {s['batch']}"
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    for conc in s["concurrency"]:
-        pts = [(r["steps"], r["p50_ms"], r["p95_ms"]) for r in rows
-               if r["source"] == "triton" and r["concurrency"] == conc and r["p50_ms"] is not None]
-        if pts:
-            x, y, hi = zip(*pts)
-            line, = ax.plot(x, y, "o-", label=f"Triton, concurrency {conc}")
-            ax.fill_between(x, y, hi, color=line.get_color(), alpha=0.15)
-    for source, style in (("onnxruntime", "s--"), ("pytorch", "^:")):
-        pts = [(r["steps"], r["p50_ms"]) for r in rows if r["source"] == source and r["p50_ms"] is not None]
-        if pts:
-            x, y = zip(*pts)
-            ax.plot(x, y, style, color="k" if source == "onnxruntime" else "grey",
-                    label=f"in-process {'ONNX Runtime' if source == 'onnxruntime' else 'PyTorch eager'}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(s["steps"])
-    ax.set_xticklabels([str(v) for v in s["steps"]])
-    ax.set_yscale("log")
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel("latency, ms (p50; band to p95; log scale)")
-    ax.set_title(f"Latency against steps: {title}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "latency_vs_steps.png")
-    plt.close(fig)
-    paths.append(out / "latency_vs_steps.png")
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    for steps in s["steps"]:
-        pts = [(r["concurrency"], r["images_per_s"]) for r in rows
-               if r["source"] == "triton" and r["steps"] == steps and r["images_per_s"]]
-        if pts:
-            x, y = zip(*pts)
-            ax.plot(x, y, "o-", label=f"{steps} step{'s' if steps > 1 else ''}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(s["concurrency"])
-    ax.set_xticklabels([str(v) for v in s["concurrency"]])
-    ax.set_xlabel("concurrency (requests in flight)")
-    ax.set_ylabel("images / s")
-    ax.set_title(f"Throughput through Triton: {title}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "throughput_vs_concurrency.png")
-    plt.close(fig)
-    paths.append(out / "throughput_vs_concurrency.png")
-
-    q = report.get("quality")
-    if q:
-        c_lo = min(s["concurrency"])
-        pts = [(r["p50_ms"], r["quality"], r["steps"]) for r in rows
-               if r["source"] == "triton" and r["concurrency"] == c_lo and r.get("quality") is not None]
-        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-        if pts:
-            x, y, st = zip(*pts)
-            ax.plot(x, y, "o-")
-            for xi, yi, k in pts:
-                ax.annotate(f"{k} step{'s' if k > 1 else ''}", (xi, yi), textcoords="offset points",
-                            xytext=(5, 5), fontsize=8)
-        ax.set_xlabel(f"latency through Triton, ms (p50, concurrency {c_lo})")
-        metric = str(q.get("metric") or q["key"])
-        ax.set_ylabel(q["key"].upper() + ("" if metric == q["key"] else f" ({metric})") + ", lower is better")
-        ax.set_title(f"Quality against latency: {title}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "quality_vs_latency.png")
-        plt.close(fig)
-        paths.append(out / "quality_vs_latency.png")
-    return paths
-
-
-def _f(v, nd=2):
-    return "-" if v is None else f"{v:.{nd}f}"
-
-
-def console_table(report: dict) -> str:
-    head = ["source", "steps", "conc", "ok", "err", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "img/s",
-            "jump q ms", "jump c ms", "jump batch", "cpu ms/req"]
-    if report.get("quality"):
-        head.append(report["quality"]["key"])
-    lines = []
-    for r in report["results"]:
-        jmp = (r.get("server") or {}).get(report["model"] + "_jump") or {}
-        cells = [r["source"], str(r["steps"]), str(r["concurrency"]), str(r["requests"]), str(r["errors"]),
-                 _f(r["p50_ms"]), _f(r["p90_ms"]), _f(r["p95_ms"]), _f(r["p99_ms"]), _f(r["images_per_s"], 1),
-                 _f(jmp.get("queue_ms")), _f(jmp.get("compute_ms")), _f(jmp.get("avg_batch")),
-                 _f(r.get("cpu_ms_per_request"))]
-        if report.get("quality"):
-            cells.append(_f(r.get("quality"), 3))
-        lines.append(cells)
-    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    text = [fmt.format(*head)] + [fmt.format(*c) for c in lines]
-    sm = report["summary"]
-    notes = []
-    for key, v in sm.items():
-        if key.startswith("p50_ratio_triton_vs_"):
-            src = key[len("p50_ratio_triton_vs_"):]
-            notes.append(f"Triton p50 / in-process {src} p50: "
-                         + ", ".join(f"{k} steps {x:.2f}x" for k, x in v.items()))
-        elif key.startswith("throughput_ratio_"):
-            notes.append(f"images/s, {key[len('throughput_ratio_'):].replace('_', ' ')}: "
-                         + ", ".join(f"{k} steps {x:.2f}x" for k, x in v.items()))
-    if sm.get("triton_ms_per_step") is not None:
-        line = f"per step: Triton {sm['triton_ms_per_step']:.2f} ms"
-        if sm.get("onnxruntime_ms_per_step") is not None:
-            line += (f", in-process {sm['onnxruntime_ms_per_step']:.2f} ms "
-                     f"(serving overhead {sm['serving_overhead_ms_per_step']:+.2f} ms/step)")
-        if sm.get("bls_overhead_ms_per_step") is not None:
-            line += f"; server time beyond the jump {sm['bls_overhead_ms_per_step']:+.3f} ms/step"
-        notes.append(line)
-    if sm.get("cpu_ratio_triton_vs_onnxruntime"):
-        line = ("CPU per request, Triton / in-process: "
-                + ", ".join(f"{k} steps {x:.2f}x" for k, x in sm["cpu_ratio_triton_vs_onnxruntime"].items()))
-        if sm.get("cpu_overhead_ms_per_step") is not None:
-            line += f"; CPU overhead per step {sm['cpu_overhead_ms_per_step']:+.3f} ms"
-        notes.append(line)
-    m = report["machine"]
-    notes.append(f"load average {m['load_avg_start'][0]:.2f} -> {m['load_avg_end'][0]:.2f} on {m['cpus']} CPUs")
-    if sm.get("errors"):
-        notes.append(f"ERRORS: {sm['errors']} requests failed (see bench.json error_codes / error_messages)")
-    return "\n".join(text + [""] + notes)
 
 
 # --- entry point ---------------------------------------------------------------------------------------
@@ -907,8 +792,8 @@ def run_bench(args) -> int:
     plan = make_plan(args)
     if args.serve and not args.export:
         raise UserError("--serve needs --export DIR (the model to serve)")
-    if args.instances < 1:
-        raise UserError(f"--instances must be >= 1, got {args.instances}")
+    if args.instances < 0:
+        raise UserError(f"--instances must be >= 0 (0 = auto), got {args.instances}")
     if args.quality:
         read_quality(args.quality)  # fail before the run, not after it
     if args.export and not Path(args.export).is_dir():
@@ -943,12 +828,13 @@ def _run_served(args, plan: Plan, out: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="fewstep-bench-") as tmp:
         repo = Path(tmp) / "repo"
         written = write_repository(repo, [f"{name}={args.export}"], Options(
-            device="cpu", threads=args.threads or 0, instances=args.instances, jump=args.jump))
+            device=args.device, threads=args.threads or 0, instances=args.instances, jump=args.jump))
         print(f"starting tritonserver on {args.export} as '{name}'", file=sys.stderr)
         with Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=written[0]["models"],
                     log_file=Path(tmp) / "tritonserver.log") as server:
             bench = Bench(args, plan)
             bench.model = name
             bench.server_pids = server.pids
+            bench.metrics_url = server.metrics_url
             report = asyncio.run(bench.run(server.grpc_url))
     return _finish(report, out)

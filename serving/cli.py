@@ -23,25 +23,30 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=8001,
                    help="port of Triton's gRPC endpoint, the one clients use (default 8001; 0 = any free port)")
     p.add_argument("--http-port", type=int, default=8000,
-                   help="with --http: port of Triton's HTTP endpoint (default 8000; 0 = any free port)")
+                   help="port of Triton's HTTP endpoint (default 8000; 0 = any free port), used with --http")
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="port of Triton's Prometheus metrics (default 8002; 0 = any free port)")
     add_hardening_args(p)
-    p.add_argument("--instances", type=int, default=1, help="instances of each <name>_jump (default 1)")
-    p.add_argument("--sampler-instances", type=int, default=1, help="instances of each <name>_sampler (default 1)")
-    p.add_argument("--workers", type=int, default=8, help="sampler loops run at once per sampler instance")
+    p.add_argument("--instances", type=int, default=0,
+                   help="instances that run the jump: samplers (inline) or <name>_jump (bls); "
+                        "0 = auto: instances x threads = cores on the CPU, 1 per GPU")
+    p.add_argument("--sampler-instances", type=int, default=0,
+                   help="instances of each <name>_sampler, one step scheduler each (0 = as --instances)")
+    p.add_argument("--workers", type=int, default=8, help="streams run at once per <name>_stream instance")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                    help="where the jump runs: auto = GPU instances only when a GPU (and a GPU runtime) is present")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
                    help="jump runtime (export.runner); auto = a TensorRT engine on GPU when one fits")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads per jump instance (0 = runtime default)")
-    p.add_argument("--jump", default="bls", choices=("bls", "inline"),
-                   help="how the sampler runs each step: bls = a request to <name>_jump (batched across "
-                        "loops, GPU-capable); inline = ONNX Runtime inside the sampler (CPU; no per-step hop)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads per jump session (0 = auto: cores / instances on the CPU)")
+    p.add_argument("--jump", default="auto", choices=("auto", "inline", "bls"),
+                   help="how the sampler runs each step: inline = the jump in the sampler's own process "
+                        "(ONNX Runtime, CPU or CUDA; no per-step hop); bls = a request to <name>_jump "
+                        "(for a jump on its own backend); auto = inline (docs/PERFORMANCE.md)")
     p.add_argument("--jump-backend", default="python", choices=("python", "onnxruntime", "tensorrt"),
                    help="Triton backend of <name>_jump: python (default; the bundled server has only it), "
                         "or Triton's native onnxruntime / tensorrt backend for NVIDIA's container "
-                        "(with --dry-run; docs/deploy.md)")
+                        "(with --dry-run; the sampler then calls it by BLS; docs/deploy.md)")
     p.add_argument("--no-png", action="store_true", help="do not offer the optional png output")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every model to be ready")
     p.add_argument("--log-file", help="tritonserver log (default: a file in a temporary dir)")
@@ -101,7 +106,9 @@ def run_serve(args) -> int:
     try:
         written = write_repository(repo, args.model, opts)
         for w in written:
-            print(f"{w['name']}: {', '.join(w['models'])} ({w['kind']}) from {w['source']}", file=sys.stderr)
+            plan = w["plan"]
+            print(f"{w['name']}: {', '.join(w['models'])} ({w['kind']}; jump {plan.jump}, {plan.instances} sampler "
+                  f"instance(s) x {plan.threads} thread(s)) from {w['source']}", file=sys.stderr)
         if args.dry_run:
             print(f"wrote the model repository {repo}", file=sys.stderr)
             print(repo)

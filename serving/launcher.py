@@ -520,7 +520,8 @@ class Server:
 
 
 def serve_forever(server: Server, on_ready=None) -> int:
-    """Run until SIGINT/SIGTERM (or until the server dies); always stops the server."""
+    """Run until SIGINT/SIGTERM (or until the server dies); always stops the server. A dead
+    Python backend stub restarts the server (serving/health.py)."""
     stop = {"signal": None}
 
     def handler(signum, frame):
@@ -535,10 +536,15 @@ def serve_forever(server: Server, on_ready=None) -> int:
             return 130
         if on_ready:
             on_ready(server)
+        from serving.health import Watchdog
+
+        watchdog = Watchdog(server)  # a dead Python stub: restart the server (serving/health.py)
         while stop["signal"] is None:
             if server.proc.poll() is not None:
                 print(f"tritonserver exited with code {server.proc.returncode}; last lines of its log:\n"
                       f"{server.log_tail()}", file=sys.stderr)
+                return 1
+            if not watchdog.check():
                 return 1
             time.sleep(0.2)
         return 0

@@ -4,7 +4,7 @@
 
     NAME_jump/  config.pbtxt             platform onnxruntime_onnx (or tensorrt_plan)
                 1/model.onnx             the export's jump.onnx (or 1/model.plan: its TensorRT engine)
-                warmup/t, warmup/s       one sample's t = t_max and s = t_end (raw float32)
+                warmup/t_max, t_end      the warm-up data (serving.repository.write_warmup_files)
 
 with the same inputs and outputs as the Python-backend jump, so the sampler's BLS calls
 and every client are unchanged. The ONNX graph takes t, s (and class_label) as [B]
@@ -17,7 +17,6 @@ way runs in NVIDIA's container (deploy/Dockerfile), not under `fewstep serve` he
 """
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 from export.manifest import model_file
@@ -65,21 +64,11 @@ def _tensor(name: str, dtype: str, dims, per_sample_scalar: bool = False) -> str
     return "  { " + body + " }"
 
 
-def _warmup(info: ModelInfo, max_batch: int) -> str:
-    """Warm-up samples at batch 1, 2, 4, ... and the max batch: one real jump from t_max to
-    t_end per sample (x = 0), so the first requests do not pay for kernel selection."""
-    sizes = sorted({1, max_batch} | {b for b in (2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch})
-    dims = ", ".join(str(d) for d in info.shape)
-    inputs = [f'inputs {{ key: "x" value: {{ data_type: TYPE_FP32 dims: [ {dims} ] zero_data: true }} }}',
-              'inputs { key: "t" value: { data_type: TYPE_FP32 dims: [ 1 ] input_data_file: "t" } }',
-              'inputs { key: "s" value: { data_type: TYPE_FP32 dims: [ 1 ] input_data_file: "s" } }']
-    if info.num_classes:
-        inputs.append('inputs { key: "class_label" value: { data_type: TYPE_INT64 dims: [ 1 ] zero_data: true } }')
-    entries = []
-    for b in sizes:
-        entries.append("  {\n" + f'    name: "batch_{b}"\n    batch_size: {b}\n'
-                       + "".join(f"    {i}\n" for i in inputs) + "  }")
-    return "model_warmup [\n" + ",\n".join(entries) + "\n]"
+def warmup_batches(max_batch: int) -> list[int]:
+    """Warm-up batch sizes of a native jump: 1, 2, 4, ... and the max batch, so the first
+    requests at those sizes do not pay for kernel selection (a GPU runtime picks kernels per
+    input shape)."""
+    return sorted({1, max_batch} | {b for b in (2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch})
 
 
 def native_jump_config(info: ModelInfo, jump_backend: str, kind: str, instances: int, max_batch: int,
@@ -107,9 +96,11 @@ def native_jump_config(info: ModelInfo, jump_backend: str, kind: str, instances:
         "output [\n" + _tensor("x_s", "TYPE_FP32", info.shape) + "\n]",
         f"instance_group [ {{ count: {int(instances)} kind: {kind} }} ]",
     ]
-    if jump_backend == "onnxruntime" and threads:
+    if jump_backend == "onnxruntime" and kind == "KIND_CPU" and threads:
         lines.append(f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{int(threads)}" }} }}')
-    lines += [_warmup(info, max_batch), ""]
+    from serving.repository import jump_warmup  # the Python jump's warm-up, at more batch sizes
+
+    lines += [jump_warmup(info, warmup_batches(max_batch)), ""]
     return "\n".join(lines)
 
 
@@ -135,11 +126,6 @@ def write_native_jump(model_root: Path, src: Path, info: ModelInfo, manifest: di
     version = model_root / "1"
     version.mkdir(parents=True)
     copy_file(source, version / filename)
-    warm = model_root / "warmup"
-    warm.mkdir()
-    spec = info.spec
-    (warm / "t").write_bytes(struct.pack("<f", float(spec["t_max"])))
-    (warm / "s").write_bytes(struct.pack("<f", float(spec["t_end"])))
     (model_root / "config.pbtxt").write_text(
         native_jump_config(info, jump_backend, kind, instances, max_batch, threads, engine))
     return {"file": str(version / filename), "max_batch": max_batch, "engine": engine}

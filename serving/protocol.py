@@ -2,8 +2,8 @@
 
 Triton's Python models (serving/models/*.py) are thin: they read tensors, call
 `parse_request` (validation: every bad input becomes an `InvalidInput` naming the field
-and the allowed range) and `run_items` (the shared sampler loop of `training.sampling`,
-one loop per group of images with the same step count and gamma). Keeping this here,
+and the allowed range); the sampler loop is `training.sampling`'s, driven per sample by
+`serving.scheduler` or per batch by `run_group`. Keeping this here,
 free of Triton, lets unit tests cover it and keeps the models and the PyTorch sampler
 on one code path.
 """
@@ -135,38 +135,18 @@ def parse_request(info: ModelInfo, inputs: dict, max_images: int | None = None) 
     return items
 
 
-def group_items(items: list[Item]) -> dict[tuple, list[int]]:
-    """Indices of items that can share one sampler loop: same (steps, gamma)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, it in enumerate(items):
-        groups.setdefault((it.steps, it.gamma), []).append(i)
-    return groups
-
-
 def run_group(jump, info: ModelInfo, items: list[Item], callback=None) -> np.ndarray:
-    """Samples (float32 [B, *shape]) of items that share steps and gamma.
+    """Samples (float32 [B, *shape]) of items that share steps and gamma, by the whole-batch
+    loop `training.sampling.sample` (the stream model and the in-process baseline; the
+    sampler model advances any mix of items per step with `serving.scheduler`).
 
-    jump(x, t, s, labels) -> x_s on numpy arrays (labels int64 [B] or None). A 1-step
-    group takes the fast path: one jump from t_max to t_end, no loop (the same numbers
-    as the loop's single step).
+    jump(x, t, s, labels) -> x_s on numpy arrays (labels int64 [B] or None).
     """
     steps, gamma = items[0].steps, items[0].gamma
     assert all(it.steps == steps and it.gamma == gamma for it in items)
-    seeds = [it.seed for it in items]
     labels = None if items[0].label is None else np.array([it.label for it in items], dtype=np.int64)
-
-    def j(x, t, s):
-        return jump(x, t, s, labels)
-
-    if steps == 1 and callback is None:
-        grid = sampling.time_grid(info.spec, 1)
-        z = sampling.noise(seeds, 0, info.shape)
-        x = z * float(sampling.sigma(info.spec["process"], grid[0]))
-        b = x.shape[0]
-        return np.asarray(j(x.astype(np.float32), np.full((b,), grid[0], np.float32),
-                            np.full((b,), grid[1], np.float32)), dtype=np.float32)
-    x = sampling.sample(j, info.spec, steps, seeds, info.shape, gamma=gamma,
-                        like_x=np.zeros((1,), np.float32), callback=callback)
+    x = sampling.sample(lambda x, t, s: jump(x, t, s, labels), info.spec, steps, [it.seed for it in items],
+                        info.shape, gamma=gamma, like_x=np.zeros((1,), np.float32), callback=callback)
     return np.asarray(x, dtype=np.float32)
 
 
@@ -189,3 +169,52 @@ def chunks(n: int, size: int):
     for lo in range(0, n, size):
         yield lo, min(n, lo + size)
 
+
+
+# --- `<name>_jump`: the raw jump, open to any client, validated like the ensemble ------------
+
+def jump_x_limit(info: ModelInfo) -> float:
+    """The largest |x| `<name>_jump` accepts: 100 times the scale of any x_t the sampler can
+    make (a sample in the value range plus sigma(t_max) of noise), so a real input is never
+    refused while 1e38 (whose jump overflows into garbage) is."""
+    scale = max(abs(v) for v in info.value_range) + float(sampling.sigma(info.spec["process"], info.spec["t_max"]))
+    return 100.0 * scale
+
+
+def parse_jump(info: ModelInfo, x, t, s, labels=None):
+    """Validate a jump request (x [B, *shape], t, s per sample, class labels); returns
+    (x float32 [B, *shape], t [B], s [B], labels int64 [B] or None) or raises InvalidInput."""
+    x = np.asarray(x)
+    if x.ndim != 1 + len(info.shape) or tuple(x.shape[1:]) != tuple(info.shape):
+        raise InvalidInput(f"x: expected shape [batch, {', '.join(str(d) for d in info.shape)}], got {list(x.shape)}")
+    n = x.shape[0]
+    if n < 1:
+        raise InvalidInput("x: at least one sample (batch >= 1)")
+    limit = jump_x_limit(info)
+    bad = ~np.isfinite(x) | (np.abs(x) > limit)
+    if bad.any():
+        raise InvalidInput(f"x: every value must be finite with |x| <= {limit:g}, got {float(x[bad][0])!r}")
+    # float32, as Triton hands them over: t_max and t_end are compared in the same precision
+    lo, hi = float(np.float32(info.spec["t_end"])), float(np.float32(info.spec["t_max"]))
+    cols = []
+    for name, v in (("t", t), ("s", s)):
+        v = _column(name, v, np.float32, n)
+        bad = ~np.isfinite(v) | (v < lo) | (v > hi)
+        if bad.any():
+            raise InvalidInput(f"{name}: must be a time in [{lo:g}, {hi:g}] (the model's process), "
+                               f"got {float(v[bad][0])!r}")
+        cols.append(v)
+    t, s = cols
+    if (s > t).any():
+        k = int(np.argmax(s > t))
+        raise InvalidInput(f"s: must be <= t (a jump goes back in time), got s = {float(s[k])!r} > t = {float(t[k])!r}")
+    if info.num_classes:
+        if labels is None:
+            raise InvalidInput(f"class_label: required, an integer in [0, {info.num_classes - 1}]")
+        labels = _column("class_label", labels, np.int64, n)
+        bad = (labels < 0) | (labels >= info.num_classes)
+        if bad.any():
+            raise InvalidInput(f"class_label: must be in [0, {info.num_classes - 1}], got {int(labels[bad][0])}")
+    elif labels is not None:
+        raise InvalidInput(f"class_label: model '{info.name}' is unconditional; send no class_label")
+    return x.astype(np.float32, copy=False), t, s, labels

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from export.manifest import recommended_steps, step_quality
@@ -33,15 +33,52 @@ SUFFIXES = ("_jump", "_sampler", "_stream")
 
 @dataclass
 class Options:
-    instances: int = 1            # jump instances (each its own process and runtime session)
-    sampler_instances: int = 1    # sampler instances (each runs many loops on worker threads)
-    workers: int = 8              # worker threads per sampler / stream instance
+    instances: int = 0            # instances of the model that runs the jump (0 = auto: `serving_plan`)
+    sampler_instances: int = 0    # sampler instances, one scheduler each (0 = as `instances`)
+    workers: int = 8              # worker threads per stream instance
     device: str = "auto"          # auto | cpu | gpu: where the jump runs
     backend: str = "auto"         # export.runner backend: auto | onnxruntime | tensorrt
-    threads: int = 0              # intra-op threads per jump instance (0 = runtime default)
+    threads: int = 0              # intra-op threads per jump session (0 = auto: `serving_plan`)
     png: bool = True              # offer the optional `png` output
-    jump: str = "bls"             # the sampler's jump: "bls" (requests to <name>_jump) or "inline"
+    jump: str = "auto"            # the sampler's jump: "inline" (in its process), "bls" (<name>_jump), auto
     jump_backend: str = "python"  # Triton backend of <name>_jump: python | onnxruntime | tensorrt (serving/native_jump.py)
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """What `serving_plan` settled: the jump mode and how many of what run it."""
+    jump: str                     # inline | bls
+    instances: int                # sampler instances (one scheduler each)
+    jump_instances: int           # <name>_jump instances
+    threads: int                  # intra-op threads per jump session
+    sampler_kind: str             # KIND_CPU, or KIND_GPU when the sampler runs the jump on a GPU
+
+
+def serving_plan(opts: Options, kind: str, cores: int | None = None) -> ServingPlan:
+    """Defaults by device, from measurement (docs/PERFORMANCE.md, "Serving defaults"):
+
+    - the jump runs inline (in the sampler's process) on the CPU and on a GPU: a BLS hop
+      cost 3.4 ms of wall time per step on the CPU host against 0.08 ms inline, and on a
+      GPU that hop would outweigh a ~1 ms jump (the GPU side is unmeasured: scripts/gpu_check.sh);
+    - on the CPU, instances x threads = cores with one thread per session (up to 8
+      instances, then more threads each): two 1-thread sessions cost 16-17 ms of CPU per
+      fmnist image against 20.6 for one 2-thread session; on a GPU, one instance per GPU.
+    """
+    cores = cores or os.cpu_count() or 1
+    jump = opts.jump
+    if jump == "auto":
+        jump = "inline"
+    gpu = kind == "KIND_GPU"
+    if gpu:
+        instances = opts.instances or 1
+        threads = opts.threads or 1
+    else:
+        instances = opts.instances or (max(1, cores // opts.threads) if opts.threads else min(cores, 8))
+        threads = opts.threads or max(1, cores // instances)
+    sampler_instances = opts.sampler_instances or instances
+    return ServingPlan(jump=jump, instances=sampler_instances,
+                       jump_instances=instances if jump == "bls" else 1, threads=threads,
+                       sampler_kind=kind if (jump == "inline" and gpu) else "KIND_CPU")
 
 
 def read_manifest(model_dir: Path) -> dict:
@@ -116,7 +153,7 @@ def result_outputs(info: ModelInfo, png: bool, stream: bool = False) -> list[str
     return outs
 
 
-def jump_config(info: ModelInfo, opts: Options, kind: str) -> str:
+def jump_config(info: ModelInfo, opts: Options, kind: str, plan: ServingPlan) -> str:
     inputs = [
         _tensor("x", "TYPE_FP32", list(info.shape), comment="x_t"),
         _tensor("t", "TYPE_FP32", [1], comment="the time of x (per sample)"),
@@ -133,29 +170,81 @@ def jump_config(info: ModelInfo, opts: Options, kind: str) -> str:
         "dynamic_batching { max_queue_delay_microseconds: 0 }",
         _block("input", inputs),
         _block("output", [_tensor("x_s", "TYPE_FP32", list(info.shape), comment="the sample at time s")]),
-        _instance(opts.instances, kind),
-        _params({"model_dir": "model", "backend": opts.backend, "threads": str(opts.threads)}),
+        _instance(plan.jump_instances, kind),
+        _params({"model_dir": "model", "backend": opts.backend, "threads": str(plan.threads)}),
+        jump_warmup(info),
         "",
     ])
 
 
-def sampler_config(info: ModelInfo, opts: Options) -> str:
+def _warmup(comment: str, inputs: list, batch_sizes=(1,)) -> str:
+    """A `model_warmup` block: one sample per batch size (Triton sends that many batch-1
+    requests at once); inputs are (name, TYPE, dims, file or None for zeros); a file is raw
+    data in the model's warmup/ dir (`write_warmup_files`)."""
+    lines = [f"# {comment}", "model_warmup ["]
+    for i, b in enumerate(batch_sizes):
+        name = "first_request" if tuple(batch_sizes) == (1,) else f"batch_{b}"
+        lines += ["  {" if i == 0 else "  }, {", f'    name: "{name}"', f"    batch_size: {b}"]
+        for inp, dtype, dims, file in inputs:
+            data = f'input_data_file: "{file}"' if file else "zero_data: true"
+            lines.append(f'    inputs {{ key: "{inp}" value {{ data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] '
+                         f"{data} }} }}")
+    return "\n".join(lines + ["  }", "]"])
+
+
+def jump_warmup(info: ModelInfo, batch_sizes=(1,)) -> str:
+    """Triton runs a 1-step jump (zeros at t_max, to t_end) at each batch size before it
+    marks the jump ready."""
+    inputs = [("x", "TYPE_FP32", info.shape, None), ("t", "TYPE_FP32", [1], "t_max"), ("s", "TYPE_FP32", [1], "t_end")]
+    if info.num_classes:
+        inputs.append(("class_label", "TYPE_INT64", [1], None))
+    return _warmup("jumps before the model is ready, so the first request finds it warm", inputs, batch_sizes)
+
+
+def sampler_warmup(info: ModelInfo) -> str:
+    """Triton sends one 2-step request (seed 0) through execute(), the scheduler and the
+    response sender before it marks the sampler ready (inline only: with bls the jump model
+    may not be loaded yet)."""
+    # dtypes from the request contract (serving.protocol.INPUTS)
+    inputs = [("seed", INPUTS["seed"][0], [1], None), ("steps", INPUTS["steps"][0], [1], "steps")]
+    if info.num_classes:
+        inputs.append(("class_label", INPUTS["class_label"][0], [1], None))
+    return _warmup("one request through the whole sampler before it is ready", inputs)
+
+
+def write_warmup_files(repo: Path, info: ModelInfo, plan: ServingPlan) -> None:
+    import numpy as np
+
+    files = {info.name + "_jump": {k: np.array([info.spec[k]], np.float32) for k in ("t_max", "t_end")}}
+    if plan.jump == "inline":
+        files[info.name + "_sampler"] = {"steps": np.array([min(2, info.max_steps)], INPUTS["steps"][1])}
+    for model, arrays in files.items():
+        d = repo / model / "warmup"
+        d.mkdir(parents=True, exist_ok=True)
+        for name, arr in arrays.items():
+            (d / name).write_bytes(arr.tobytes())
+
+
+def sampler_config(info: ModelInfo, opts: Options, plan: ServingPlan) -> str:
+    where = f"BLS to {info.name}_jump" if plan.jump == "bls" else "the jump in its own process"
     return "\n".join([
-        f"# {info.name}_sampler: the N-step sampler loop (BLS over {info.name}_jump)",
+        f"# {info.name}_sampler: the N-step sampler; one scheduler per instance advances every sample "
+        f"in flight with one jump call per step ({where})",
         f"name: {_q(info.name + '_sampler')}",
         'backend: "python"',
         f"max_batch_size: {info.max_batch}",
-        "# every request queued meanwhile comes in one execute(); they are grouped by (steps, gamma)",
+        "# execute() only queues requests for the scheduler; they join its batch at the next step",
         "dynamic_batching { max_queue_delay_microseconds: 0 }",
         _block("input", request_inputs(info)),
         _block("output", result_outputs(info, opts.png)),
-        _instance(opts.sampler_instances, "KIND_CPU"),
-        _params(_loop_params(info, opts)),
+        _instance(plan.instances, plan.sampler_kind),
+        _params(_loop_params(info, opts, plan)),
+        sampler_warmup(info) if plan.jump == "inline" else "",
         "",
     ])
 
 
-def stream_config(info: ModelInfo, opts: Options) -> str:
+def stream_config(info: ModelInfo, opts: Options, plan: ServingPlan) -> str:
     return "\n".join([
         f"# {info.name}_stream: one request = one image; a preview response after every step (gRPC streaming)",
         f"name: {_q(info.name + '_stream')}",
@@ -164,19 +253,20 @@ def stream_config(info: ModelInfo, opts: Options) -> str:
         "model_transaction_policy { decoupled: true }",
         _block("input", request_inputs(info)),
         _block("output", result_outputs(info, opts.png, stream=True)),
-        _instance(1, "KIND_CPU"),
-        _params(_loop_params(info, opts)),
+        _instance(1, plan.sampler_kind),
+        _params(_loop_params(info, opts, plan)),
         "",
     ])
 
 
-def _loop_params(info: ModelInfo, opts: Options) -> dict:
+def _loop_params(info: ModelInfo, opts: Options, plan: ServingPlan) -> dict:
     """Parameters of the models that run the sampler loop (sampler, stream)."""
     p = {"jump_model": info.name + "_jump", "jump_max_batch": str(info.max_batch),
-         "model_name": info.name, "manifest": "manifest.json", "workers": str(opts.workers)}
-    if opts.jump == "inline":
+         "model_name": info.name, "manifest": "manifest.json", "workers": str(opts.workers),
+         "jump_mode": plan.jump}
+    if plan.jump == "inline":
         # the export dir inside <name>_jump, relative to the repository root
-        p.update(jump_mode="inline", jump_dir=f"{info.name}_jump/1/model", threads=str(opts.threads))
+        p.update(jump_dir=f"{info.name}_jump/1/model", threads=str(plan.threads), backend=opts.backend)
     return p
 
 
@@ -287,10 +377,10 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
     Other entries of `repo` are left alone; the four models of a name are replaced.
     """
     opts = opts or Options()
-    if opts.instances < 1 or opts.sampler_instances < 1:
-        raise UserError("--instances must be >= 1")
-    if opts.jump not in ("bls", "inline"):
-        raise UserError(f"--jump must be bls or inline, got {opts.jump!r}")
+    if opts.instances < 0 or opts.sampler_instances < 0 or opts.threads < 0:
+        raise UserError("--instances, --sampler-instances and --threads must be >= 0 (0 = auto)")
+    if opts.jump not in ("auto", "bls", "inline"):
+        raise UserError(f"--jump must be auto, bls or inline, got {opts.jump!r}")
     if opts.jump_backend not in native_jump.JUMP_BACKENDS:
         raise UserError(f"--jump-backend must be one of {', '.join(native_jump.JUMP_BACKENDS)}, "
                         f"got {opts.jump_backend!r}")
@@ -311,25 +401,29 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
         seen[name] = src
         info = ModelInfo.from_manifest(manifest, name=name)
         native = opts.jump_backend != "python"
-        kind = native_jump.native_kind(opts.device, opts.jump_backend) if native else instance_kind(opts.device, manifest)
-        if native and opts.jump == "inline":
-            raise UserError(f"--jump-backend {opts.jump_backend} serves <name>_jump on Triton's own backend, "
-                            f"which the sampler calls by BLS: use --jump bls")
-        if opts.jump == "inline" and kind == "KIND_GPU":
-            raise UserError("--jump inline runs the jump on the CPU inside the sampler; "
-                            "for a GPU use --jump bls (the default) or --device cpu")
+        if native:  # a jump on Triton's own backend is reached by BLS only
+            if opts.jump == "inline":
+                raise UserError(f"--jump-backend {opts.jump_backend} serves <name>_jump on Triton's own backend, "
+                                f"which the sampler calls by BLS: use --jump bls (or auto)")
+            kind = native_jump.native_kind(opts.device, opts.jump_backend)
+            plan = serving_plan(replace(opts, jump="bls"), kind)
+        else:
+            kind = instance_kind(opts.device, manifest)
+            plan = serving_plan(opts, kind)
         names = [name + "_jump", name + "_sampler", name + "_stream", name]
         for n in names:
             shutil.rmtree(repo / n, ignore_errors=True)
         if native:
             native_jump.write_native_jump(repo / names[0], src, info, manifest, opts.jump_backend, kind,
-                                          opts.instances, opts.threads, _copy_file)
+                                          plan.jump_instances, plan.threads, _copy_file)
         else:
-            _write_python_model(repo / names[0], "jump.py", jump_config(info, opts, kind))
+            _write_python_model(repo / names[0], "jump.py", jump_config(info, opts, kind, plan))
             _copy_model_dir(src, repo / names[0] / "1" / "model", manifest)
-        _write_python_model(repo / names[1], "sampler.py", sampler_config(info, opts), manifest)
-        _write_python_model(repo / names[2], "stream.py", stream_config(info, opts), manifest)
+        _write_python_model(repo / names[1], "sampler.py", sampler_config(info, opts, plan), manifest)
+        _write_python_model(repo / names[2], "stream.py", stream_config(info, opts, plan), manifest)
+        write_warmup_files(repo, info, plan)
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(ensemble_config(info, opts, manifest))
-        written.append({"name": name, "models": names, "source": str(src), "kind": kind, "info": info})
+        written.append({"name": name, "models": names, "source": str(src), "kind": kind, "info": info,
+                        "plan": plan})
     return written

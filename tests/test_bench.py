@@ -34,7 +34,8 @@ def bench_run(triton_stack, tmp_path_factory):
             "--steps", ",".join(map(str, STEPS)), "--concurrency", ",".join(map(str, CONC)),
             "--requests", str(REQUESTS), "--warmup", "2", "--batch", "2",
             "--export", str(triton_stack.dirs["tiny"]), "--ckpt", str(triton_stack.dirs["ckpt"] / "run-tiny"),
-            "--threads", "1", "--quality", str(quality), "--out", str(out / "res")]
+            "--threads", "1", "--quality", str(quality), "--out", str(out / "res"),
+            "--metrics-url", triton_stack.server.metrics_url]
     assert main(argv) == 0
     return out / "res"
 
@@ -71,17 +72,19 @@ def test_numbers_are_consistent(bench_run):
         # Triton counted exactly the measured requests (warm-up excluded) ...
         assert srv["tiny"]["requests"] == REQUESTS and srv["tiny"]["failed"] == 0
         assert srv["tiny_sampler"]["inferences"] == REQUESTS * 2
-        # ... and one jump per image per step (the 1-step fast path: one jump)
-        assert srv["tiny_jump"]["inferences"] == REQUESTS * 2 * r["steps"]
-        assert 1 <= srv["tiny_jump"]["executions"] <= srv["tiny_jump"]["requests"]
-        assert srv["tiny_jump"]["avg_batch"] >= 2
-        assert srv["tiny"]["request_ms"] >= srv["tiny_jump"]["compute_ms"] > 0
-        # the server's time is part of what the client waited
-        assert srv["tiny"]["request_ms"] <= r["avg_ms"]
+        # ... and the samplers' schedulers advanced every image once per step (the jump runs
+        # inside the sampler: the jump model sees no traffic), two images per call at least
+        jc = r["jump_calls"]["sampler"]
+        assert jc["image_steps"] == REQUESTS * 2 * r["steps"] and srv["tiny_jump"]["inferences"] == 0
+        assert 1 <= jc["calls"] <= REQUESTS * r["steps"] and jc["avg_batch"] >= 2
+        assert r["jump_calls"]["calls_per_image_step"] == pytest.approx(jc["calls"] / jc["image_steps"])
+        # the server's time is what a client waited, at most (plus the lag from the sampler's
+        # answer to Triton releasing the request, which it counts)
+        assert srv["tiny"]["request_ms"] <= r["max_ms"] + 5
     sm = report["summary"]
     assert {int(k) for k in sm["p50_ratio_triton_vs_onnxruntime"]} == set(STEPS)
     assert sm["errors"] == 0
-    assert np.isfinite(sm["triton_ms_per_step"]) and np.isfinite(sm["bls_overhead_ms_per_step"])
+    assert np.isfinite(sm["triton_ms_per_step"]) and "bls_overhead_ms_per_step" not in sm  # no BLS: inline
     assert {int(k) for k in sm["throughput_ratio_c2_vs_c1"]} == set(STEPS)
     assert report["jump"]["threads"] == "1" and report["machine"]["cpus"] >= 1
 
@@ -191,15 +194,17 @@ def test_stats_delta_and_summary():
 # --- the serving speed options the benchmark measures --------------------------------------------
 
 @pytest.fixture(scope="module")
-def inline_server(triton_stack, tmp_path_factory):
-    """The tiny model served with `--jump inline` (ONNX Runtime inside the sampler, no BLS per step)."""
+def bls_server(triton_stack, tmp_path_factory):
+    """The tiny model served with `--jump bls` (each step a BLS request to tiny_jump); the
+    session server runs the default, the jump inside the sampler (inline)."""
     from serving.launcher import Server
     from serving.repository import Options, write_repository
 
-    repo = tmp_path_factory.mktemp("inline") / "repo"
-    written = write_repository(repo, [str(triton_stack.dirs["tiny"])], Options(device="cpu", threads=1, jump="inline"))
+    repo = tmp_path_factory.mktemp("bls") / "repo"
+    written = write_repository(repo, [str(triton_stack.dirs["tiny"])], Options(device="cpu", threads=1, jump="bls"))
     cfg = (repo / "tiny_sampler" / "config.pbtxt").read_text()
-    assert '"jump_mode" value { string_value: "inline" }' in cfg
+    assert '"jump_mode" value { string_value: "bls" }' in cfg
+    assert '"jump_mode" value { string_value: "inline" }' in (triton_stack.repo / "tiny_sampler" / "config.pbtxt").read_text()
     server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=written[0]["models"],
                     log_file=repo.parent / "tritonserver.log")
     server.start(timeout=180)
@@ -209,44 +214,47 @@ def inline_server(triton_stack, tmp_path_factory):
         server.stop()
 
 
-def test_inline_jump_gives_the_same_images(triton_stack, inline_server):
+def test_both_jump_modes_give_the_same_images(triton_stack, bls_server):
     from serving.client import Client
 
-    with Client(triton_stack.url) as bls, Client(inline_server.grpc_url) as inline:
+    with Client(bls_server.grpc_url) as bls, Client(triton_stack.url) as inline:
         for steps in (1, 3):
             seeds = list(range(10, 14))
             a = bls.infer("tiny", seeds, steps, outputs=("image", "sample"))
             b = inline.infer("tiny", seeds, steps, outputs=("image", "sample"))
             np.testing.assert_allclose(a["sample"], b["sample"], atol=1e-5)
             assert (a["image"] == b["image"]).mean() > 0.999
-        previews = [step for step, _ in inline.stream("tiny", seed=3, steps=3)]
+        previews = [step for step, _ in bls.stream("tiny", seed=3, steps=3)]
         assert previews == [1, 2, 3]
-        alone = {(seed, steps): bls.generate("tiny", [seed], steps)[0] for seed in range(8) for steps in (1, 2)}
+        alone = {(seed, steps): inline.generate("tiny", [seed], steps)[0] for seed in range(8) for steps in (1, 2)}
 
     async def together():
         from serving.client import AsyncClient
 
-        async with AsyncClient(inline_server.grpc_url) as c:
+        async with AsyncClient(bls_server.grpc_url) as c:
             keys = [(seed, steps) for seed in range(8) for steps in (1, 2)]
             outs = await asyncio.gather(*(c.generate("tiny", [seed], steps) for seed, steps in keys))
             return dict(zip(keys, (o[0] for o in outs)))
 
-    # 16 requests at once: loops of the same step count share batches, the images do not change
+    # 16 requests at once: 1- and 2-step samples share jump calls, the images do not change
     for key, img in asyncio.run(together()).items():
         assert np.abs(img.astype(int) - alone[key].astype(int)).max() <= 1, key
 
 
-def test_bench_against_inline_server(inline_server, tmp_path, capsys):
-    rc, out, err = _run(["--url", inline_server.grpc_url, "--model", "tiny", "--steps", "1,3", "--concurrency", "1,3",
-                         "--requests", "4", "--warmup", "1", "--out", str(tmp_path)], capsys)
+def test_bench_against_bls_server(bls_server, tmp_path, capsys):
+    rc, out, err = _run(["--url", bls_server.grpc_url, "--metrics-url", bls_server.metrics_url, "--model", "tiny",
+                         "--steps", "1,3", "--concurrency", "1,3", "--requests", "4", "--warmup", "1",
+                         "--out", str(tmp_path)], capsys)
     assert rc == 0, err
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert report["jump"]["mode"] == "inline"
+    assert report["jump"]["mode"] == "bls"
     for r in report["results"]:
         assert r["requests"] == 4 and r["errors"] == 0
-        # no per-step BLS request: the jump model sees no traffic
-        assert r["server"]["tiny_jump"]["requests"] == 0
+        # every sampler tick is one BLS request to the jump model
         assert r["server"]["tiny"]["requests"] == 4
+        jc = r["jump_calls"]
+        assert jc["sampler"]["calls"] == r["server"]["tiny_jump"]["requests"] > 0
+        assert jc["jump_model"]["image_steps"] == jc["sampler"]["image_steps"] >= 4 * r["steps"]
 
 
 def test_bench_serve_starts_its_own_server(triton_stack, tmp_path, capsys):
@@ -261,6 +269,9 @@ def test_bench_serve_starts_its_own_server(triton_stack, tmp_path, capsys):
     assert tri["requests"] == 3 and tri["errors"] == 0
     # with its own server, the CPU time of the server's processes is counted
     assert tri["cpu_ms_per_request"] > 0
+    # the first request of the fresh server is timed on its own (its models warmed before ready)
+    fr = report["summary"]["first_request"]
+    assert fr["steps"] == 2 and fr["ms"] > 0 and fr["vs_p50"] == pytest.approx(fr["ms"] / tri["p50_ms"])
 
 
 def test_slope_ignores_one_disturbed_point():
@@ -268,3 +279,61 @@ def test_slope_ignores_one_disturbed_point():
     # the 16-step point hit a busy moment: a least-squares line would tilt up
     assert bench._slope([1, 2, 4, 8, 16], [3.0, 5.0, 9.0, 17.0, 80.0]) == pytest.approx(2.0)
     assert bench._slope([1], [3.0]) is None
+
+
+def test_mix_end_to_end(triton_stack, tmp_path, capsys):
+    """--mix on the tiny model: per step count latency, jump calls per image-step from the
+    sampler's counters, the 1-step p50 under the mix beside the 1-step p50 alone."""
+    rc, out, err = _run(["--url", triton_stack.url, "--metrics-url", triton_stack.server.metrics_url, "--model", "tiny",
+                         "--steps", "1", "--mix", "1:1,8:1", "--concurrency", "1,4", "--requests", "12",
+                         "--warmup", "2", "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["settings"]["mix"] == [[1, 0.5], [8, 0.5]]
+    rows = report["results"]
+    plain = [r for r in rows if not r.get("mix")]
+    assert sorted((r["steps"], r["concurrency"]) for r in plain) == [(1, 1), (1, 4)]
+    for conc in (1, 4):
+        mixed = [r for r in rows if r.get("mix") == "1:0.5,8:0.5" and r["concurrency"] == conc]
+        assert sorted(r["steps"] for r in mixed) == [1, 8]
+        assert sum(r["requests"] for r in mixed) == 12 and all(r["errors"] == 0 for r in mixed)
+        assert all(r["requests"] > 0 for r in mixed)  # both step counts drawn (seeded)
+        jc = mixed[0]["jump_calls"]
+        # the sampler advanced exactly the image-steps the cell asked for, in fewer (or as many) calls
+        assert jc["from"] == "sampler"
+        assert jc["sampler"]["image_steps"] == sum(r["requests"] * r["steps"] for r in mixed)
+        assert 0 < jc["calls_per_image_step"] <= 1 and jc["avg_batch"] == pytest.approx(1 / jc["calls_per_image_step"])
+        sm = report["summary"]["mix"][str(conc)]
+        assert set(sm["p50_ms"]) == {"1", "8"} and "1" in sm["p50_ms_alone"]
+        assert sm["p50_ms"]["8"] > sm["p50_ms"]["1"]
+    # the plain cells report the counters too
+    assert all(r["jump_calls"]["sampler"]["image_steps"] == 12 for r in plain)
+    assert "mix 1:0.5,8:0.5 at concurrency 4" in out and "triton mix" in out
+    with open(tmp_path / "bench.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert sorted(r["Mix"] for r in csv_rows) == ["", ""] + ["1:0.5,8:0.5"] * 4
+
+
+@pytest.mark.parametrize("mix, message", [
+    ("1:0.5,8", "--mix: expected STEPS:WEIGHT"), ("0:1", "steps >= 1"), ("1:0", "weight > 0"),
+    ("1:1,1:2", "once"), ("2:x", "--mix: expected"),
+])
+def test_bad_mix(tmp_path, capsys, mix, message):
+    rc, out, err = _run(["--url", "127.0.0.1:1", "--model", "m", "--mix", mix, "--out", str(tmp_path)], capsys)
+    assert rc == 2 and message in err, err
+
+
+def test_jump_calls_from_counters_and_statistics():
+    server = {"m_jump": {"executions": 5, "inferences": 20}}
+    jc = bench.jump_calls({"calls": 10, "image_steps": 30}, {"calls": 14, "image_steps": 50}, server, "m")
+    assert jc["sampler"] == {"calls": 4, "image_steps": 20, "calls_per_image_step": 0.2, "avg_batch": 5.0}
+    assert jc["jump_model"]["avg_batch"] == 4.0 and jc["from"] == "sampler" and jc["calls_per_image_step"] == 0.2
+    old = bench.jump_calls(None, None, server, "m")  # a server without the counters (grouping sampler)
+    assert old["from"] == "jump_model" and old["calls_per_image_step"] == 0.25
+    text = ('fewstep_sampler_jump_calls{instance="m_sampler_0_0",model="m_sampler"} 3\n'
+            'fewstep_sampler_jump_calls{instance="m_sampler_0_1",model="m_sampler"} 4\n'
+            'fewstep_sampler_image_steps{instance="m_sampler_0_0",model="m_sampler"} 9\n'
+            'fewstep_sampler_image_steps{instance="m_sampler_0_1",model="m_sampler"} 1\n'
+            'fewstep_sampler_jump_calls{instance="x_sampler_0_0",model="x_sampler"} 100\n')
+    assert bench.parse_jump_counters(text, "m") == {"calls": 7, "image_steps": 10}
+    assert bench.parse_jump_counters(text, "y") is None

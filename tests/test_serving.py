@@ -50,7 +50,7 @@ def test_repository_configs_are_valid_triton_configs(served_model_dirs, tmp_path
     from serving.repository import Options, write_repository
 
     written = write_repository(tmp_path, [str(served_model_dirs["tiny"]), f"other={served_model_dirs['toyc']}"],
-                               Options(instances=3, device="cpu"))
+                               Options(instances=3, device="cpu", jump="bls"))
     assert [w["name"] for w in written] == ["tiny", "other"]
     cfgs = {}
     for d in sorted(tmp_path.iterdir()):
@@ -62,6 +62,12 @@ def test_repository_configs_are_valid_triton_configs(served_model_dirs, tmp_path
     assert jump.backend == "python" and jump.max_batch_size == 16
     assert jump.dynamic_batching.max_queue_delay_microseconds == 0
     assert jump.instance_group[0].count == 3 and jump.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    # the jump runs once before Triton marks it ready (t and s from its warmup/ files)
+    [warm] = jump.model_warmup
+    assert warm.batch_size == 1 and warm.inputs["t"].input_data_file == "t_max"
+    assert np.frombuffer((tmp_path / "tiny_jump" / "warmup" / "t_max").read_bytes(), np.float32).tolist() == [1.0]
+    assert cfgs["tiny_sampler"].instance_group[0].count == 3
+    assert cfgs["tiny_sampler"].parameters["jump_mode"].string_value == "bls"
     assert (tmp_path / "tiny_jump" / "1" / "model.py").is_file()
     assert (tmp_path / "tiny_jump" / "1" / "model" / "jump.onnx").is_file()
     ens = cfgs["tiny"]
@@ -222,16 +228,21 @@ def test_64_concurrent_mixed_requests_are_correct_and_deterministic(triton_stack
             return list(pool.map(lambda r: client.infer("tiny", r[0], r[1], outputs=("image", "sample")), reqs))
 
     def jump_stats():
-        c = grpcclient.InferenceServerClient(triton_stack.url)
-        st = c.get_inference_statistics("tiny_jump", as_json=True)["model_stats"][0]
-        c.close()
-        return int(st.get("inference_count", 0)), int(st.get("execution_count", 0))
+        from serving.bench import read_jump_counters
+
+        last = None
+        while True:  # the samplers flush their counters when they go idle
+            now = read_jump_counters(triton_stack.server.metrics_url, "tiny")
+            if now == last:
+                return now["image_steps"], now["calls"]
+            last = now
+            time.sleep(0.1)
 
     inf0, ex0 = jump_stats()
     first = fire()
     inf1, ex1 = jump_stats()
     second = fire()
-    # concurrent loops share jump calls: far fewer runtime executions than samples jumped
+    # concurrent requests share the schedulers' jump calls: far fewer calls than image-steps
     assert inf1 - inf0 >= 1.5 * (ex1 - ex0) > 0, (inf1 - inf0, ex1 - ex0)
     # every image equals the in-process ONNX Runtime sampler run for its seed alone
     for (seeds, steps), res in zip(reqs, first):

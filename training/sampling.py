@@ -27,6 +27,7 @@ on the other samples in its batch: `noise(seeds, k, shape)`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -156,6 +157,44 @@ def check_request(spec: dict, steps, gamma=None) -> float:
     return 1.0 if spec["jump_lands"] == "end" else g
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step of the sampler: jump from t to s, then (when s < t_next) re-noise up to t_next."""
+    t: float
+    s: float
+    t_next: float
+
+
+def step_plan(spec: dict, steps: int, gamma: float) -> tuple:
+    """The steps of an N-step sampler with an effective gamma (from `check_request`).
+
+    The same plan drives the whole-batch loop below and serving's per-sample scheduler
+    (serving/scheduler.py), so both walk the same grid with the same landing times.
+    """
+    grid = time_grid(spec, steps)
+    n = len(grid) - 1
+    plan = []
+    for i in range(n):
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        last = i == n - 1
+        s = t_next if (last or gamma == 0.0) else landing_time(spec, t_next, gamma)
+        plan.append(Step(t, s, t_next))
+    return tuple(plan)
+
+
+def start_noise(spec: dict, plan: tuple, seeds, shape) -> np.ndarray:
+    """x at the first time of the plan: each sample's seed-0 noise, scaled (float32 numpy)."""
+    return noise(seeds, 0, shape) * float(sigma(spec["process"], plan[0].t))
+
+
+def settle(process: str, x, step: Step, i: int, seeds, shape):
+    """x just after step i's jump -> x at the step's end: re-noised from the seeds (step i + 1)
+    up to t_next when the jump landed below it, unchanged otherwise."""
+    if step.s == step.t_next:
+        return x
+    return renoise(process, x, step.s, step.t_next, like(noise(seeds, i + 1, shape), x))
+
+
 def sample(jump, spec: dict, steps: int, seeds, shape, *, gamma=None, like_x=None, callback=None):
     """Run the N-step sampler.
 
@@ -164,19 +203,12 @@ def sample(jump, spec: dict, steps: int, seeds, shape, *, gamma=None, like_x=Non
     default). `callback(i, x)` is called after every step (previews). Returns x at t_end.
     """
     gamma = check_request(spec, steps, gamma)
-    grid = time_grid(spec, steps)
+    plan = step_plan(spec, steps, gamma)
     proto = np.zeros((1,), np.float32) if like_x is None else like_x
-    process = spec["process"]
-    z = noise(seeds, 0, shape)
-    x = like(z * float(sigma(process, grid[0])), proto)
-    n = len(grid) - 1
-    for i in range(n):
-        t, t_next = float(grid[i]), float(grid[i + 1])
-        last = i == n - 1
-        s = t_next if (last or gamma == 0.0) else landing_time(spec, t_next, gamma)
-        x = jump(x, full_like_batch(x, t), full_like_batch(x, s))
-        if s != t_next:
-            x = renoise(process, x, s, t_next, like(noise(seeds, i + 1, shape), x))
+    x = like(start_noise(spec, plan, seeds, shape), proto)
+    for i, step in enumerate(plan):
+        x = jump(x, full_like_batch(x, step.t), full_like_batch(x, step.s))
+        x = settle(spec["process"], x, step, i, seeds, shape)
         if callback is not None:
             callback(i, x)
     return x

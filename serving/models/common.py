@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,26 +42,66 @@ def internal(msg: str):
 
 
 def make_jump(args: dict, p: dict, info: ModelInfo):
-    """The jump the sampler loop calls: BLS requests to `<name>_jump` (jump_mode "bls", the
-    default), or the exported model run in this process (jump_mode "inline": no BLS round
-    trip and no process hop per step; ONNX Runtime on the CPU)."""
+    """The jump the sampler loop calls: the exported model run in this process (jump_mode
+    "inline": ONNX Runtime on the CPU, or on the instance's GPU for a KIND_GPU instance; no
+    BLS round trip and no process hop per step), or BLS requests to `<name>_jump` (jump_mode
+    "bls": for a jump on a backend of its own, e.g. TensorRT or the native ONNX Runtime
+    backend). `serving.repository.jump_mode` picks the default; docs/PERFORMANCE.md says why."""
     if p.get("jump_mode", "bls") == "inline":
         model_dir = Path(args["model_repository"]).parent / p["jump_dir"]
-        return LocalJump(model_dir, int(p.get("threads", "0") or 0))
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            # one stub process per instance: pin it to its GPU before any CUDA library loads
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(args.get("model_instance_device_id", "0"))
+            device = "cuda"
+        return LocalJump(model_dir, int(p.get("threads", "0") or 0), device=device,
+                         backend=p.get("backend", "auto") or "auto", max_batch=info.max_batch)
     return JumpClient(p["jump_model"], int(p.get("jump_max_batch", info.max_batch)))
 
 
-class LocalJump:
-    """jump(x, t, s, labels) -> x_s with `export.runner` in this process. ONNX Runtime releases
-    the GIL, so the sampler's worker threads run their loops' jumps in parallel."""
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to max_batch (and max_batch itself): the batch sizes a GPU jump runs."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
 
-    def __init__(self, model_dir, threads: int = 0):
+
+class LocalJump:
+    """jump(x, t, s, labels) -> x_s with `export.runner` in this process.
+
+    On a GPU the batch is padded up to a power of two (`batch_buckets`): each new input
+    shape costs cuDNN's algorithm search and a new allocation plan, so the shapes are few
+    and all of them are run once by warm()."""
+
+    def __init__(self, model_dir, threads: int = 0, device: str = "cpu", backend: str = "auto", max_batch: int = 64):
         from export.runner import load_runner
 
-        self.runner = load_runner(str(model_dir), backend="onnxruntime", device="cpu", threads=threads or None)
+        if device == "cpu":
+            backend = "onnxruntime"
+        self.runner = load_runner(str(model_dir), backend=backend, device=device, threads=threads or None)
+        self.device = device
+        self.buckets = batch_buckets(max_batch) if device == "cuda" else None
 
     def __call__(self, x, t, s, labels=None):
-        return self.runner(x, t, s, labels)
+        b = x.shape[0]
+        if self.buckets is None or b in self.buckets:
+            return self.runner(x, t, s, labels)
+        n = next(k for k in self.buckets if k >= b)
+        pad = lambda a: None if a is None else np.concatenate([a, np.repeat(a[:1], n - b, axis=0)])  # noqa: E731
+        return self.runner(pad(x), pad(t), pad(s), pad(labels))[:b]
+
+    def warm(self, info: ModelInfo) -> int:
+        """Run each batch size this jump will see once (GPU buckets; on the CPU 1 and the max
+        batch); returns the number of calls."""
+        sizes = self.buckets or sorted({1, info.max_batch})
+        spec = info.spec
+        for n in sizes:
+            x = np.zeros((n,) + tuple(info.shape), np.float32)
+            labels = np.zeros((n,), np.int64) if info.num_classes else None
+            self.runner(x, np.full((n,), spec["t_max"], np.float32), np.full((n,), spec["t_end"], np.float32), labels)
+        return len(sizes)
 
 
 class JumpClient:
@@ -85,3 +126,36 @@ class JumpClient:
                 raise RuntimeError(f"{self.model_name}: {resp.error().message()}")
             outs.append(np.array(pb_utils.get_output_tensor_by_name(resp, "x_s").as_numpy(), copy=True))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+
+class JumpCounters:
+    """The scheduler's jump calls and image-steps as Triton custom metrics (Prometheus
+    counters on the metrics port, labelled by model and instance), so `fewstep bench` and
+    a monitor can read jump calls per image-step and the average jump batch.
+
+    flush() is called from the scheduler when it goes idle (and about once a second while
+    busy): each metric update is a message to the server, kept off the per-step path."""
+
+    CALLS = "fewstep_sampler_jump_calls"
+    IMAGE_STEPS = "fewstep_sampler_image_steps"
+
+    def __init__(self, scheduler, model: str, instance: str):
+        self.scheduler = scheduler  # a callable returning the scheduler (or None)
+        self.sent = (0, 0)
+        labels = {"model": model, "instance": instance}
+        self.families = (
+            pb_utils.MetricFamily(name=self.CALLS, description="jump calls made by the sampler's scheduler",
+                                  kind=pb_utils.MetricFamily.COUNTER),
+            pb_utils.MetricFamily(name=self.IMAGE_STEPS, description="samples advanced one step by those calls",
+                                  kind=pb_utils.MetricFamily.COUNTER))
+        self.metrics = tuple(f.Metric(labels=labels) for f in self.families)
+
+    def flush(self) -> None:
+        sched = self.scheduler()
+        if sched is None:
+            return
+        now = (sched.calls, sched.image_steps)
+        for metric, a, b in zip(self.metrics, now, self.sent):
+            if a > b:
+                metric.increment(a - b)
+        self.sent = now

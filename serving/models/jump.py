@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from serving.protocol import InvalidInput, ModelInfo, parse_jump
+
 
 def _params(cfg):
     return {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
@@ -38,27 +40,17 @@ class TritonPythonModel:
 
         self.runner = load_runner(str(model_dir), backend=params.get("backend", "auto") or "auto",
                                   device=device, threads=threads)
-        manifest = self.runner.manifest
-        self.num_classes = int(manifest.get("num_classes", 0))
-        self.shape = tuple(manifest["image"]["shape"])
+        self.info = ModelInfo.from_manifest(self.runner.manifest)
+        self.num_classes = self.info.num_classes
 
     def _read(self, request):
-        x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
-        t = pb_utils.get_input_tensor_by_name(request, "t").as_numpy().reshape(-1)
-        s = pb_utils.get_input_tensor_by_name(request, "s").as_numpy().reshape(-1)
-        labels = None
-        if self.num_classes:
-            tensor = pb_utils.get_input_tensor_by_name(request, "class_label")
-            if tensor is None:
-                raise ValueError(f"class_label: required, an integer in [0, {self.num_classes - 1}]")
-            labels = tensor.as_numpy().reshape(-1).astype(np.int64)
-            if ((labels < 0) | (labels >= self.num_classes)).any():
-                raise ValueError(f"class_label: must be in [0, {self.num_classes - 1}]")
-        if not (np.isfinite(t).all() and np.isfinite(s).all()):
-            raise ValueError("t, s: must be finite")
-        if (s > t).any():
-            raise ValueError("s: must be <= t (a jump goes back in time)")
-        return x, t, s, labels
+        """The request's inputs, validated like the ensemble's (serving.protocol.parse_jump):
+        anyone can call this model, so x, t, s and the label are checked before any work."""
+        def get(name):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        return parse_jump(self.info, get("x"), get("t"), get("s"), get("class_label"))
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -66,7 +58,7 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 part = self._read(request)
-            except ValueError as e:
+            except InvalidInput as e:
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
                 continue

@@ -1,58 +1,28 @@
-"""`<name>_sampler`: the N-step sampler loop over `<name>_jump` (a Python BLS model).
+"""`<name>_sampler`: the N-step sampler, batched per step across every request (a Python model).
 
 execute() validates every request (a bad one gets INVALID_ARGUMENT at once, the others go
-on), pools the images of all its requests, groups them by (steps, gamma) and hands each
-group to a worker thread that runs `training.sampling.sample` (the same loop as PyTorch)
-with one batched BLS jump call per step. execute() returns without waiting: each
-request's response is sent through its response sender as soon as its images are done,
-so a 1-step request never waits behind an 8-step one, and new requests start while
-older loops run. Jump calls of concurrent groups meet in `<name>_jump`'s dynamic batcher.
+on) and hands its images to this instance's scheduler (`serving.scheduler`), then returns
+without waiting. The scheduler's thread advances every sample in flight, whatever its step
+count, progress, gamma or label, with one jump call per tick; a request is answered through
+its response sender as soon as its last image is done (by a responder thread, so building
+PNGs overlaps the next jump), and new requests join at the next tick.
 
-A sample's noise depends only on its own seed (`training.sampling.noise`), so an image
-does not depend on what else shares its batch.
+The jump is ONNX Runtime in this process (jump_mode "inline") or BLS requests to
+`<name>_jump` (jump_mode "bls"); see serving.models.common.make_jump. A sample's noise
+depends only on its own seed (`training.sampling.noise`), so an image does not depend on
+what else shares its batch. The instance is warm before Triton marks it ready.
 """
-import threading
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.models.common import internal, invalid, load_info, make_jump, read_inputs
-from serving.protocol import InvalidInput, encode_png, group_items, parse_request, run_group, to_images
+from serving.models.common import JumpCounters, LocalJump, internal, invalid, load_info, make_jump, read_inputs
+from serving.protocol import InvalidInput, encode_png, parse_request, to_images
+from serving.scheduler import Scheduler
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-class _Job:
-    """One request in flight: its items, results so far, and its response sender."""
-
-    def __init__(self, sender, items, wanted):
-        self.sender = sender
-        self.items = items
-        self.wanted = wanted
-        self.results = [None] * len(items)
-        self.remaining = len(items)
-        self.done = False
-        self.lock = threading.Lock()
-
-    def fail(self, response):
-        with self.lock:
-            if self.done:
-                return
-            self.done = True
-        self.sender.send(response, flags=FINAL)
-
-    def put(self, k, x) -> bool:
-        """Store image k; True when this was the last one missing."""
-        with self.lock:
-            if self.done:
-                return False
-            self.results[k] = x
-            self.remaining -= 1
-            if self.remaining == 0:
-                self.done = True
-                return True
-            return False
 
 
 class TritonPythonModel:
@@ -61,15 +31,32 @@ class TritonPythonModel:
         self.jump = make_jump(args, params, self.info)
         self.max_images = int(self.cfg.get("max_batch_size", 0)) or self.info.max_batch
         self.outputs = [o["name"] for o in self.cfg["output"]]
-        self.pool = ThreadPoolExecutor(max_workers=int(params.get("workers", "8") or 8),
-                                       thread_name_prefix="sampler")
-        # images waiting for a worker, by (steps, gamma): a worker takes all of a key's waiting
-        # images as one loop, so requests that queue while the workers are busy share a batch
-        self.pending: dict = {}
-        self.pending_lock = threading.Lock()
+        # one thread answers finished requests (images, PNG, send) while the scheduler jumps on
+        self.responder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="respond")
+        self.counters = None
+        try:
+            self.counters = JumpCounters(lambda: getattr(self, "scheduler", None), self.cfg["name"],
+                                         args.get("model_instance_name", ""))
+        except Exception as e:  # noqa: BLE001 - metrics off (--allow-metrics=false): serve without them
+            pb_utils.Logger.log_warn(f"sampler: no jump counters ({e})")
+        self.scheduler = Scheduler(self.jump, self.info, max_batch=int(params.get("jump_max_batch", 0) or
+                                                                        self.info.max_batch),
+                                   on_idle=self.counters.flush if self.counters else None,
+                                   name=f"{self.cfg['name']}-scheduler")
+        self._warm()
+
+    def _warm(self):
+        """Before Triton marks the instance ready: run every batch size an in-process jump will
+        see, and start the responder thread with a response built (images, PNG). With the jump
+        inline, Triton's model_warmup then sends one request through execute(), the scheduler
+        and the response sender; with bls the jump warms in `<name>_jump` (which may not be
+        loaded yet when this runs)."""
+        if isinstance(self.jump, LocalJump):
+            self.jump.warm(self.info)
+        x = np.zeros((1,) + tuple(self.info.shape), np.float32)
+        self.responder.submit(self._response, x, set(self.outputs)).result()
 
     def execute(self, requests):
-        jobs = []
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -78,65 +65,40 @@ class TritonPythonModel:
                 sender.send(invalid(e), flags=FINAL)
                 continue
             wanted = set(request.requested_output_names()) or set(self.outputs)
-            jobs.append(_Job(sender, items, wanted))
-        flat = [(job, k) for job in jobs for k in range(len(job.items))]
-        groups = group_items([job.items[k] for job, k in flat])
-        # largest step counts first: they take longest
-        for key in sorted(groups, key=lambda k: -k[0]):
-            with self.pending_lock:
-                self.pending.setdefault(key, []).extend(flat[i] for i in groups[key])
-            self.pool.submit(self._drain, key)
+            self.scheduler.submit(items, functools.partial(self._finished, sender, wanted))
         return None
 
-    def _drain(self, key):
-        """Run whatever images of `key` are waiting (nothing, when an earlier task took them)."""
-        while True:
-            with self.pending_lock:
-                members = self.pending.pop(key, [])
-                if len(members) > self.max_images:
-                    # one loop runs at most a max batch; the rest waits for the next task
-                    self.pending[key] = members[self.max_images:]
-                    members = members[:self.max_images]
-            if not members:
-                return
-            try:
-                if key in self.pending:
-                    self.pool.submit(self._drain, key)
-                    key = None
-            except RuntimeError:  # the pool is shutting down: this worker does the rest
-                pass
-            self._run(members)
-            if key is None:
-                return
-
-    def _run(self, members):
+    def _finished(self, sender, wanted, result):
+        """Called by the scheduler thread: hand the answer to the responder."""
         try:
-            x = run_group(self.jump, self.info, [job.items[k] for job, k in members])
-        except Exception as e:  # noqa: BLE001 - every request of the group hears of it
-            msg = f"sampler failed: {type(e).__name__}: {e}"
-            for job, _ in members:
-                job.fail(internal(msg))
-            return
-        for i, (job, k) in enumerate(members):
-            if job.put(k, x[i]):
-                try:
-                    job.sender.send(self._response(job), flags=FINAL)
-                except Exception as e:  # noqa: BLE001
-                    pb_utils.Logger.log_error(f"sampler: could not send a response: {e}")
+            self.responder.submit(self._answer, sender, wanted, result)
+        except RuntimeError:  # the responder is shutting down: answer here
+            self._answer(sender, wanted, result)
 
-    def _response(self, job):
-        x = np.stack(job.results).astype(np.float32)
+    def _answer(self, sender, wanted, result):
+        try:
+            if isinstance(result, BaseException):
+                response = internal(f"sampler failed: {type(result).__name__}: {result}")
+            else:
+                response = self._response(result, wanted)
+            sender.send(response, flags=FINAL)
+        except Exception as e:  # noqa: BLE001
+            pb_utils.Logger.log_error(f"sampler: could not send a response: {e}")
+
+    def _response(self, x, wanted):
         outs = []
-        if "sample" in job.wanted and "sample" in self.outputs:
+        if "sample" in wanted and "sample" in self.outputs:
             outs.append(pb_utils.Tensor("sample", x))
-        if self.info.is_image and ({"image", "png"} & job.wanted):
+        if self.info.is_image and ({"image", "png"} & wanted):
             imgs = to_images(self.info, x)
-            if "image" in job.wanted:
+            if "image" in wanted:
                 outs.append(pb_utils.Tensor("image", imgs))
-            if "png" in job.wanted and "png" in self.outputs:
+            if "png" in wanted and "png" in self.outputs:
                 pngs = np.array([[encode_png(im)] for im in imgs], dtype=np.object_)
                 outs.append(pb_utils.Tensor("png", pngs))
         return pb_utils.InferenceResponse(output_tensors=outs)
 
     def finalize(self):
-        self.pool.shutdown(wait=True, cancel_futures=False)
+        # requests in flight are finished (up to 10 s); the rest hear that the server stops
+        self.scheduler.stop(timeout=10.0)
+        self.responder.shutdown(wait=True)

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.models.common import internal, invalid, load_info, make_jump, read_inputs
+from serving.models.common import LocalJump, internal, invalid, load_info, make_jump, read_inputs
 from serving.preview import estimate_previews
 from serving.protocol import InvalidInput, parse_request, run_group, to_images
 
@@ -29,6 +29,8 @@ class TritonPythonModel:
     def initialize(self, args):
         self.cfg, params, self.info = load_info(args)
         self.jump = make_jump(args, params, self.info)
+        if isinstance(self.jump, LocalJump):  # warm before ready (with bls, <name>_jump warms itself)
+            self.jump.warm(self.info)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("workers", "8") or 8),
                                        thread_name_prefix="stream")
 
