@@ -34,7 +34,7 @@ socks = [socket.socket() for _ in range(2)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
-"$py310" -m fewstep serve --model "$export_dir" --repo "$work/repo" --device cpu \
+"$py310" -m fewstep serve --model "$export_dir" --repo "$work/repo" --device cpu --jump bls \
   --grpc-port "$grpc" --metrics-port "$metrics" > "$work/serve.log" 2>&1 &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
