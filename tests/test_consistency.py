@@ -188,6 +188,9 @@ def test_ctm_analytic_end_to_end_through_the_loop(tmp_path, monkeypatch):
     cfg["data"]["limit"] = 512
     last = train(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "cache" / "precond" / "gmm-exact.safetensors").is_file()
+    import json
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(1 <= r["teacher_steps"] <= 3 and r["dsm_weight"] >= 0 for r in recs)
     mt = load_file(str(last / "method.safetensors"))
     assert {"precond.l", "precond.R", "precond.L", "precond.lam"} <= set(mt)
     ts = load_file(str(last / "train_state.safetensors"))
