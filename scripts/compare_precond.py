@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """CTM with the `ctm` vs the `analytic` preconditioning: sample quality against training iterations.
 
-Trains CTM twice per seed through the real training loop (`fewstep train --method ctm`), same
-seed, data, budget and options, differing only in method.precond; evaluates every checkpoint
-at 1 and 2 sampling steps, and reports the curves (PNG), the speed-up (the ratio of
-iterations each needs to reach the same 2-step metric) and a JSON of everything.
+Trains CTM once per arm and seed through the real training loop (`fewstep train --method ctm`),
+same seed, data, budget and options, differing only in the preconditioning (--arms: ctm,
+analytic, analytic-<variant> such as analytic-decay or analytic-backward; the first is the
+baseline); evaluates every checkpoint at 1 and 2 sampling steps, and reports the curves (PNG),
+the speed-up of each arm over the baseline (the ratio of iterations each needs to reach the
+same metric level, on the mean curve and per seed) and a JSON of everything.
 
   2-D gmm with its exact teacher (metric: sliced Wasserstein-2 to fresh data, lower is better):
     nice -n 10 python scripts/compare_precond.py gmm --seeds 0,1,2 --iters 1200 --every 100 \
-        --out runs/compare-precond-gmm
+        --arms ctm,analytic-decay,analytic-backward --out runs/compare-precond-gmm
   Fashion-MNIST with an edm teacher (metric: FID on the project's classifier features):
     nice -n 10 python scripts/compare_precond.py fmnist --teacher runs/edm-fmnist --seeds 0 \
         --iters 2000 --every 250 --out runs/compare-precond-fmnist
