@@ -232,3 +232,35 @@ def test_method_option_picks_the_variant(monkeypatch, tmp_path):
         assert m.precond.backward is backward
     with pytest.raises(UserError, match="precond_variant"):
         build_method(make_config("ctm", data="gmm", preset="toy", overrides=["method.precond_variant=nope"]))
+
+
+def test_compare_precond_three_arms_end_to_end(tmp_path, monkeypatch):
+    """scripts/compare_precond.py: arms ctm / analytic-decay / analytic-backward train with their
+    own tables (the checkpoints say which form) and the summary has per-seed speed-ups."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from training import checkpoint as ck
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_precond.py"
+    spec = importlib.util.spec_from_file_location("compare_precond", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.arm_overrides("analytic-backward") == ["method.precond=analytic", "method.precond_variant=backward"]
+    out = tmp_path / "cmp"
+    mod.main(["gmm", "--arms", "ctm,analytic-decay,analytic-backward", "--seeds", "0", "--iters", "4",
+              "--every", "2", "--batch", "16", "--samples", "200", "--out", str(out),
+              "net.hidden=16", "net.depth=1", "method.heun_steps=3", "method.N=6", "method.precond_points=20",
+              "method.precond_samples=64", "data.limit=256", "train.warmup=1"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iters"] == [2, 4] and summary["arms"] == ["ctm", "analytic-decay", "analytic-backward"]
+    for steps in ("1", "2"):
+        assert set(summary["speedup"][steps]) == {"analytic-decay", "analytic-backward"}
+        assert len(summary["speedup"][steps]["analytic-decay"]["per_seed_levels"]) == 1
+    for arm, flag in (("analytic-decay", 0.0), ("analytic-backward", 1.0)):
+        mt = load_file(str(ck.list_checkpoints(out / f"{arm}-seed0")[-1] / "method.safetensors"))
+        assert float(mt["precond.backward"]) == flag
+    assert (out / "curves.png").is_file()
