@@ -19,7 +19,10 @@ A *preconditioning* is the pair of scalar functions (f, g):
                 g(t, s) = int_{lam_t}^{lam_s} exp(-int_tau^{lam_s} (1 - l)) exp(int_{lam_t}^tau r) dtau
                 f(t, s) = exp(-int_{lam_t}^{lam_s} (1 - l)) - l_t g(t, s)
             l_t = E[tr dD/dx] / d (Hutchinson), r = E<h, dh/dlambda> / E|h|^2 on teacher
-            trajectories, both fitted once on a uniform lambda grid.
+            trajectories, both fitted once on a uniform lambda grid. Variants (`VARIANTS`):
+            decay (r <- min(r, 0), the default), full (r as measured), none (r = 0), and
+            backward: h anchored at s and the jump solved implicitly for x_s,
+            f = E / (1 + l_s g0), g = g0 / (1 + l_s g0).
 
 The analytic coefficients are evaluated from tables as
     f = (s/t) exp(L(lam_s) - L(lam_t)) - l(lam_t) g,      g = (1 - s/t) R(lam_t, lam_s)
