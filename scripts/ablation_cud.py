@@ -10,7 +10,8 @@ Every run goes through the real commands (`fewstep train`, `fewstep eval`) in th
 with the same data order and initial weights per seed (train.seed). The metric is what
 `fewstep eval` reports: sliced Wasserstein distance on 2-D data (lower is better; the
 data-vs-data floor is printed too), FID on the project's classifier features for images.
-Runs already finished in --out are reused and interrupted ones resume from their last
+RK23 / RK34 are sampled with their 2nd / 3rd head, as the CUD authors sample them
+(`--eval-head main`: every arm with head 1). Runs already finished in --out are reused and interrupted ones resume from their last
 checkpoint, so an interrupted ablation picks up where it stopped. Writes <out>/ablation.json
 and <out>/table.md (mean +- sample std over seeds).
 
@@ -84,13 +85,35 @@ def train(run: Path, method: str, args, extra: list[str], iters: int, teacher: P
     return time.process_time() - c0
 
 
-def evaluate(run: Path, args) -> dict:
-    out = run / ("eval.json" if args.eval_ema == "default" else f"eval-ema-{args.eval_ema}.json")
+def eval_head(arm: str, args) -> int:
+    """The head an arm is sampled with. The CUD authors sample RK23 / RK34 models with their 2nd /
+    3rd head (generate.py --generator 2 / 3, README); --eval-head main scores every arm with head 1."""
+    if args.eval_head == "main":
+        return 1
+    for o in ARMS.get(arm, ("", [], 1))[1]:
+        if o.startswith("method.pred_step="):
+            return int(o.split("=", 1)[1])
+    return 1
+
+
+def eval_argv(run: Path, arm: str, args) -> tuple[list[str], Path]:
+    """The `fewstep eval` command of a run, and the JSON it writes (named by EMA and head, so a
+    result of another head is never reused)."""
+    head = eval_head(arm, args)
+    name = "eval" if args.eval_ema == "default" else f"eval-ema-{args.eval_ema}"
+    out = run / (name + (f"-head{head}" if head != 1 else "") + ".json")
+    argv = ["eval", "--ckpt", str(run), "--steps", args.steps, "--no-progress", "--out", str(out),
+            "--ema", args.eval_ema]
+    if head != 1:
+        argv += ["--set", f"sample_head={head}"]
+    if args.eval_num:
+        argv += ["--num", str(args.eval_num)]
+    return argv, out
+
+
+def evaluate(run: Path, arm: str, args) -> dict:
+    argv, out = eval_argv(run, arm, args)
     if not out.is_file():
-        argv = ["eval", "--ckpt", str(run), "--steps", args.steps, "--no-progress", "--out", str(out),
-                "--ema", args.eval_ema]
-        if args.eval_num:
-            argv += ["--num", str(args.eval_num)]
         if fewstep(argv) != 0:
             raise SystemExit(f"eval failed: {' '.join(argv)}")
     return json.loads(out.read_text())
@@ -160,6 +183,8 @@ def main() -> int:
     p.add_argument("--eval-ema", default="default",
                    help="weights to evaluate: an EMA decay, 'default' (the run's first EMA) or 'none' "
                         "(the online weights)")
+    p.add_argument("--eval-head", choices=("authors", "main"), default="authors",
+                   help="authors: RK23 / RK34 sampled with head 2 / 3 as the CUD authors do; main: head 1")
     p.add_argument("--common", nargs="*", default=[],
                    help="KEY=VALUE overrides for every arm (the 2-D ablation ran with the toy preset's "
                         "128x3 MLP)")
@@ -194,7 +219,7 @@ def main() -> int:
             run = out / f"{arm}-s{seed}"
             cpu[arm] = cpu.get(arm, 0.0) + train(run, method, args, extra + arm_opts.get(arm, []),
                                                  args.iters * factor)
-            rep = evaluate(run, args)
+            rep = evaluate(run, arm, args)
             metric = rep["metric"]
             key = "swd" if metric == "swd" else "fid"
             results.setdefault(arm, {})[seed] = {r["steps"]: r[key] for r in rep["results"]}
@@ -207,7 +232,7 @@ def main() -> int:
             dopts = [o for o in args.distill_opts.split(",") if o] + arm_opts.get("distill", [])
             name = f"{args.distill_from}+1step"
             cpu[name] = cpu.get(name, 0.0) + train(run, "cud-distill", args, dopts, args.distill_iters, teacher)
-            rep = evaluate(run, args)
+            rep = evaluate(run, name, args)
             key = "swd" if rep["metric"] == "swd" else "fid"
             results.setdefault(name, {})[seed] = {r["steps"]: r[key] for r in rep["results"]}
             print(f"[ablation] seed {seed} {name}: " + ", ".join(f"{r['steps']}:{r[key]:.4f}" for r in rep["results"]),

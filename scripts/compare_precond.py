@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """CTM with the `ctm` vs the `analytic` preconditioning: sample quality against training iterations.
 
-Trains CTM twice per seed through the real training loop (`fewstep train --method ctm`), same
-seed, data, budget and options, differing only in method.precond; evaluates every checkpoint
-at 1 and 2 sampling steps, and reports the curves (PNG), the speed-up (the ratio of
-iterations each needs to reach the same 2-step metric) and a JSON of everything.
+Trains CTM once per arm and seed through the real training loop (`fewstep train --method ctm`),
+same seed, data, budget and options, differing only in the preconditioning (--arms: ctm,
+analytic, analytic-<variant> such as analytic-decay or analytic-backward; the first is the
+baseline); evaluates every checkpoint at 1 and 2 sampling steps, and reports the curves (PNG),
+the speed-up of each arm over the baseline (the ratio of iterations each needs to reach the
+same metric level, on the mean curve and per seed) and a JSON of everything.
 
   2-D gmm with its exact teacher (metric: sliced Wasserstein-2 to fresh data, lower is better):
     nice -n 10 python scripts/compare_precond.py gmm --seeds 0,1,2 --iters 1200 --every 100 \
-        --out runs/compare-precond-gmm
+        --arms ctm,analytic-decay,analytic-backward --out runs/compare-precond-gmm
   Fashion-MNIST with an edm teacher (metric: FID on the project's classifier features):
     nice -n 10 python scripts/compare_precond.py fmnist --teacher runs/edm-fmnist --seeds 0 \
         --iters 2000 --every 250 --out runs/compare-precond-fmnist
@@ -29,7 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PRECONDS = ("ctm", "analytic")
+PRECONDS = ("ctm", "analytic")   # the default arms; "analytic-VARIANT" picks a table variant
+
+
+def arm_overrides(arm: str) -> list[str]:
+    """Config overrides of an arm: ctm | analytic | analytic-<variant> (decay, backward, ...)."""
+    if arm in ("ctm", "analytic"):
+        return [f"method.precond={arm}"]
+    if arm.startswith("analytic-"):
+        return ["method.precond=analytic", f"method.precond_variant={arm[len('analytic-'):]}"]
+    raise SystemExit(f"compare_precond: unknown arm {arm!r} (ctm, analytic, analytic-<variant>)")
 
 
 def parse_args(argv=None):
@@ -44,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=5000, help="samples per evaluation")
     p.add_argument("--ema", default="0.99", help="EMA decay evaluated (trained alongside)")
     p.add_argument("--out", required=True)
-    p.add_argument("--only", choices=PRECONDS, help="train this preconditioning only, then stop (run two "
+    p.add_argument("--arms", default=",".join(PRECONDS),
+                   help="comma-separated arms, the first is the baseline (ctm, analytic, analytic-<variant>)")
+    p.add_argument("--only", help="train this preconditioning only, then stop (run two "
                    "such processes side by side on a GPU, then once more without --only to evaluate)")
     p.add_argument("--no-train", action="store_true", help="evaluate the checkpoints already in --out")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -66,7 +79,7 @@ def train_one(args, pc: str, seed: int) -> float:
     teacher = args.teacher or ("exact" if args.data == "gmm" else None)
     if teacher is None:
         raise SystemExit("fmnist needs --teacher (an edm checkpoint)")
-    ov = [f"method.precond={pc}", f"train.seed={seed}", f"train.iters={args.iters}", f"train.batch={args.batch}",
+    ov = arm_overrides(pc) + [f"train.seed={seed}", f"train.iters={args.iters}", f"train.batch={args.batch}",
           f"train.ckpt_every={args.every}", "train.keep=0", "train.sample_every=0", f"train.ema=[{args.ema}]",
           f"train.log_every={min(50, args.every)}"] + list(args.overrides)
     cfg = make_config("ctm", data=args.data, preset=args.preset, teacher=teacher, overrides=ov)
@@ -167,7 +180,7 @@ def plot(results, its, out: Path, metric_name, title):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for ax, steps in zip(axes, ("1", "2")):
-        for pc, color in zip(PRECONDS, ("C0", "C3")):
+        for pc, color in zip(results, ("C0", "C3", "C2", "C1")):
             curves = np.array([[results[pc][s][i][steps] for i in its] for s in results[pc]])
             for c in curves:
                 ax.plot(its, c, color=color, alpha=0.25, lw=0.8)
@@ -189,10 +202,14 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if len(arms) < 2 or (args.only and args.only not in arms):
+        raise SystemExit("compare_precond: --arms needs a baseline and at least one more arm; --only one of them")
+    base = arms[0]
     times = {}
     for seed in seeds if not args.no_train else ():
-        for pc in (args.only,) if args.only else PRECONDS:
-            print(f"[compare] training ctm precond={pc} seed={seed}", file=sys.stderr, flush=True)
+        for pc in (args.only,) if args.only else arms:
+            print(f"[compare] training ctm arm={pc} seed={seed}", file=sys.stderr, flush=True)
             times[f"{pc}-{seed}"] = round(train_one(args, pc, seed), 1)
     if args.only:
         return
@@ -200,49 +217,52 @@ def main(argv=None):
         metric = GMMMetric(args.samples)
     else:
         from training import checkpoint as ck
-        metric = FIDMetric(args.samples, ck.read_config(ck.find_checkpoint(run_dir(out, "ctm", seeds[0]))))
-    results = {pc: {s: evaluate_run(args, pc, s, metric) for s in seeds} for pc in PRECONDS}
-    its = sorted(set.intersection(*(set(r) for pc in PRECONDS for r in results[pc].values())))
+        metric = FIDMetric(args.samples, ck.read_config(ck.find_checkpoint(run_dir(out, base, seeds[0]))))
+    results = {pc: {s: evaluate_run(args, pc, s, metric) for s in seeds} for pc in arms}
+    its = sorted(set.intersection(*(set(r) for pc in arms for r in results[pc].values())))
     if not its:
         raise SystemExit(f"compare_precond: the runs in {out} share no checkpoint step (a run stopped by "
                          "train.time_limit before its first --every checkpoint?): no curve to compare")
     its_a = np.asarray(its)
-    summary = {"data": args.data, "metric": metric.name, "iters": its, "seeds": seeds, "train_seconds": times,
-               "argv": sys.argv[1:], "speedup": {}, "final": {}}
+    summary = {"data": args.data, "metric": metric.name, "iters": its, "seeds": seeds, "arms": arms,
+               "train_seconds": times, "argv": sys.argv[1:], "speedup": {}, "final": {}}
+    fracs = (0.5, 0.75, 0.9)
     for steps in ("1", "2"):
-        per_seed = []
-        for s in seeds:
-            c = [results["ctm"][s][i][steps] for i in its]
-            a = [results["analytic"][s][i][steps] for i in its]
-            per_seed.append(speedup(its_a, c, a))
-        mc = np.mean([[results["ctm"][s][i][steps] for i in its] for s in seeds], 0)
-        ma = np.mean([[results["analytic"][s][i][steps] for i in its] for s in seeds], 0)
-        summary["speedup"][steps] = {"mean_curve": speedup(its_a, mc, ma), "per_seed": per_seed,
-                                     "levels": [speedup(its_a, mc, ma, lv) for lv in levels_of(mc)]}
-        summary["final"][steps] = {"ctm": float(mc[-1]), "analytic": float(ma[-1]),
-                                   "ctm_best": float(mc.min()), "analytic_best": float(ma.min())}
-        summary[f"curve_{steps}"] = {"ctm": mc.tolist(), "analytic": ma.tolist()}
+        curves = {pc: np.array([[results[pc][s][i][steps] for i in its] for s in seeds]) for pc in arms}
+        mb = curves[base].mean(0)
+        lvls = levels_of(mb, fracs)
+        summary["curve_" + steps] = {pc: c.mean(0).tolist() for pc, c in curves.items()}
+        summary["final"][steps] = {pc: {"last": float(c.mean(0)[-1]), "best": float(c.mean(0).min())}
+                                   for pc, c in curves.items()}
+        summary["speedup"][steps] = {}
+        for pc in arms[1:]:
+            ma = curves[pc].mean(0)
+            per_seed = [[speedup(its_a, curves[base][k], curves[pc][k], lv)["ratio"] for lv in lvls]
+                        for k in range(len(seeds))]
+            summary["speedup"][steps][pc] = {
+                "mean_curve": speedup(its_a, mb, ma),
+                "levels": [speedup(its_a, mb, ma, lv) for lv in lvls],
+                "per_seed_levels": per_seed}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(results, its, out / "curves.png", metric.name,
-         f"CTM on {args.data}: ctm vs analytic preconditioning (seeds {args.seeds})")
-    # markdown
-    print(f"| iters | 1-step ctm | 1-step analytic | 2-step ctm | 2-step analytic |")
-    print("|---|---|---|---|---|")
-    for k, i in enumerate(its):
-        print(f"| {i} | {summary['curve_1']['ctm'][k]:.4g} | {summary['curve_1']['analytic'][k]:.4g} | "
-              f"{summary['curve_2']['ctm'][k]:.4g} | {summary['curve_2']['analytic'][k]:.4g} |")
+         f"CTM on {args.data}: {' vs '.join(arms)} preconditioning (seeds {args.seeds})")
+
     def fmt(v, nd=0):
         return "n/a" if v is None else f"{v:.{nd}f}"
+    head = " | ".join(f"{st}-step {pc}" for st in ("1", "2") for pc in arms)
+    print(f"| iters | {head} |")
+    print("|---" * (1 + 2 * len(arms)) + "|")
+    for k, i in enumerate(its):
+        row = " | ".join(f"{summary['curve_' + st][pc][k]:.4g}" for st in ("1", "2") for pc in arms)
+        print(f"| {i} | {row} |")
     for steps in ("1", "2"):
-        sp = summary["speedup"][steps]
-        m = sp["mean_curve"]
-        seeds_r = ", ".join(fmt(p["ratio"], 2) for p in sp["per_seed"])
-        print(f"\n{steps}-step, mean curve: ctm reaches its final best {m['level']:.4g} at {fmt(m['iters_ctm'])} iters, "
-              f"analytic at {fmt(m['iters_analytic'])} -> ratio {fmt(m['ratio'], 2)} (per seed: {seeds_r})")
-        for q, lv in zip((0.5, 0.75, 0.9), sp["levels"]):
-            print(f"{steps}-step, level {lv['level']:.4g} ({int(q * 100)}% of the way from first to best ctm value, "
-                  f"in log): ctm {fmt(lv['iters_ctm'])} iters, analytic {fmt(lv['iters_analytic'])} -> "
-                  f"ratio {fmt(lv['ratio'], 2)}")
+        for pc in arms[1:]:
+            sp = summary["speedup"][steps][pc]
+            for q, (k, lv) in zip(fracs, enumerate(sp["levels"])):
+                seeds_r = ", ".join(fmt(p[k], 2) for p in sp["per_seed_levels"])
+                print(f"{steps}-step {pc}: level {lv['level']:.4g} ({int(q * 100)}% of the way, in log, from "
+                      f"{base}'s first to its best value): {base} {fmt(lv['iters_ctm'])} iters, {pc} "
+                      f"{fmt(lv['iters_analytic'])} -> ratio {fmt(lv['ratio'], 2)} (per seed: {seeds_r})")
     print(f"\nwrote {out / 'curves.png'} and {out / 'summary.json'}", file=sys.stderr)
 
 

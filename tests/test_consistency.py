@@ -188,6 +188,9 @@ def test_ctm_analytic_end_to_end_through_the_loop(tmp_path, monkeypatch):
     cfg["data"]["limit"] = 512
     last = train(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "cache" / "precond" / "gmm-exact.safetensors").is_file()
+    import json
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(1 <= r["teacher_steps"] <= 3 and r["dsm_weight"] >= 0 for r in recs)
     mt = load_file(str(last / "method.safetensors"))
     assert {"precond.l", "precond.R", "precond.L", "precond.lam"} <= set(mt)
     ts = load_file(str(last / "train_state.safetensors"))
@@ -202,3 +205,159 @@ def test_ctm_analytic_end_to_end_through_the_loop(tmp_path, monkeypatch):
     for steps in (1, 2):
         x = model.sample(steps, list(range(16)))
         assert x.shape == (16, 2) and torch.isfinite(x).all()
+
+
+# --- CTM as sony/ctm trains it (cm/karras_diffusion.py, cm/resample.py, cm/script_util.py) -------
+
+def _reference_tk_law(N, K):
+    """sony/ctm: k ~ P(k) prop. to k on 1..K (one per batch), then the t index uniform on
+    0..N-1-k (UniformSampler.weights(k) = ones(N - k)). Returns P(k) and P(i) (exact)."""
+    ks = np.arange(1, K + 1)
+    pk = ks / ks.sum()
+    pi = np.zeros(N - 1)
+    for k, p in zip(ks, pk):
+        pi[: N - k] += p / (N - k)
+    return pk, pi
+
+
+def _chi2(counts, probs):
+    exp = probs * counts.sum()
+    return float(((counts - exp) ** 2 / exp).sum())
+
+
+def test_ctm_tk_law_matches_the_reference():
+    m = build_method(cfg_for("ctm", overrides=SMALL_MLP))
+    N, K = 18, 17
+    pk, pi = _reference_tk_law(N, K)
+    assert abs((np.arange(1, K + 1) * pk).sum() - 11.667) < 1e-3      # the reference's mean k
+    g = torch.Generator().manual_seed(1234)
+    kc, ic = np.zeros(K), np.zeros(N - 1)
+    js_ok = True
+    for _ in range(3000):
+        k, i, u, j, grid = m.sample_times(8, "cpu", generator=g)
+        kc[k - 1] += 1
+        np.add.at(ic, i.numpy(), 1)
+        js_ok &= bool(((u == i + k) & (j >= u) & (j <= N - 1)).all())
+    assert js_ok
+    # chi-square against the exact law: df 16 and 16; old law (t first, k falling) gives > 1000
+    assert _chi2(kc, pk) < 16 + 6 * math.sqrt(32), _chi2(kc, pk)
+    # i draws within a batch share k, so the effective sample is smaller: a looser bound
+    assert _chi2(ic, pi) < 8 * (16 + 6 * math.sqrt(32)), _chi2(ic, pi)
+    assert abs(kc @ np.arange(1, K + 1) / kc.sum() - 11.67) < 0.3
+    assert abs(ic[0] / ic.sum() - pi[0]) < 0.03 and pi[0] > 0.25             # P(t = T) ~ 0.29
+
+
+def test_ctm_s_is_uniform_on_the_rest_of_the_grid():
+    m = build_method(cfg_for("ctm", overrides=SMALL_MLP + ["method.N=6", "method.heun_steps=1"]))
+    g = torch.Generator().manual_seed(5)
+    counts = np.zeros((5, 6))
+    for _ in range(2000):
+        k, i, u, j, _ = m.sample_times(16, "cpu", generator=g)
+        np.add.at(counts, (i.numpy(), j.numpy()), 1)
+    for i in range(5):   # k = 1: u = i + 1, s uniform on i + 1 .. 5
+        row = counts[i, i + 1:]
+        assert counts[i, : i + 1].sum() == 0
+        assert _chi2(row, np.full(len(row), 1 / len(row))) < 25
+
+
+def test_ctm_dsm_sigmas_half_lognormal_half_karras():
+    m = build_method(cfg_for("ctm", overrides=SMALL_MLP))
+    sig = m.dsm_sigmas(20000, "cpu", generator=torch.Generator().manual_seed(0)).numpy()
+    logn, kar = np.log(sig[:10000]), sig[10000:]
+    assert abs(logn.mean() + 1.2) < 0.05 and abs(logn.std() - 1.2) < 0.05
+    lo = (80 ** (1 / 7) + 0.7 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7      # 0.7 of the way in t^(1/7)
+    assert kar.max() <= 80.0 and kar.min() >= lo * (1 - 1e-9)
+    # uniform in t^(1/7) over that range
+    pos = (kar ** (1 / 7) - 80 ** (1 / 7)) / (lo ** (1 / 7) - 80 ** (1 / 7))
+    assert abs(pos.mean() - 0.5) < 0.02 and abs(pos.std() - math.sqrt(1 / 12)) < 0.02
+
+
+def _spy_G(m, monkeypatch):
+    calls = []
+    orig = m.G
+
+    def spy(net, *a, **kw):
+        calls.append((net, torch.is_grad_enabled()))
+        return orig(net, *a, **kw)
+    monkeypatch.setattr(m, "G", spy)
+    return calls
+
+
+@pytest.mark.parametrize("inner", ["online", "ema"])
+def test_ctm_target_inner_jump(inner, monkeypatch):
+    teacher = edm_teacher()
+    m, net = student("ctm", teacher, overrides=SMALL_MLP + [f"method.target_inner={inner}"])
+    net.train()
+    calls = _spy_G(m, monkeypatch)
+    x = torch.randn(16, 2)
+    m.loss(net, x, None)
+    no_grad = [c[0] for c in calls if not c[1]]
+    # the target: G_tgt(G_inner(x_u, u, s), s, eps); the inner jump is evaluated first
+    assert no_grad[0] is (net if inner == "online" else m.target)
+    assert no_grad[1] is m.target
+
+
+def test_ctm_adaptive_dsm_weight_is_the_gradient_norm_ratio_and_is_logged():
+    teacher = edm_teacher()
+    m, net = student("ctm", teacher)
+    net.train()
+    with torch.no_grad():  # move the student off the teacher so that both terms have gradients
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(64, 2)
+    torch.manual_seed(3)
+    loss, logs = m.loss(net, x, None)
+    logged = m.interval_logs()
+    w = logged["dsm_weight"]
+    wl = net.out.weight
+    # recompute both terms with the same randomness and compare the ratio by hand
+    torch.manual_seed(3)
+    captured = {}
+    orig = m.adaptive_weight
+
+    def cap(net_, lc, ld):
+        captured["ctm"] = torch.autograd.grad(lc, wl, retain_graph=True)[0].norm()
+        captured["dsm"] = torch.autograd.grad(ld, wl, retain_graph=True)[0].norm()
+        return orig(net_, lc, ld)
+    m.adaptive_weight = cap
+    m.loss(net, x, None)
+    assert w == pytest.approx(float(captured["ctm"] / (captured["dsm"] + 1e-4)), rel=1e-5)
+    assert w != 1.0 and "teacher_steps" in logged and 1 <= logged["teacher_steps"] <= 17
+    # fixed weight: logged as given
+    m2, net2 = student("ctm", teacher, overrides=SMALL_MLP + ["method.dsm_weight=0.5"])
+    m2.loss(net2.train(), x, None)
+    assert m2.interval_logs()["dsm_weight"] == 0.5
+
+
+def test_ctm_interval_logs_are_means_since_the_last_call():
+    m = build_method(cfg_for("ctm", overrides=SMALL_MLP))
+    for k in (2, 4, 9):
+        m._note("teacher_steps", k)
+    assert m.interval_logs() == {"teacher_steps": 5.0}
+    assert m.interval_logs() == {}
+
+
+@pytest.mark.parametrize("method", ["ctm", "cd"])
+def test_target_runs_in_the_students_mode(method):
+    """With dropout in the net (the fmnist preset), the target must see the student's setting."""
+    teacher = edm_teacher((1, 8, 8), ["net.dropout=0.3"])
+    m, net = student(method, teacher, (1, 8, 8), ["net.dropout=0.3"])
+    net.train()
+    m.loss(net, torch.randn(4, 1, 8, 8), None)
+    assert m.target.training
+    net.eval()
+    m.loss(net, torch.randn(4, 1, 8, 8), None)
+    assert not m.target.training
+
+
+def test_cd_default_target_is_the_stop_gradient_online_net():
+    """openai/consistency_models_cifar10 configs/cifar10_ve_cd.py (N = 18): mu = 0."""
+    teacher = edm_teacher()
+    m, net = student("cd", teacher)
+    assert m.opts["target_ema"] == 0.0 and m.opts["N"] == 18
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    m.loss(net.train(), torch.randn(8, 2), None)
+    for pt, pn in zip(m.target.parameters(), net.parameters()):
+        torch.testing.assert_close(pt, pn)

@@ -252,8 +252,9 @@ def test_net_overrides_and_heads_zero_init():
     assert m.net_overrides() == {"extra_heads": 2, "prior_shakedrop": True}
     assert cud(prior_shakedrop=False).net_overrides() == {"extra_heads": 0}
     torch.manual_seed(0)
+    # out_init_weight 0.2: a visible main head (EDM's default 1e-5 starts it near zero too)
     unet = build_net({**PRESETS_NET["tiny"], "img_resolution": 8, "in_channels": 1, "out_channels": 1,
-                      **m.net_overrides()})
+                      "out_init_weight": 0.2, **m.net_overrides()})
     mlp = build_net({**PRESETS_NET["mlp"], "dim": 2, "hidden": 32, "depth": 2, "extra_heads": 2})
     for net, x in ((unet, torch.randn(4, 1, 8, 8)), (mlp, torch.randn(4, 2))):
         out = net(x, torch.full((4,), 0.5), heads=True)

@@ -63,10 +63,16 @@ def test_unet_three_levels_and_other_out_channels():
     assert net(x, t).shape == (3, 2, 28, 28)
 
 
-def test_unet_fresh_output_is_not_zero():
+def test_unet_output_layer_starts_near_zero_as_in_edm():
+    """EDM's and the CUD authors' nets init the last conv with init_weight 1e-5 (a fresh net
+    outputs ~0); out_init_weight still sets another scale."""
     net = small_unet().eval()
     x, t = inputs()
-    assert net(x, t).std() > 1e-2
+    w = net.dec['28x28_aux_conv'].weight
+    assert 0 < w.abs().max() < 1e-4
+    assert 0 < net(x, t).abs().max() < 1e-3
+    big = small_unet(out_init_weight=0.2).eval()
+    assert big(x, t).std() > 1e-2
 
 
 def test_unet_depends_on_t():
@@ -126,7 +132,7 @@ def test_unet_two_times_not_symmetric():
 
 
 def test_unet_extra_heads():
-    net = small_unet(extra_heads=2).eval()
+    net = small_unet(extra_heads=2, out_init_weight=0.2).eval()  # a visible main output
     x, t = inputs()
     outs = net(x, t, heads=True)
     assert isinstance(outs, list) and len(outs) == 3
@@ -159,7 +165,7 @@ def test_unet_return_features():
 
 
 def test_unet_prior_shakedrop():
-    plain = small_unet().eval()
+    plain = wake(small_unet()).eval()
     shake = small_unet(prior_shakedrop=True).eval()
     shake.load_state_dict(plain.state_dict())  # same parameters, no extra ones
     x, _ = inputs()

@@ -163,3 +163,104 @@ def test_precond_cli_fit_and_gap(tmp_path, monkeypatch, capsys):
     assert "gap analytic" in table and "| 80 | 0.002 |" in table
     assert main(["precond", "gap", "--teacher", "exact", "--precond", "bogus"]) == 2
     assert main(["precond", "fit", "--teacher", "exact", "--samples", "0"]) == 2
+
+
+# --- the backward (implicit) form beside decay ---------------------------------------------------
+
+def test_backward_form_boundary_zero_stats_and_node_values(gmm_tables):
+    lam = P.lambda_grid(40)
+    zero = P.AnalyticPrecond(P.build_tables(lam, np.zeros(40), np.zeros(40), backward=True))
+    assert zero.backward
+    t = torch.tensor([80.0, 31.7, 5.0, 1.0, 0.37, 0.05, 0.0123, 0.002])
+    s = (t * 0.3).clamp(min=0.002)
+    for a, b in zip(zero.coeffs(t, s), P.CTMPrecond().coeffs(t, s)):
+        assert torch.equal(a, b)
+    bw = P.AnalyticPrecond(P.tables_variant(gmm_tables, "backward"))
+    assert bw.backward and not P.AnalyticPrecond(gmm_tables).backward
+    f, g = bw.coeffs(t, t.clone())
+    assert torch.equal(f, torch.ones_like(t)) and torch.equal(g, torch.zeros_like(t))
+    # on the nodes the lookup equals the implicit solve f = E / (1 + l_s g0), g = g0 / (1 + l_s g0)
+    tabs = P.tables_variant(gmm_tables, "backward")
+    tn = torch.tensor(np.exp(-tabs["lam"]), dtype=torch.float64)
+    i, j = torch.tensor([0, 3, 10, 20, 30]), torch.tensor([40, 30, 55, 59, 31])
+    f, g = P.AnalyticPrecond({k: torch.as_tensor(v) for k, v in tabs.items()}).coeffs(
+        tn[i].float(), tn[j].float())
+    np.testing.assert_allclose(f.numpy(), tabs["f"][i, j], rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(g.numpy(), tabs["g"][i, j], rtol=2e-4, atol=1e-5)
+    l_s, tnp = tabs["l"][j], np.exp(-tabs["lam"])
+    g0 = tabs["R"][i, j] * (1 - tnp[j] / tnp[i])                  # the explicit integral (R stores it)
+    E = (tnp[j] / tnp[i]) * np.exp(tabs["L"][j] - tabs["L"][i])
+    np.testing.assert_allclose(tabs["g"][i, j], g0 / (1 + l_s * g0), rtol=1e-10)
+    np.testing.assert_allclose(tabs["f"][i, j], E / (1 + l_s * g0), rtol=1e-10)
+
+
+def test_backward_form_stays_order_one_where_full_explodes(gmm_tables):
+    bw = P.AnalyticPrecond(P.tables_variant(gmm_tables, "backward"))
+    ts = torch.tensor(P.gap_times(40), dtype=torch.float32)
+    T, S = torch.meshgrid(ts, ts, indexing="ij")
+    keep = T >= S
+    f, g = bw.coeffs(T[keep], S[keep])
+    assert torch.isfinite(f).all() and torch.isfinite(g).all()
+    assert (g >= 0).all() and g.max() < 1.5 and f.abs().max() < 1.5
+
+
+def test_backward_flag_survives_save_and_state(tmp_path, gmm_tables):
+    tabs = P.tables_variant(gmm_tables, "backward")
+    path = P.save_tables(tmp_path / "t.safetensors", tabs, {"points": 60})
+    loaded, _ = P.load_tables(path)
+    pc = P.AnalyticPrecond(loaded)
+    assert pc.backward
+    again = P.AnalyticPrecond.from_state(pc.state_tensors())
+    assert again.backward
+    t, s = torch.tensor([40.0, 2.0]), torch.tensor([0.5, 0.01])
+    for a, b in zip(pc.coeffs(t, s), again.coeffs(t, s)):
+        assert torch.equal(a, b)
+
+
+def test_method_option_picks_the_variant(monkeypatch, tmp_path):
+    from training.build import ExactGMMTeacher, build_method, build_net, resolve_net_config
+    from training.config import make_config
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path))
+    for variant, backward in (("backward", True), ("decay", False)):
+        cfg = make_config("ctm", data="gmm", preset="toy", teacher="exact",
+                          overrides=["net.hidden=16", "net.depth=1", "method.precond=analytic",
+                                     f"method.precond_variant={variant}", "method.precond_points=20",
+                                     "method.precond_samples=64"])
+        resolve_net_config(cfg, (2,), 0)
+        m = build_method(cfg, teacher=ExactGMMTeacher(cfg))
+        m.init_student(build_net(cfg, m))
+        assert m.precond.backward is backward
+    with pytest.raises(UserError, match="precond_variant"):
+        build_method(make_config("ctm", data="gmm", preset="toy", overrides=["method.precond_variant=nope"]))
+
+
+def test_compare_precond_three_arms_end_to_end(tmp_path, monkeypatch):
+    """scripts/compare_precond.py: arms ctm / analytic-decay / analytic-backward train with their
+    own tables (the checkpoints say which form) and the summary has per-seed speed-ups."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from training import checkpoint as ck
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_precond.py"
+    spec = importlib.util.spec_from_file_location("compare_precond", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.arm_overrides("analytic-backward") == ["method.precond=analytic", "method.precond_variant=backward"]
+    out = tmp_path / "cmp"
+    mod.main(["gmm", "--arms", "ctm,analytic-decay,analytic-backward", "--seeds", "0", "--iters", "4",
+              "--every", "2", "--batch", "16", "--samples", "200", "--out", str(out),
+              "net.hidden=16", "net.depth=1", "method.heun_steps=3", "method.N=6", "method.precond_points=20",
+              "method.precond_samples=64", "data.limit=256", "train.warmup=1"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iters"] == [2, 4] and summary["arms"] == ["ctm", "analytic-decay", "analytic-backward"]
+    for steps in ("1", "2"):
+        assert set(summary["speedup"][steps]) == {"analytic-decay", "analytic-backward"}
+        assert len(summary["speedup"][steps]["analytic-decay"]["per_seed_levels"]) == 1
+    for arm, flag in (("analytic-decay", 0.0), ("analytic-backward", 1.0)):
+        mt = load_file(str(ck.list_checkpoints(out / f"{arm}-seed0")[-1] / "method.safetensors"))
+        assert float(mt["precond.backward"]) == flag
+    assert (out / "curves.png").is_file()

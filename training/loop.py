@@ -194,7 +194,8 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
             now = time.time()
             ips = (done - n_last) * tcfg["batch"] / max(now - t_last, 1e-9)
             t_last, n_last = now, done
-            rec = {"step": done, **logs, "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
+            interval = getattr(method, "interval_logs", None)  # per-interval means a method keeps (CTM)
+            rec = {"step": done, **logs, **(interval() if interval else {}), "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
                    "images_per_s": round(ips, 2)}
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()

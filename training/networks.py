@@ -292,7 +292,7 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
         prior_shakedrop=False,          # CUD's prior shakedrop on decoder skip concatenations.
         shakedrop_phi=0.75,             # Its phi: skips weigh 2*phi at t=1 and 2*(1-phi) at t=0.
         channel_mult_emb=4,             # Embedding vector size = model_channels * this.
-        out_init_weight=0.2,            # Init scale of the main output conv (EDM uses 1e-5).
+        out_init_weight=1e-5,           # Init scale of the main output conv (EDM and the CUD authors: 1e-5).
     ):
         assert embedding_type in ('positional', 'fourier')
         super().__init__()

@@ -19,7 +19,10 @@ A *preconditioning* is the pair of scalar functions (f, g):
                 g(t, s) = int_{lam_t}^{lam_s} exp(-int_tau^{lam_s} (1 - l)) exp(int_{lam_t}^tau r) dtau
                 f(t, s) = exp(-int_{lam_t}^{lam_s} (1 - l)) - l_t g(t, s)
             l_t = E[tr dD/dx] / d (Hutchinson), r = E<h, dh/dlambda> / E|h|^2 on teacher
-            trajectories, both fitted once on a uniform lambda grid.
+            trajectories, both fitted once on a uniform lambda grid. Variants (`VARIANTS`):
+            decay (r <- min(r, 0), the default), full (r as measured), none (r = 0), and
+            backward: h anchored at s and the jump solved implicitly for x_s,
+            f = E / (1 + l_s g0), g = g0 / (1 + l_s g0).
 
 The analytic coefficients are evaluated from tables as
     f = (s/t) exp(L(lam_s) - L(lam_t)) - l(lam_t) g,      g = (1 - s/t) R(lam_t, lam_s)
@@ -53,7 +56,8 @@ T_MAX = 80.0
 DEFAULT_POINTS = 120
 DEFAULT_SAMPLES = 4096
 RATE_CLIP = 20.0          # |r_lambda| is clipped here (it never is on the teachers we measured)
-VARIANTS = ("decay", "full", "none")
+VARIANTS = ("decay", "full", "none", "backward")
+DEFAULT_VARIANT = "decay"
 TABLE_FILE = "precond-analytic.safetensors"
 TABLE_FORMAT = 1
 
@@ -131,6 +135,7 @@ class AnalyticPrecond(Precond):
     """Analytic-Precond from fitted tables (see `fit_analytic` and `build_tables`)."""
     name = "analytic"
     KEYS = ("lam", "l", "rate", "L", "R")
+    # tables["backward"] = 1: the implicit (backward) form, see build_tables; absent or 0: forward
 
     def __init__(self, tables: dict):
         missing = [k for k in self.KEYS if k not in tables]
@@ -148,6 +153,7 @@ class AnalyticPrecond(Precond):
             raise UserError("Analytic-Precond tables have inconsistent shapes")
         if not all(bool(torch.isfinite(v).all()) for v in self.tables.values()):
             raise UserError("Analytic-Precond tables hold non-finite values")
+        self.backward = bool(float(self.tables["backward"].reshape(-1)[0])) if "backward" in self.tables else False
         self._dev = {}
 
     def _tab(self, name, like):
@@ -162,8 +168,11 @@ class AnalyticPrecond(Precond):
         L, l, R = self._tab("L", t), self._tab("l", t), self._tab("R", t)
         ratio = s / t
         g = (1 - ratio) * _interp2(pos_t, pos_s, R)
-        f = ratio * (_interp1(pos_s, L) - _interp1(pos_t, L)).exp() - _interp1(pos_t, l) * g
-        return f, g
+        E = ratio * (_interp1(pos_s, L) - _interp1(pos_t, L)).exp()
+        if self.backward:  # x_s = E x_t + g (D - l_s x_s), solved for x_s
+            den = 1 + _interp1(pos_s, l) * g
+            return E / den, g / den
+        return E - _interp1(pos_t, l) * g, g
 
     def state_tensors(self):
         return {f"precond.{k}": v for k, v in self.tables.items()}
@@ -201,7 +210,7 @@ def _cumtrapz(y: np.ndarray, h: float) -> np.ndarray:
     return out
 
 
-def build_tables(lam: np.ndarray, l: np.ndarray, rate: np.ndarray) -> dict:
+def build_tables(lam: np.ndarray, l: np.ndarray, rate: np.ndarray, backward: bool = False) -> dict:
     """Tables of the analytic coefficients from the statistics l, r on a uniform lambda grid.
 
     R[i, j] = g(t_i, t_j) / (1 - t_j / t_i), with g's integral done cell by cell: the factor
@@ -210,6 +219,11 @@ def build_tables(lam: np.ndarray, l: np.ndarray, rate: np.ndarray) -> dict:
     Only entries with j >= i - 1 (s <= t, plus the first band above, which bilinear
     interpolation near s = t touches) are meaningful; the others are set to 1.
     Also returns f and g on the nodes (j >= i; identity elsewhere) for inspection.
+
+    backward: the exponential model of h is anchored at the end of the jump,
+    h_tau = exp(-int_tau^{lam_s} r) h_s (the factor becomes exp(L_j - L_tau + S_tau - S_j)), and
+    the jump is solved implicitly for x_s: x_s = E x_t + g0 (D - l_s x_s), i.e.
+    f = E / (1 + l_s g0), g = g0 / (1 + l_s g0) (R stores g0; the lookup divides).
     """
     lam = np.asarray(lam, np.float64)
     l = np.asarray(l, np.float64)
@@ -232,15 +246,20 @@ def build_tables(lam: np.ndarray, l: np.ndarray, rate: np.ndarray) -> dict:
             if i == j:
                 continue
             a, b = (i, j) if i < j else (j, i)
-            w = np.exp(q[a:b + 1] - S[i])
+            w = np.exp(q[a:b + 1] - (S[j] if backward else S[i]))
             cell = w[:-1] * K1[a:b] + (w[1:] - w[:-1]) * K2[a:b]
             gij = cell.sum() * (1.0 if i < j else -1.0)
             denom = 1.0 - math.exp(lam[i] - lam[j])
             R[i, j] = gij / denom
             if i < j:
-                G[i, j] = gij
-                F[i, j] = math.exp(-(lam[j] - lam[i]) + L[j] - L[i]) - l[i] * gij
-    return {"lam": lam, "l": l, "rate": rate, "L": L, "S": S, "R": R, "f": F, "g": G}
+                E_ij = math.exp(-(lam[j] - lam[i]) + L[j] - L[i])
+                if backward:
+                    den = 1.0 + l[j] * gij
+                    G[i, j], F[i, j] = gij / den, E_ij / den
+                else:
+                    G[i, j], F[i, j] = gij, E_ij - l[i] * gij
+    return {"lam": lam, "l": l, "rate": rate, "L": L, "S": S, "R": R, "f": F, "g": G,
+            "backward": np.array([1.0 if backward else 0.0])}
 
 
 # --- fitting the statistics -----------------------------------------------------------------------
@@ -328,20 +347,21 @@ def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, 
         if hh > 1e-10 * max(xx, 1e-30):
             rate[i] = (hh2 - hh) / (h * hh)
     rate[n - 1] = rate[n - 2]
-    tables = build_tables(lam, l, variant_rate(rate, variant))
+    tables = build_tables(lam, l, variant_rate(rate, variant), backward=variant == "backward")
     tables["rate_raw"] = rate
     tables["hh"] = (mom[:, 4] - 2 * l * mom[:, 5] + l * l * mom[:, 6]) / (samples * dim)
     return tables
 
 
 def variant_rate(rate_raw, variant: str = "decay") -> np.ndarray:
-    """The rate r the tables use: `decay` = min(r, 0) (the default: h is extrapolated only where
-    it shrinks along the trajectory, which keeps g O(1) on every jump), `full` = r as measured
-    (the plain forward form; g explodes on long jumps), `none` = 0 (only l: no model of h)."""
+    """The rate r the tables use: `decay` = min(r, 0) (h is extrapolated only where it shrinks
+    along the trajectory, which keeps g O(1) on every jump), `full` = r as measured (the plain
+    forward form; g explodes on long jumps), `none` = 0 (only l: no model of h), `backward` = r
+    as measured, used by the backward (implicit) form of build_tables."""
     r = np.clip(np.asarray(rate_raw, np.float64), -RATE_CLIP, RATE_CLIP)
     if variant == "decay":
         return np.minimum(r, 0.0)
-    if variant == "full":
+    if variant in ("full", "backward"):
         return r
     if variant == "none":
         return np.zeros_like(r)
@@ -351,7 +371,8 @@ def variant_rate(rate_raw, variant: str = "decay") -> np.ndarray:
 def tables_variant(tables: dict, variant: str) -> dict:
     """Rebuild saved tables for another rate variant (from the raw statistics they keep)."""
     as_np = {k: (v.double().numpy() if torch.is_tensor(v) else np.asarray(v, np.float64)) for k, v in tables.items()}
-    out = build_tables(as_np["lam"], as_np["l"], variant_rate(as_np["rate_raw"], variant))
+    out = build_tables(as_np["lam"], as_np["l"], variant_rate(as_np["rate_raw"], variant),
+                       backward=variant == "backward")
     out["rate_raw"], out["hh"] = as_np["rate_raw"], as_np.get("hh", np.zeros_like(as_np["l"]))
     return out
 

@@ -22,7 +22,7 @@ import torch
 from fewstep.errors import UserError
 from training import precond as P
 
-GAP_NAMES = ("cm", "ctm", "analytic", "analytic-full", "analytic-none")
+GAP_NAMES = ("cm", "ctm", "analytic") + tuple(f"analytic-{v}" for v in P.VARIANTS)
 
 
 FIT_ONLY = ("points",)
@@ -38,7 +38,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int,
                    help=f"data samples (default: fit {P.DEFAULT_SAMPLES} per point, gap 512)")
     p.add_argument("--precond", help=f"gap: comma-separated, from {', '.join(GAP_NAMES)} (default cm,ctm,analytic; "
-                                     "analytic-full / -none: the other rate variants of the same statistics)")
+                                     f"analytic-{{{','.join(P.VARIANTS)}}}: a variant of the same statistics; plain analytic: "
+                                     f"the default, {P.DEFAULT_VARIANT})")
     p.add_argument("--times", type=int, help="gap: Karras times from 80 to 0.002, pairs t > s (default 8)")
     p.add_argument("--substeps", type=int, help="gap: Heun steps of the accurate teacher ODE solve (default 64)")
     p.add_argument("--batch", type=int, default=256, help="samples per teacher call")
@@ -107,7 +108,7 @@ def gap_preconds(names, teacher, sigma_data=0.5, progress=True) -> dict:
         elif name.startswith("analytic"):
             if tabs is None:
                 tabs = P.teacher_tables(teacher, progress=progress)
-            variant = {"analytic": "decay", "analytic-full": "full", "analytic-none": "none"}[name]
+            variant = P.DEFAULT_VARIANT if name == "analytic" else name[len("analytic-"):]
             out[name] = P.AnalyticPrecond(P.tables_variant(tabs, variant))
         else:
             raise UserError(f"unknown preconditioning {name!r} (known: {', '.join(GAP_NAMES)})")

@@ -5,8 +5,11 @@ EDM-preconditioned net, (f, g) a preconditioning of training/precond.py (`cm` by
 is exactly CM's c_skip/c_out). Loss: pick adjacent times t_n < t_{n+1} of a Karras grid of N
 points from eps to T, x_{t_{n+1}} = x + t_{n+1} z, one teacher Heun step to x_hat_{t_n}, and
     d( f_theta(x_{t_{n+1}}, t_{n+1}), f_target(x_hat_{t_n}, t_n) )
-with f_target an EMA of the student (decay `target_ema`) and d = L2, pseudo-Huber or LPIPS
-(LPIPS only where its weights are on this machine). The student starts as the teacher.
+with f_target an EMA of the student (decay `target_ema`; 0 by default, i.e. the stop-gradient
+online net, as the official CIFAR-10 recipe with N = 18: openai/consistency_models_cifar10
+`configs/cifar10_ve_cd.py`; mu = 0.95 belongs to the N = 40 ImageNet/LSUN recipe) and d = L2,
+pseudo-Huber or LPIPS (LPIPS only where its weights are on this machine). The student starts as
+the teacher; the target runs in the student's mode (same dropout setting), the teacher in eval.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ class ConsistencyBase(Method):
         "precond": "cm",           # cm | ctm | analytic
         "distance": "l2",          # l2 | huber | lpips
         "huber_c": 0.00054,        # pseudo-Huber c = huber_c * sqrt(dim) (iCT)
-        "target_ema": 0.95,
+        "target_ema": 0.999,       # CTM's; CD sets its own
+        "precond_variant": P.DEFAULT_VARIANT,  # decay | backward | full | none (docs/methods/analytic-precond.md)
         "precond_points": P.DEFAULT_POINTS,    # used when the analytic tables must be fitted first
         "precond_samples": P.DEFAULT_SAMPLES,
         "max_steps": 64,
@@ -57,6 +61,9 @@ class ConsistencyBase(Method):
             raise UserError(f"method.precond must be one of {', '.join(P.PRECONDS)}, got {o['precond']!r}")
         if o["distance"] not in ("l2", "huber", "lpips"):
             raise UserError(f"method.distance must be l2, huber or lpips, got {o['distance']!r}")
+        if o["precond_variant"] not in P.VARIANTS:
+            raise UserError(f"method.precond_variant must be one of {', '.join(P.VARIANTS)}, "
+                            f"got {o['precond_variant']!r}")
         if not (isinstance(o["N"], int) and o["N"] >= 2):
             raise UserError(f"method.N must be an integer >= 2, got {o['N']!r}")
         if not 0.0 <= float(o["target_ema"]) < 1.0:
@@ -84,7 +91,7 @@ class ConsistencyBase(Method):
                 raise UserError("--precond analytic needs --teacher")
             tabs = P.teacher_tables(t, points=int(self.opts["precond_points"]),
                                     samples=int(self.opts["precond_samples"]))
-            self.precond = P.AnalyticPrecond(tabs)
+            self.precond = P.AnalyticPrecond(P.tables_variant(tabs, self.opts["precond_variant"]))
         self.target = copy.deepcopy(net).eval().requires_grad_(False)
 
     def state_tensors(self):
@@ -220,10 +227,24 @@ def copy_teacher_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
                     p.zero_()
 
 
+def last_layer_weight(net: torch.nn.Module) -> torch.nn.Parameter:
+    """The weight of the net's main output layer (U-Net: the last decoder conv; MLP: `out`),
+    where CTM balances its DSM term (sony/ctm balances at the same place)."""
+    net = getattr(net, "module", net)  # DDP
+    out = getattr(net, "out", None)
+    if isinstance(out, torch.nn.Module) and getattr(out, "weight", None) is not None:
+        return out.weight
+    convs = [m for name, m in getattr(net, "dec", {}).items() if name.endswith("aux_conv")]
+    if not convs:
+        raise UserError(f"no output layer found in {type(net).__name__} for the adaptive DSM weight; "
+                        "set method.dsm_weight to a number")
+    return convs[-1].weight
+
+
 class ConsistencyDistillation(ConsistencyBase):
     name = "cd"
     jump_lands = "end"
-    defaults = dict(ConsistencyBase.common_defaults)
+    defaults = {**ConsistencyBase.common_defaults, "target_ema": 0.0}
 
     def jump(self, net, x, t, s=None, labels=None):
         """f_theta(x_t, t): always lands at eps (s is ignored)."""
@@ -240,7 +261,9 @@ class ConsistencyDistillation(ConsistencyBase):
         x_hi = x + bcast(t_hi, x) * torch.randn_like(x)
         with torch.no_grad():
             x_lo = self.teacher_heun(x_hi, t_hi, t_lo, labels)
-            target = self.jump(self._target(x.device), x_lo, t_lo, None, labels)
+            target_net = self._target(x.device)
+            target_net.train(net.training)   # the student's dropout setting (references: target.train())
+            target = self.jump(target_net, x_lo, t_lo, None, labels)
         pred = self.jump(net, x_hi, t_hi, None, labels)
         loss = self.distance(pred, target).mean()
         return loss, {"loss": loss.item()}
