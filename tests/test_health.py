@@ -37,7 +37,7 @@ def own_server(served_model_dirs, tmp_path):
     except UserError as e:
         pytest.skip(f"no tritonserver: {e}")
     repo = tmp_path / "repo"
-    written = write_repository(repo, [str(served_model_dirs["tiny"])], Options(device="cpu", threads=1))
+    written = write_repository(repo, [str(served_model_dirs["tiny"])], Options(device="cpu", threads=1, instances=1))
     server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=[n for w in written for n in w["models"]],
                     log_file=tmp_path / "tritonserver.log")
     server.start(timeout=180)
