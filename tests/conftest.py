@@ -69,7 +69,7 @@ def make_test_checkpoint(root: Path, name: str, data: str = "fmnist", conditiona
 
 
 def _export_models(dest: Path) -> None:
-    from export.cli import export_model
+    from export.exporter import export_model
 
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

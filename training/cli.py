@@ -63,8 +63,10 @@ def run_sample(args) -> int:
     import torch
 
     from fewstep.errors import UserError
+    from fewstep.plots import steps_title
     from training.build import load_model
-    from training.sample import class_labels, save_samples, steps_title
+    from training.config import parse_sets
+    from training.sample_png import class_labels, save_samples
 
     if args.num < 1:
         raise UserError(f"--num must be >= 1, got {args.num}")
@@ -93,19 +95,6 @@ def run_sample(args) -> int:
     save_samples(x, args.out, steps_title(model.method.name, steps))
     print(f"wrote {args.out} ({args.num} samples, {steps} steps, from {model.ckpt})", file=sys.stderr)
     return 0
-
-
-def parse_sets(items) -> dict:
-    """--set KEY=VALUE items -> {KEY: JSON value (else the string)}."""
-    from fewstep.errors import UserError
-    from training.config import parse_value
-    out = {}
-    for item in items or []:
-        key, eq, text = item.partition("=")
-        if not eq or not key:
-            raise UserError(f"--set {item!r} is not KEY=VALUE")
-        out[key] = parse_value(text)
-    return out
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

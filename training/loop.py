@@ -201,7 +201,7 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
             metrics.flush()
             bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{ips:.0f}")
         if rank == 0 and tcfg["sample_every"] and (done % tcfg["sample_every"] == 0 or done == tcfg["iters"]):
-            from training.sample import save_grid
+            from training.sample_png import save_grid
             first = next(iter(emas.values())) if emas else net
             save_grid(method, first, cfg, out / "samples" / f"step-{done:07d}.png", device=device)
         out_of_time = bool(time_limit) and _out_of_time(t_start, time_limit, device, world)
