@@ -124,9 +124,9 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
     opt = opt_cls(params, lr=tcfg["lr"], betas=tuple(tcfg["betas"]), weight_decay=tcfg["weight_decay"])
 
     if prev is not None:
-        net.load_state_dict(ck.load_tensors(prev / "model.safetensors"))
+        net.load_state_dict(ck.load_tensors(prev / ck.MODEL_FILE))
         for name, e in emas.items():
-            e.load_state_dict(ck.load_tensors(prev / f"ema-{name}.safetensors"))
+            e.load_state_dict(ck.load_tensors(prev / ck.weights_file(name)))
         tt = ck.load_tensors(prev / "train_state.safetensors")
         meta = ck.read_train_meta(prev)
         ck.optimizer_from_flat(opt, tt, meta["optimizer"])

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 
 from fewstep.errors import UserError
+from fewstep.files import cache_root
+from training.checkpoint import derived_file
 
 PRECONDS = ("cm", "ctm", "analytic")
 SIGMA_DATA = 0.5
@@ -58,7 +60,7 @@ DEFAULT_SAMPLES = 4096
 RATE_CLIP = 20.0          # |r_lambda| is clipped here (it never is on the teachers we measured)
 VARIANTS = ("decay", "full", "none", "backward")
 DEFAULT_VARIANT = "decay"
-TABLE_FILE = "precond-analytic.safetensors"
+TABLE_STEM = "precond-analytic"   # beside the teacher's weights: precond-analytic[-ema<decay>].safetensors
 TABLE_FORMAT = 1
 
 
@@ -409,9 +411,8 @@ def teacher_tables_path(teacher) -> Path:
     ckpt = getattr(teacher, "ckpt", None)
     if ckpt is not None:
         ema = getattr(teacher, "ema", None)
-        return Path(ckpt) / (TABLE_FILE if not ema else f"precond-analytic-ema{ema}.safetensors")
-    cache = Path(os.path.expanduser(os.environ.get("FEWSTEP_CACHE") or "~/.cache/fewstep"))
-    return cache / "precond" / "gmm-exact.safetensors"
+        return Path(ckpt) / derived_file(TABLE_STEM, ema)
+    return cache_root() / "precond" / "gmm-exact.safetensors"
 
 
 def teacher_device(teacher) -> torch.device:

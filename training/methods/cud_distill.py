@@ -36,14 +36,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from fewstep.errors import UserError
+from fewstep.files import cache_root, sha256_file
+from training.checkpoint import weights_file
 from training.methods.cud import mse, net_dims
 from training.methods.rf import RectifiedFlow
 
 FORMAT = 1
-
-
-def cache_root() -> Path:
-    return Path(os.path.expanduser(os.environ.get("FEWSTEP_CACHE") or "~/.cache/fewstep")) / "cud-distill"
 
 
 def teacher_trajectories(teacher, z, labels, steps: int, keep: list[int]) -> torch.Tensor:
@@ -198,12 +196,7 @@ class CUDDistill(RectifiedFlow):
     def data_meta(self, shape, num_classes) -> dict:
         o = self.opts
         t = self.teacher
-        wfile = Path(t.ckpt) / (f"ema-{t.ema}.safetensors" if t.ema else "model.safetensors")
-        h = hashlib.sha256()
-        with open(wfile, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return {"format": FORMAT, "teacher_weights": h.hexdigest(), "teacher_method": t.config["method"],
+        return {"format": FORMAT, "teacher_weights": sha256_file(Path(t.ckpt) / weights_file(t.ema)), "teacher_method": t.config["method"],
                 "num": self.stored_trajectories(), "traj_steps": o["traj_steps"], "stage_steps": o["stage_steps"],
                 "seed": o["data_seed"], "shape": list(shape), "num_classes": num_classes}
 
@@ -216,7 +209,7 @@ class CUDDistill(RectifiedFlow):
         if self.opts["data_file"]:
             return Path(self.opts["data_file"])
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
-        return cache_root() / f"{key}.safetensors"
+        return cache_root() / "cud-distill" / f"{key}.safetensors"
 
     def load_data(self, shape, num_classes) -> dict:
         import torch.distributed as dist
