@@ -38,6 +38,7 @@ from tqdm import tqdm
 from fewstep.errors import UserError
 from fewstep.files import cache_root, sha256_file
 from training.checkpoint import weights_file
+from training.ema import update_ema
 from training.methods.cud import mse, net_dims
 from training.methods.rf import RectifiedFlow
 
@@ -232,14 +233,6 @@ class CUDDistill(RectifiedFlow):
         n = len(self.opts["stage_steps"])
         return min(int(progress * n), n - 1)
 
-    @torch.no_grad()
-    def update_ema(self, net) -> None:
-        """EMA <- decay EMA + (1 - decay) net; called at the start of each loss, i.e. once per
-        optimizer step (the same sequence as updating after each step)."""
-        d = float(self.opts["ema_decay"])
-        for pe, pn in zip(self.ema.parameters(), net.parameters()):
-            pe.lerp_(pn.detach(), 1 - d)
-
     def distill_loss(self, net, z, target, labels=None):
         """mse(z - v(z, 1), target) + ema_weight * mse(v(z, 1), v_ema(z, 1))."""
         ones = torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
@@ -253,7 +246,9 @@ class CUDDistill(RectifiedFlow):
     def loss(self, net, x, labels, progress=0.0):
         if self.data is None:
             raise RuntimeError("cud-distill: call init_student(net) before training")
-        self.update_ema(getattr(net, "module", net))
+        # the student's EMA, once per optimizer step (at the start of each loss: the same
+        # sequence as updating after each step)
+        update_ema(self.ema, net, float(self.opts["ema_decay"]))
         k = self.stage(progress)
         n = self.data["z"].shape[0]
         idx = torch.randint(n, (x.shape[0],))
