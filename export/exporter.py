@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from fewstep.errors import UserError
+from fewstep.errors import UserError, check_range
 
 
 def _read_eval(ckpt: Path):
@@ -42,15 +42,12 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
     formats = list(formats)
     if precision not in ("fp32", "fp16"):
         raise UserError(f"--precision must be fp32 or fp16, got {precision!r}")
-    if max_batch < 1:
-        raise UserError(f"--max-batch must be >= 1, got {max_batch}")
+    check_range("--max-batch", max_batch, 1)
     opt_batch = min(8, max_batch) if opt_batch is None else opt_batch
-    if not 1 <= opt_batch <= max_batch:
-        raise UserError(f"--opt-batch must be in [1, {max_batch}], got {opt_batch}")
+    check_range("--opt-batch", opt_batch, 1, max_batch)
     if opset < 18:
         raise UserError(f"--opset must be 18 or newer, got {opset}")
-    if parity_steps is not None and parity_steps < 1:
-        raise UserError(f"--parity-steps must be >= 1, got {parity_steps}")
+    check_range("--parity-steps", parity_steps, 1)
     if (out.exists() or out.is_symlink()) and not force:
         raise UserError(f"{out} exists (use --force to replace it)")
     if "tensorrt" in formats:
@@ -68,8 +65,7 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
     t0 = time.time()
     model = load_model(ckpt, ema=None if ema == "none" else ema, device="cpu", method_opts=method_opts)
     spec = model.method.sampler_spec()
-    if parity_steps is not None and parity_steps > int(spec["max_steps"]):
-        raise UserError(f"--parity-steps must be in [1, {spec['max_steps']}], got {parity_steps}")
+    check_range("--parity-steps", parity_steps, 1, int(spec["max_steps"]))
     try:
         recommended = check_recommended_steps(
             [int(spec["default_steps"])] if recommended_steps is None else recommended_steps, spec)

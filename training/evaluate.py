@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.errors import UserError
+from fewstep.errors import UserError, check_range
 from training.data import load_dataset
 from training.feature_classifier import TRUST_ACCURACY, get_classifier, log
 from training.inception import InceptionFeatures
@@ -96,16 +96,11 @@ def run(args) -> int:
     from training.sampling import to_uint8
 
     steps_list = parse_steps(args.steps)
-    if args.num is not None and args.num < 2:
-        raise UserError(f"--num must be >= 2, got {args.num}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
-    if args.batch < 1:
-        raise UserError(f"--batch must be >= 1, got {args.batch}")
-    if args.gamma is not None and not 0.0 <= args.gamma <= 1.0:
-        raise UserError(f"--gamma must be in [0, 1], got {args.gamma}")
-    if args.classifier_limit is not None and args.classifier_limit < 1:
-        raise UserError(f"--classifier-limit must be >= 1, got {args.classifier_limit}")
+    check_range("--num", args.num, 2)
+    check_range("--seed", args.seed, 0)
+    check_range("--batch", args.batch, 1)
+    check_range("--gamma", args.gamma, 0, 1)
+    check_range("--classifier-limit", args.classifier_limit, 1)
     if args.inception_weights and args.feature != "inception":
         raise UserError("--inception-weights is used only with --feature inception")
     progress = not args.no_progress
