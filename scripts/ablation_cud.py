@@ -126,7 +126,8 @@ def exact_flow(args, steps: list[int]) -> dict[int, float] | None:
     if args.data != "gmm":
         return None
     from training import sampling
-    from training.data import default_gmm, load_dataset
+    from training.data import load_dataset
+    from training.data_2d import default_gmm
     from training.metrics import sliced_wasserstein
     gmm = default_gmm()
     num = args.eval_num or 5000

@@ -92,7 +92,7 @@ class GMMMetric:
     name = "sliced W2"
 
     def __init__(self, n):
-        from training.data import default_gmm
+        from training.data_2d import default_gmm
         self.ref = default_gmm().sample(n, torch.Generator().manual_seed(12345))
 
     def __call__(self, x):

@@ -133,7 +133,7 @@ class ExactGMMTeacher:
     """The closed-form EDM denoiser of the 2-D gmm data: a perfect teacher without training."""
 
     def __init__(self, cfg: dict):
-        from training.data import default_gmm
+        from training.data_2d import default_gmm
         from training.methods.edm import EDM
         self.gmm = default_gmm()
         self.method = EDM()
