@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from fewstep.errors import UserError, check_range
+from fewstep.errors import UserError
+from fewstep.options import check_range
 
 
 def _read_eval(ckpt: Path):

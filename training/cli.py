@@ -23,7 +23,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from fewstep.errors import check_range
+    from fewstep.options import check_range
     from training.config import make_config
     from training.loop import train
 
@@ -61,7 +61,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 def run_sample(args) -> int:
     import torch
 
-    from fewstep.errors import UserError, check_range
+    from fewstep.errors import UserError
+    from fewstep.options import check_range
     from fewstep.plots import steps_title
     from training.build import load_model
     from training.config import parse_sets

@@ -16,14 +16,14 @@ small table.
 """
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fewstep.errors import UserError, check_range
+from fewstep.errors import UserError
+from fewstep.options import check_range, parse_int_list
 from training.data import load_dataset
 from training.feature_classifier import TRUST_ACCURACY, get_classifier, log
 from training.inception import InceptionFeatures
@@ -53,22 +53,6 @@ def add_args(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def parse_steps(text: str) -> list[int]:
-    out = []
-    for tok in str(text).split(","):
-        tok = tok.strip()
-        if not tok:
-            continue
-        if not re.fullmatch(r"[+-]?\d+", tok):
-            raise UserError(f"--steps must be comma-separated integers, got {text!r}")
-        k = int(tok)
-        if k not in out:
-            out.append(k)
-    if not out:
-        raise UserError("--steps is empty")
-    return out
-
-
 def _quantize(x: torch.Tensor) -> torch.Tensor:
     """Samples -> what a served uint8 image holds, back in [-1, 1]."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
@@ -87,15 +71,15 @@ def _sample_all(model, steps, seeds, labels, gamma, device, batch, progress, des
 
 
 def run(args) -> int:
-    from training.build import load_model
-    from training.checkpoint import write_json
     from fewstep.images import grid_image, save_png
     from fewstep.plots import save_scatter, steps_title
+    from training.build import load_model
+    from training.checkpoint import write_json
     from training.config import parse_sets
     from training.sample_png import class_labels
     from training.sampling import to_uint8
 
-    steps_list = parse_steps(args.steps)
+    steps_list = list(dict.fromkeys(parse_int_list(args.steps, "--steps")))  # in the order given, once each
     check_range("--num", args.num, 2)
     check_range("--seed", args.seed, 0)
     check_range("--batch", args.batch, 1)
