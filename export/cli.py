@@ -40,17 +40,25 @@ def _formats(text: str) -> list[str]:
     return items
 
 
+def _step_list(text: str | None) -> list[int] | None:
+    """--recommended-steps as given (order and repeats are the manifest check's to judge)."""
+    from fewstep.errors import UserError
+    if text is None:
+        return None
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--recommended-steps takes comma-separated integers, got {text!r}") from None
+
+
 def run_export(args) -> int:
     from export.exporter import export_model
-    from fewstep.options import parse_int_list
     from training.config import parse_sets
-    recommended = args.recommended_steps
     manifest = export_model(
         args.ckpt, args.out, formats=_formats(args.format), ema=args.ema, precision=args.precision,
         max_batch=args.max_batch, opt_batch=args.opt_batch, name=args.name, opset=args.opset,
         parity_steps=args.parity_steps, timing_cache=args.timing_cache, force=args.force,
-        method_opts=parse_sets(args.set),
-        recommended_steps=None if recommended is None else parse_int_list(recommended, "--recommended-steps"),
+        method_opts=parse_sets(args.set), recommended_steps=_step_list(args.recommended_steps),
         log=lambda msg: print(f"[export] {msg}", file=sys.stderr))
     print(args.out)
     return 0 if manifest else 1
