@@ -197,7 +197,8 @@ class CUDDistill(RectifiedFlow):
     def data_meta(self, shape, num_classes) -> dict:
         o = self.opts
         t = self.teacher
-        return {"format": FORMAT, "teacher_weights": sha256_file(Path(t.ckpt) / weights_file(t.ema)), "teacher_method": t.config["method"],
+        return {"format": FORMAT, "teacher_weights": sha256_file(Path(t.ckpt) / weights_file(t.ema)),
+                "teacher_method": t.config["method"],
                 "num": self.stored_trajectories(), "traj_steps": o["traj_steps"], "stage_steps": o["stage_steps"],
                 "seed": o["data_seed"], "shape": list(shape), "num_classes": num_classes}
 
