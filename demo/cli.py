@@ -21,8 +21,8 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", metavar="[NAME=]DIR",
                    help="serve these exported model dirs (repeatable) instead of the default models")
     p.add_argument("--models-dir", help="shipped default models (default: demo/models)")
-    p.add_argument("--cache-dir", help="where the default models are exported (default: .cache/demo-models, "
-                                       "or $FEWSTEP_CACHE/demo-models)")
+    p.add_argument("--cache-dir", help="where the default models are exported (default: $FEWSTEP_CACHE/demo-models, "
+                                       "$FEWSTEP_CACHE defaulting to ~/.cache/fewstep)")
     g = p.add_argument_group("the server it starts (as in `fewstep serve`)")
     g.add_argument("--grpc-port", type=int, default=None, help="default 8001, or a free port when 8001 is taken")
     g.add_argument("--http-port", type=int, default=None, help="default 8000, or a free port when 8000 is taken")

@@ -20,11 +20,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 from fewstep.errors import UserError
+from fewstep.files import cache_root, sha256_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -33,12 +33,12 @@ EXPORT_MAX_BATCH = 16  # the page asks for 1..16 images in one request
 # the code an export runs (loading the checkpoint, the net, the method's jump, the sampler for
 # the parity check, the exporter): a change there re-exports, so the export is what this code makes
 _CODE_GLOBS = ("training/build.py", "training/networks.py", "training/sampling.py", "training/config.py",
-               "training/checkpoint.py", "training/methods/*.py", "export/*.py", "export/*.json")
+               "training/checkpoint.py", "training/precond.py", "training/methods/*.py", "export/*.py",
+               "export/*.json", "fewstep/*.py")
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("FEWSTEP_CACHE")
-    return Path(base) / "demo-models" if base else PROJECT_ROOT / ".cache" / "demo-models"
+    return cache_root() / "demo-models"
 
 
 def shipped_models(root: Path | None = None) -> list[Path]:
@@ -59,24 +59,16 @@ def read_ship(src: Path) -> dict:
     return info
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_hash(src: Path) -> str:
     """Hash of a shipped model's files and of the code its export runs (+ library versions)."""
     src = Path(src)
     h = hashlib.sha256()
     for p in sorted(src.iterdir()):
         if p.is_file():
-            h.update(p.name.encode() + b"\0" + _sha256(p).encode() + b"\n")
+            h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
     for pattern in _CODE_GLOBS:
         for p in sorted(PROJECT_ROOT.glob(pattern)):
-            h.update(p.relative_to(PROJECT_ROOT).as_posix().encode() + b"\0" + _sha256(p).encode() + b"\n")
+            h.update(p.relative_to(PROJECT_ROOT).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
     try:
         from importlib.metadata import version
         h.update(" ".join(version(d) for d in ("torch", "onnx", "onnxscript")).encode())
@@ -122,7 +114,7 @@ def prepare_model(src: Path, cache_dir: Path | None = None, log=print, force: bo
         if not force and (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text().strip() == key:
             return out
         try:
-            from export.cli import export_model
+            from export.exporter import export_model
         except ImportError as e:
             raise UserError(f"exporting the demo models needs the export extra ({e}): "
                             f"pip install -e '.[export,serve,demo]'") from None

@@ -15,6 +15,6 @@ def __getattr__(name):
         from export import runner
         return getattr(runner, name)
     if name == "export_model":
-        from export.cli import export_model
+        from export.exporter import export_model
         return export_model
     raise AttributeError(name)

@@ -1,13 +1,8 @@
-"""`fewstep export`: a checkpoint -> a model dir {jump.onnx, manifest.json, optional TensorRT plan}."""
+"""`fewstep export`: its arguments; the work is `export.exporter.export_model`."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import time
-from pathlib import Path
 
 FORMATS = ("onnx", "tensorrt")
 
@@ -46,6 +41,7 @@ def _formats(text: str) -> list[str]:
 
 
 def _step_list(text: str | None) -> list[int] | None:
+    """--recommended-steps as given (order and repeats are the manifest check's to judge)."""
     from fewstep.errors import UserError
     if text is None:
         return None
@@ -55,166 +51,9 @@ def _step_list(text: str | None) -> list[int] | None:
         raise UserError(f"--recommended-steps takes comma-separated integers, got {text!r}") from None
 
 
-def _read_eval(ckpt: Path):
-    path = ckpt / "eval.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        print(f"fewstep export: warning: {path} is unreadable; eval left null", file=sys.stderr)
-        return None
-    return data if isinstance(data, dict) else {"value": data}
-
-
-def _solver(method) -> str | None:
-    solver = getattr(method, "opts", {}).get("solver")
-    return solver if solver in ("euler", "heun") else None
-
-
-def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", max_batch=64,
-                 opt_batch=None, name=None, opset=18, parity_steps=None, timing_cache=None,
-                 force=False, log=None, method_opts=None, recommended_steps=None) -> dict:
-    """Export a checkpoint to a model dir; returns the manifest written. Raises UserError.
-
-    recommended_steps: the step counts the model was made for (default: [its default steps])."""
-    from fewstep.errors import UserError
-
-    log = log or (lambda msg: None)
-    out = Path(out)
-    formats = list(formats)
-    if precision not in ("fp32", "fp16"):
-        raise UserError(f"--precision must be fp32 or fp16, got {precision!r}")
-    if max_batch < 1:
-        raise UserError(f"--max-batch must be >= 1, got {max_batch}")
-    opt_batch = min(8, max_batch) if opt_batch is None else opt_batch
-    if not 1 <= opt_batch <= max_batch:
-        raise UserError(f"--opt-batch must be in [1, {max_batch}], got {opt_batch}")
-    if opset < 18:
-        raise UserError(f"--opset must be 18 or newer, got {opset}")
-    if parity_steps is not None and parity_steps < 1:
-        raise UserError(f"--parity-steps must be >= 1, got {parity_steps}")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise UserError(f"{out} exists (use --force to replace it)")
-    if "tensorrt" in formats:
-        from export.tensorrt_build import unavailable_reason
-        why = unavailable_reason()
-        if why:
-            raise UserError(f"--format tensorrt: {why}; nothing written")
-
-    from export.manifest import (FORMAT_VERSION, ONNX_FILE, check_recommended_steps, sanitize_name, sha256_file,
-                                 write_manifest)
-    from export.onnx_export import export_onnx, jump_parity, sampler_parity
-    from export.runner import OrtJump
-    from training.build import load_model
-
-    t0 = time.time()
-    model = load_model(ckpt, ema=None if ema == "none" else ema, device="cpu", method_opts=method_opts)
-    spec = model.method.sampler_spec()
-    if parity_steps is not None and parity_steps > int(spec["max_steps"]):
-        raise UserError(f"--parity-steps must be in [1, {spec['max_steps']}], got {parity_steps}")
-    try:
-        recommended = check_recommended_steps(
-            [int(spec["default_steps"])] if recommended_steps is None else recommended_steps, spec)
-    except UserError as e:
-        raise UserError(f"--recommended-steps: {str(e).removeprefix('manifest: ')}") from None
-    log(f"loaded {model.method.name} from {model.ckpt} (ema {model.ema or 'none'})")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        info = export_onnx(model, tmp / ONNX_FILE, opset=opset)
-        log(f"wrote {ONNX_FILE} (opset {info['opset']}, {(tmp / ONNX_FILE).stat().st_size / 1e6:.2f} MB) "
-            f"in {time.time() - t0:.1f}s")
-        ort_jump = OrtJump(tmp / ONNX_FILE, "cpu", threads=1)  # small checks: one thread is enough
-        parity = jump_parity(model, ort_jump)
-        parity.update(sampler_parity(model, ort_jump, steps=parity_steps))
-        log(f"parity: jump max abs {parity['onnx_vs_torch_max_abs']:.2e} (tol {parity['tolerance']:.1e}), "
-            f"sampler max abs {parity['sampler_max_abs']:.2e} over {parity['sampler_steps']} steps")
-
-        files = {ONNX_FILE: sha256_file(tmp / ONNX_FILE)}
-        engines = []
-        if "tensorrt" in formats:
-            from export.tensorrt_build import build_engine
-            per_sample = {"x": tuple(model.shape), "t": (), "s": (), "class_label": ()}
-            engine = build_engine(tmp / ONNX_FILE, tmp, per_sample, precision=precision, min_batch=1,
-                                  opt_batch=opt_batch, max_batch=max_batch, timing_cache=timing_cache)
-            engine.update(_tensorrt_parity(tmp, engine, model, ort_jump))
-            engines.append(engine)
-            files[engine["file"]] = sha256_file(tmp / engine["file"])
-            log(f"wrote {engine['file']}")
-
-        cfg = model.config
-        shape = [int(d) for d in model.shape]
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "name": sanitize_name(name if name else out.resolve().name),
-            "method": model.method.name,
-            "image": {"shape": shape, "channels": shape[0] if len(shape) == 3 else 1,
-                      "value_range": [-1.0, 1.0]},
-            "num_classes": int(model.num_classes),
-            "sampler": dict(spec),
-            "recommended_steps": recommended,
-            "solver": _solver(model.method),
-            "jump": {"file": ONNX_FILE, "opset": info["opset"], "inputs": info["inputs"],
-                     "output": info["output"], "dtype": "float32"},
-            "max_batch": int(max_batch),
-            "opt_batch": int(opt_batch),
-            "precision": precision,
-            "engines": engines,
-            "training": {"ckpt": str(Path(model.ckpt).resolve()), "step": cfg.get("step"), "ema": model.ema,
-                         "config": cfg},
-            "eval": _read_eval(Path(model.ckpt)),
-            "parity": parity,
-            "files": files,
-        }
-        write_manifest(tmp, manifest)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"exported {out} in {time.time() - t0:.1f}s")
-    return manifest
-
-
-def _tensorrt_parity(tmp: Path, engine: dict, model, ort_jump) -> dict:
-    """TensorRT vs ONNX Runtime on random inputs, where this process can run the engine."""
-    import numpy as np
-
-    from export.onnx_export import random_inputs
-    from export.runner import TensorRTRunner
-    try:
-        manifest = {"image": {"shape": list(model.shape)}, "num_classes": model.num_classes}
-        runner = TensorRTRunner(tmp, manifest, engine)
-    except Exception as e:  # e.g. a CPU-only torch: the engine is built but not checked here
-        return {"parity": None, "parity_note": f"not checked: {str(e)[:200]}"}
-    worst = 0.0
-    b = min(7, engine["max_batch"])
-    feeds = random_inputs(model.method.sampler_spec(), model.shape, model.num_classes, b)
-    ref = ort_jump(feeds["x"], feeds["t"], feeds["s"], feeds.get("class_label"))
-    got = runner(feeds["x"], feeds["t"], feeds["s"], feeds.get("class_label"))
-    worst = float(np.max(np.abs(got - ref)))
-    return {"parity": {"tensorrt_vs_onnx_max_abs": worst, "batch": b}}
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished dir to `out`; an existing `out` (--force) goes only once tmp is complete."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-
-
 def run_export(args) -> int:
-    from training.cli import parse_sets
+    from export.exporter import export_model
+    from training.config import parse_sets
     manifest = export_model(
         args.ckpt, args.out, formats=_formats(args.format), ema=args.ema, precision=args.precision,
         max_batch=args.max_batch, opt_batch=args.opt_batch, name=args.name, opset=args.opset,

@@ -7,13 +7,13 @@ This module imports neither torch nor onnxruntime.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from functools import lru_cache
 from pathlib import Path
 
 from fewstep.errors import UserError
+from fewstep.files import sha256_file as file_sha256
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -37,15 +37,9 @@ def sanitize_name(text: str) -> str:
     return name or "model"
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+def sha256_file(path) -> str:
+    """A file's digest as the manifest records it: "sha256:<hex>"."""
+    return "sha256:" + file_sha256(path)
 
 
 def model_file(model_dir, fname: str) -> Path:

@@ -80,9 +80,7 @@ def _time_at(spec: dict, u: np.ndarray) -> np.ndarray:
     """Times along the model's range: u = 0 -> t_max, u = 1 -> t_end (karras or uniform spacing)."""
     t_max, t_end = float(spec["t_max"]), float(spec["t_end"])
     if spec["grid"] == "karras":
-        inv = 1.0 / float(spec["rho"])
-        hi, lo = t_max ** inv, float(spec["t_min"]) ** inv
-        t = (hi + u * (lo - hi)) ** float(spec["rho"])
+        t = sampling.karras(u, spec["t_min"], t_max, spec["rho"])
     else:
         t = t_max + u * (t_end - t_max)
     return np.where(u >= 1.0, t_end, t)

@@ -17,6 +17,7 @@ import numpy as np
 
 from export.manifest import ManifestError, read_manifest  # noqa: F401  (re-exported)
 from fewstep.errors import UserError
+from fewstep.files import cache_root
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
@@ -102,7 +103,7 @@ def ort_session(onnx_path, device: str = "cpu", threads: int | None = None, tens
         if tensorrt_ep:
             if "TensorrtExecutionProvider" not in available:
                 raise UserError("the TensorRT execution provider is not in this onnxruntime build")
-            cache = str(cache_dir or _cache_dir() / "ort-tensorrt")
+            cache = str(cache_dir or cache_root() / "ort-tensorrt")
             os.makedirs(cache, exist_ok=True)
             providers.insert(0, ("TensorrtExecutionProvider", {
                 "trt_fp16_enable": bool(fp16), "trt_engine_cache_enable": True,
@@ -141,10 +142,6 @@ class OnnxRuntimeRunner(Runner):
 
 
 # --- TensorRT ---------------------------------------------------------------------------------
-
-def _cache_dir() -> Path:
-    return Path(os.path.expanduser(os.environ.get("FEWSTEP_CACHE") or "~/.cache/fewstep"))
-
 
 def gpu_tag(name: str) -> str:
     """GPU name -> the tag used in engine file names ('NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3')."""

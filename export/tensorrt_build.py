@@ -13,8 +13,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from export.runner import _cache_dir, gpu_tag
+from export.runner import gpu_tag
 from fewstep.errors import UserError
+from fewstep.files import cache_root
 
 WORKSPACE_BYTES = 4 << 30
 
@@ -58,7 +59,7 @@ def engine_filename(gpu: str, trt_version: str, precision: str) -> str:
 
 
 def default_timing_cache(gpu: str, trt_version: str) -> Path:
-    return _cache_dir() / "tensorrt" / f"timing.{gpu_tag(gpu)}.trt{trt_version}.cache"
+    return cache_root() / "tensorrt" / f"timing.{gpu_tag(gpu)}.trt{trt_version}.cache"
 
 
 def build_engine(onnx_path, out_dir, input_shapes: dict, precision: str = "fp32", min_batch: int = 1,

@@ -1,5 +1,6 @@
 """Plots of 2-D samples, one look for every command that draws them (`fewstep sample`,
-`fewstep eval`, training's sample files and `fewstep generate`).
+`fewstep eval`, training's sample files and `fewstep generate`), and the atomic PNG write of
+every figure the project draws.
 
 numpy and matplotlib only, no torch: `fewstep generate` (serving) draws with it too.
 """
@@ -26,8 +27,6 @@ def save_scatter(points, path, title: str = "", ref=None) -> None:
     import matplotlib.pyplot as plt
 
     points = np.asarray(points, dtype=np.float64)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     finite = points[np.isfinite(points).all(axis=1)]
     lim = max(AXIS_LIMIT, 1.05 * float(np.abs(finite).max())) if len(finite) else AXIS_LIMIT
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
@@ -40,6 +39,14 @@ def save_scatter(points, path, title: str = "", ref=None) -> None:
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path) -> None:
+    """A matplotlib figure -> a PNG file, written atomically (parent folders made); closes it."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

@@ -126,8 +126,9 @@ def exact_flow(args, steps: list[int]) -> dict[int, float] | None:
     if args.data != "gmm":
         return None
     from training import sampling
-    from training.data import default_gmm
-    from training.evaluate import _load_data, sliced_wasserstein
+    from training.data import load_dataset
+    from training.data_2d import default_gmm
+    from training.metrics import sliced_wasserstein
     gmm = default_gmm()
     num = args.eval_num or 5000
 
@@ -135,7 +136,7 @@ def exact_flow(args, steps: list[int]) -> dict[int, float] | None:
         tt = t.clamp(max=1 - 1e-9)[:, None]
         x0 = gmm.denoiser(x / (1 - tt), (tt / (1 - tt))[:, 0])
         return x + (s - t)[:, None] * (x - x0) / tt
-    ref = _load_data("gmm", "test", None, None, None, seed=1).x[:num]
+    ref = load_dataset("gmm", "test", seed=1).x[:num]
     spec = sampling.flow_spec(max_steps=1024)
     out = {}
     for k in steps:

@@ -19,7 +19,7 @@ import torch
 from fewstep.cli import main as fewstep
 from training.build import load_model
 from training.data import load_dataset
-from training.evaluate import sliced_wasserstein
+from training.metrics import sliced_wasserstein
 
 STEPS = (1, 2, 4, 8, 16)
 

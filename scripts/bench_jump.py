@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.cli import export_model  # noqa: E402
+from export.exporter import export_model  # noqa: E402
 from export.onnx_export import random_inputs  # noqa: E402
 from export.runner import load_runner  # noqa: E402
 from training import checkpoint as ck  # noqa: E402

@@ -92,11 +92,11 @@ class GMMMetric:
     name = "sliced W2"
 
     def __init__(self, n):
-        from training.data import default_gmm
+        from training.data_2d import default_gmm
         self.ref = default_gmm().sample(n, torch.Generator().manual_seed(12345))
 
     def __call__(self, x):
-        from training.evaluate import sliced_wasserstein
+        from training.metrics import sliced_wasserstein
         return sliced_wasserstein(x, self.ref, n_proj=256, seed=0)
 
 
@@ -104,16 +104,18 @@ class FIDMetric:
     name = "FID (classifier features)"
 
     def __init__(self, n, cfg):
-        from training import evaluate as ev
+        from training import metrics
+        from training.data import load_dataset
+        from training.feature_classifier import get_classifier
         d = cfg["data"]
-        self.ev = ev
-        self.clf = ev.get_classifier(d["name"], d.get("data_dir"))
-        test = ev._load_data(d["name"], "test", d.get("data_dir"))
-        self.ref = ev.feature_stats(self.clf.features(test.x[:n]))
+        self.metrics = metrics
+        self.clf = get_classifier(d["name"], d.get("data_dir"))
+        test = load_dataset(d["name"], "test", data_dir=d.get("data_dir"))
+        self.ref = metrics.feature_stats(self.clf.features(test.x[:n]))
 
     def __call__(self, x):
-        mu, sig = self.ev.feature_stats(self.clf.features(x.clamp(-1, 1)))
-        return self.ev.frechet_distance(mu, sig, *self.ref)
+        mu, sig = self.metrics.feature_stats(self.clf.features(x.clamp(-1, 1)))
+        return self.metrics.frechet_distance(mu, sig, *self.ref)
 
 
 def evaluate_run(args, pc, seed, metric) -> dict:

@@ -23,7 +23,7 @@ BATCHES = (1, 16, 64)
 def model(out: str) -> None:
     """The `fmnist` preset U-Net (rectified flow: one net call per jump, as CUD's Euler jump),
     random weights, exported with `fewstep export` (max batch 64, its parity checks included)."""
-    from export.cli import export_model
+    from export.exporter import export_model
     from training import checkpoint as ck
     from training.build import build_method, build_net, resolve_net_config
     from training.config import make_config

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import re
 import shutil
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo.shipped import MODELS_DIR, SHIP_FILE  # noqa: E402
+from export.manifest import sha256_file  # noqa: E402  (the digest format of manifests: "sha256:<hex>")
 
 SIZE_LIMIT = 25 * 1024 * 1024
 
@@ -38,14 +38,6 @@ def find_checkpoint(path: Path) -> Path:
         return find(path)
     except UserError as e:
         sys.exit(f"ship_demo_models: {e}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 def eval_summary(report) -> dict | None:
@@ -115,7 +107,7 @@ def ship(src: Path, name: str, ema: str | None, models_dir: Path, note: str | No
         # the step counts it was made for: the exported manifest's recommended_steps
         "recommended_steps": recommended_steps,
         "source": str(ckpt.resolve().relative_to(ROOT) if ckpt.resolve().is_relative_to(ROOT) else ckpt.resolve()),
-        "files": {f: sha256(tmp / f) for f in files},
+        "files": {f: sha256_file(tmp / f) for f in files},
         "bytes": size,
         "eval": eval_summary(report),
         "note": note,

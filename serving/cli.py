@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import tempfile
@@ -157,27 +156,6 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                                                    "CA (or self-signed) certificate")
 
 
-def grid(images, cols: int | None = None, pad: int = 2):
-    """uint8 [K, H, W, C] -> one uint8 [H', W', C] grid."""
-    import numpy as np
-
-    k, h, w, c = images.shape
-    cols = cols or int(math.ceil(math.sqrt(k)))
-    rows = int(math.ceil(k / cols))
-    out = np.zeros((rows * (h + pad) - pad, cols * (w + pad) - pad, c), dtype=np.uint8)
-    for i in range(k):
-        r, q = divmod(i, cols)
-        out[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = images[i]
-    return out
-
-
-def save_png(img, path) -> None:
-    from PIL import Image
-
-    arr = img[:, :, 0] if img.shape[2] == 1 else img
-    Image.fromarray(arr).save(path)
-
-
 def run_generate(args) -> int:
     import numpy as np
 
@@ -209,9 +187,9 @@ def run_generate(args) -> int:
     except ServingError as e:
         raise UserError(f"{args.model}: {e.message} ({e.code})") from None
     data = np.concatenate(results)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if meta.is_image:
-        save_png(data[0] if len(data) == 1 else grid(data), out)
+        from fewstep.images import grid_image, save_png
+        save_png(data[0] if len(data) == 1 else grid_image(data), out)
     else:  # the plot `fewstep sample` draws of the same points
         from fewstep.plots import save_scatter, steps_title
         save_scatter(data, out, steps_title(meta.method or args.model, steps))

@@ -26,7 +26,8 @@ SERVED_MAX_BATCH = 16
 
 def _sources_key() -> str:
     h = hashlib.sha256()
-    for pattern in ("training/*.py", "training/methods/*.py", "export/*.py", "export/*.json", "tests/conftest.py"):
+    for pattern in ("training/*.py", "training/methods/*.py", "export/*.py", "export/*.json", "fewstep/*.py",
+                    "tests/conftest.py"):
         for p in sorted(ROOT.glob(pattern)):
             h.update(p.relative_to(ROOT).as_posix().encode())
             h.update(p.read_bytes())
@@ -69,7 +70,7 @@ def make_test_checkpoint(root: Path, name: str, data: str = "fmnist", conditiona
 
 
 def _export_models(dest: Path) -> None:
-    from export.cli import export_model
+    from export.exporter import export_model
 
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -199,8 +199,8 @@ def test_ship_and_prepare(tmp_path, monkeypatch):
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "manifest.json").write_text("{}")
 
-    import export.cli
-    monkeypatch.setattr(export.cli, "export_model", fake_export)
+    import export.exporter
+    monkeypatch.setattr(export.exporter, "export_model", fake_export)
     cache = tmp_path / "cache"
     out = shipped.prepare_model(src, cache, log=lambda m: None)
     assert out == cache / "rf_test" / "model" and calls == [("rf_test", "0.999")]

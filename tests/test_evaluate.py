@@ -158,7 +158,8 @@ def test_classifier_trains_and_cache_is_reused(tmp_path, cache, monkeypatch, cap
     # second use: loaded from the cache, no training
     def boom(*a, **k):
         raise AssertionError("retrained although a cached classifier was there")
-    monkeypatch.setattr(ev, "train_classifier", boom)
+    import training.feature_classifier
+    monkeypatch.setattr(training.feature_classifier, "train_classifier", boom)
     again = ev.get_classifier(str(data), epochs=8, progress=False)
     assert again.path == clf.path and again.test_accuracy == clf.test_accuracy
     torch.testing.assert_close(again.features(torch.zeros(3, 1, 16, 16)), feats)

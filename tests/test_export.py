@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from export import onnx_export  # noqa: E402
-from export.cli import export_model  # noqa: E402
+from export.exporter import export_model  # noqa: E402
 from export.manifest import (ManifestError, read_manifest, recommended_steps, sha256_file, step_quality,  # noqa: E402
                              validate)
 from export.runner import load_runner  # noqa: E402

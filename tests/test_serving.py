@@ -356,7 +356,7 @@ def test_generate_cli(triton_stack, client, tmp_path):
     r = subprocess.run(FEWSTEP + ["generate", "--url", triton_stack.url, "--model", "tiny", "--steps", "1",
                                   "--num", "20", "--out", str(grid)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert Image.open(grid).size == (5 * 30 - 2, 4 * 30 - 2)  # 20 images > max batch 16: two requests
+    assert Image.open(grid).size == (5 * 30 + 2, 4 * 30 + 2)  # 20 images > max batch 16: two requests
     r = subprocess.run(FEWSTEP + ["generate", "--url", triton_stack.url, "--model", "tiny", "--steps", "0",
                                   "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "steps: must be an integer in [1, 64]" in r.stderr

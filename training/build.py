@@ -109,14 +109,11 @@ def load_model(path, ema: str | None = "default", device="cpu", load_teacher: bo
     if ema == "default":
         ema = str(cfg["train"]["ema"][0]) if cfg["train"].get("ema") else None
         ema = ema if ema in names else None
-    if ema is None:
-        fname = "model.safetensors"
-    elif ema in names:
-        fname = f"ema-{ema}.safetensors"
-    else:
+    if ema is not None and ema not in names:
         raise UserError(f"checkpoint {ckpt} has no EMA {ema!r} (has: {', '.join(names) or 'none'})")
-    has_method = (ckpt / "method.safetensors").is_file()
-    ck.verify(ckpt, [fname] + (["method.safetensors"] if has_method else []), cfg)
+    fname = ck.weights_file(ema)
+    has_method = (ckpt / ck.METHOD_FILE).is_file()
+    ck.verify(ckpt, [fname] + ([ck.METHOD_FILE] if has_method else []), cfg)
     state = ck.load_tensors(ckpt / fname)
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:  # e.g. a diverged run, or damage to a checkpoint without checksums
@@ -127,7 +124,7 @@ def load_model(path, ema: str | None = "default", device="cpu", load_teacher: bo
     except RuntimeError as e:
         raise UserError(f"checkpoint {ckpt}: weights do not fit the network of its config ({str(e)[:200]})") from None
     if has_method:
-        method.load_state_tensors(ck.load_tensors(ckpt / "method.safetensors"))
+        method.load_state_tensors(ck.load_tensors(ckpt / ck.METHOD_FILE))
     net.to(device).eval().requires_grad_(False)
     return Model(cfg, method, net, ckpt, ema)
 
@@ -136,7 +133,7 @@ class ExactGMMTeacher:
     """The closed-form EDM denoiser of the 2-D gmm data: a perfect teacher without training."""
 
     def __init__(self, cfg: dict):
-        from training.data import default_gmm
+        from training.data_2d import default_gmm
         from training.methods.edm import EDM
         self.gmm = default_gmm()
         self.method = EDM()

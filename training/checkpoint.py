@@ -16,7 +16,6 @@ before the hashes load unverified (with a note, once).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,8 +27,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fewstep.errors import UserError
+from fewstep.files import sha256_file
 
 FORMAT = 1
+MODEL_FILE = "model.safetensors"        # the online network
+METHOD_FILE = "method.safetensors"      # tensors the method needs at sampling time
+
+
+def weights_file(ema: str | None) -> str:
+    """The file of one set of a checkpoint's weights: EMA `ema`'s, or the online net's (None)."""
+    return f"ema-{ema}.safetensors" if ema else MODEL_FILE
+
+
+def derived_file(stem: str, ema: str | None) -> str:
+    """The name of a file made from one set of a checkpoint's weights and kept beside them
+    (e.g. Analytic-Precond tables): <stem>.safetensors for the online net,
+    <stem>-ema<decay>.safetensors for an EMA."""
+    return f"{stem}-ema{ema}.safetensors" if ema else f"{stem}.safetensors"
 
 
 def write_json(path: Path, obj) -> None:
@@ -78,11 +92,11 @@ def save_checkpoint(run_dir, step: int, config: dict, model: dict, emas: dict[st
     tmp = ckdir / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_contiguous(model), str(tmp / "model.safetensors"))
+    save_file(_contiguous(model), str(tmp / MODEL_FILE))
     for decay, sd in emas.items():
-        save_file(_contiguous(sd), str(tmp / f"ema-{decay}.safetensors"))
+        save_file(_contiguous(sd), str(tmp / weights_file(decay)))
     if method_tensors:
-        save_file(_contiguous(method_tensors), str(tmp / "method.safetensors"))
+        save_file(_contiguous(method_tensors), str(tmp / METHOD_FILE))
     if train_tensors is not None:
         save_file(_contiguous(train_tensors), str(tmp / "train_state.safetensors"))
         write_json(tmp / "train_state.json", train_meta or {})
@@ -107,7 +121,7 @@ def find_checkpoint(path) -> Path:
     """A checkpoint dir, or a run dir (its latest checkpoint)."""
     path = Path(path)
     # a checkpoint dir holds its weights; a shipped or copied one may keep only an EMA
-    if (path / "model.safetensors").is_file() or any(path.glob("ema-*.safetensors")):
+    if (path / MODEL_FILE).is_file() or any(path.glob(weights_file("*"))):
         return path
     cks = list_checkpoints(path)
     if cks:
@@ -135,21 +149,14 @@ def load_tensors(path: Path) -> dict:
 
 
 def ema_names(ckpt: Path) -> list[str]:
-    return sorted(p.name[len("ema-"):-len(".safetensors")] for p in ckpt.glob("ema-*.safetensors"))
+    prefix, suffix = weights_file("*").split("*")
+    return sorted(p.name[len(prefix):-len(suffix)] for p in ckpt.glob(weights_file("*")))
 
 
 # --- integrity ---------------------------------------------------------------------------------
 
 class CorruptCheckpoint(UserError):
     """A checkpoint whose files do not match what was written."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hash_files(ckpt: Path) -> dict[str, str]:
@@ -199,8 +206,8 @@ def check_resumable(ckpt: Path) -> dict:
         cfg = read_config(ckpt)
     except UserError as e:
         raise CorruptCheckpoint(str(e)) from None
-    needed = ["model.safetensors", "train_state.safetensors", "train_state.json"]
-    needed += [f"ema-{d}.safetensors" for d in cfg.get("train", {}).get("ema", [])]
+    needed = [MODEL_FILE, "train_state.safetensors", "train_state.json"]
+    needed += [weights_file(d) for d in cfg.get("train", {}).get("ema", [])]
     recorded = cfg.get("sha256")
     for name in needed:
         if not (ckpt / name).is_file():

@@ -23,7 +23,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from fewstep.errors import UserError
+    from fewstep.options import check_range
     from training.config import make_config
     from training.loop import train
 
@@ -36,8 +36,7 @@ def run_train(args) -> int:
         overrides.append(f"train.batch={args.batch}")
     cfg = make_config(args.method, data=args.data, preset=args.preset, data_dir=args.data_dir,
                       teacher=args.teacher, overrides=overrides)
-    if args.iters is not None and args.iters < 1:
-        raise UserError(f"--iters must be >= 1, got {args.iters}")
+    check_range("--iters", args.iters, 1)
     data_tag = Path(cfg["data"]["name"]).name
     out = args.out or f"runs/{cfg['method']['name']}-{data_tag}"
     last = train(cfg, out, resume=args.resume, progress=not args.no_progress)
@@ -63,28 +62,26 @@ def run_sample(args) -> int:
     import torch
 
     from fewstep.errors import UserError
+    from fewstep.options import check_range
+    from fewstep.plots import steps_title
     from training.build import load_model
-    from training.sample import class_labels, save_samples, steps_title
+    from training.config import parse_sets
+    from training.sample_png import class_labels, save_samples
 
-    if args.num < 1:
-        raise UserError(f"--num must be >= 1, got {args.num}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    check_range("--num", args.num, 1)
+    check_range("--seed", args.seed, 0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.ckpt, ema=None if args.ema == "none" else args.ema, device=device,
                        method_opts=parse_sets(args.set))
     spec = model.method.sampler_spec()
     steps = spec["default_steps"] if args.steps is None else args.steps
-    if not 1 <= steps <= spec["max_steps"]:
-        raise UserError(f"--steps must be in [1, {spec['max_steps']}], got {steps}")
-    if args.gamma is not None and not 0.0 <= args.gamma <= 1.0:
-        raise UserError(f"--gamma must be in [0, 1], got {args.gamma}")
+    check_range("--steps", steps, 1, spec["max_steps"])
+    check_range("--gamma", args.gamma, 0, 1)
     n_cls = model.num_classes
     if args.label is not None:
         if not n_cls:
             raise UserError("--label given but the model is unconditional")
-        if not 0 <= args.label < n_cls:
-            raise UserError(f"--label must be in [0, {n_cls - 1}], got {args.label}")
+        check_range("--label", args.label, 0, n_cls - 1)
         labels = torch.full((args.num,), args.label, device=device)
     else:
         labels = class_labels(n_cls, args.num, device)
@@ -93,19 +90,6 @@ def run_sample(args) -> int:
     save_samples(x, args.out, steps_title(model.method.name, steps))
     print(f"wrote {args.out} ({args.num} samples, {steps} steps, from {model.ckpt})", file=sys.stderr)
     return 0
-
-
-def parse_sets(items) -> dict:
-    """--set KEY=VALUE items -> {KEY: JSON value (else the string)}."""
-    from fewstep.errors import UserError
-    from training.config import parse_value
-    out = {}
-    for item in items or []:
-        key, eq, text = item.partition("=")
-        if not eq or not key:
-            raise UserError(f"--set {item!r} is not KEY=VALUE")
-        out[key] = parse_value(text)
-    return out
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

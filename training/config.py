@@ -111,6 +111,17 @@ def parse_value(text: str):
         return text
 
 
+def parse_sets(items) -> dict:
+    """--set KEY=VALUE items (a method's sampling options) -> {KEY: JSON value (else the string)}."""
+    out = {}
+    for item in items or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set {item!r} is not KEY=VALUE")
+        out[key] = parse_value(text)
+    return out
+
+
 def apply_override(cfg: dict, item: str) -> None:
     """KEY=VALUE: KEY is section.key (train.lr, net.dropout, method.dt_schedule, data.limit)
     or a bare key that names exactly one option; VALUE is JSON (else a string)."""

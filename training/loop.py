@@ -21,6 +21,7 @@ from tqdm import tqdm
 from fewstep.errors import UserError
 from training import checkpoint as ck
 from training.config import DATA_NET_KEYS
+from training.ema import ema_decay, update_ema
 from training.build import build_initial_net, build_method, load_teacher_model, resolve_net_config
 
 
@@ -124,9 +125,9 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
     opt = opt_cls(params, lr=tcfg["lr"], betas=tuple(tcfg["betas"]), weight_decay=tcfg["weight_decay"])
 
     if prev is not None:
-        net.load_state_dict(ck.load_tensors(prev / "model.safetensors"))
+        net.load_state_dict(ck.load_tensors(prev / ck.MODEL_FILE))
         for name, e in emas.items():
-            e.load_state_dict(ck.load_tensors(prev / f"ema-{name}.safetensors"))
+            e.load_state_dict(ck.load_tensors(prev / ck.weights_file(name)))
         tt = ck.load_tensors(prev / "train_state.safetensors")
         meta = ck.read_train_meta(prev)
         ck.optimizer_from_flat(opt, tt, meta["optimizer"])
@@ -181,13 +182,8 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
             raise RuntimeError(f"loss is {loss.item()} at step {step}: stopping (last checkpoint kept)")
         gnorm = torch.nn.utils.clip_grad_norm_(params, tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf"))
         opt.step()
-        with torch.no_grad():  # one fused update per EMA: a per-tensor loop is launch-bound on a GPU
-            live = [p.detach() for p in net.parameters()]
-            for dcy, e in emas.items():
-                rate = 1 - ema_decay(float(dcy), step, tcfg["ema_warmup"])
-                torch._foreach_lerp_(list(e.parameters()), live, rate)
-                for be, bn in zip(e.buffers(), net.buffers()):
-                    be.copy_(bn)
+        for dcy, e in emas.items():
+            update_ema(e, net, ema_decay(float(dcy), step, tcfg["ema_warmup"]))
         done = step + 1
         bar.update(1)
         if rank == 0 and (done % tcfg["log_every"] == 0 or done == tcfg["iters"]):
@@ -201,7 +197,7 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
             metrics.flush()
             bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{ips:.0f}")
         if rank == 0 and tcfg["sample_every"] and (done % tcfg["sample_every"] == 0 or done == tcfg["iters"]):
-            from training.sample import save_grid
+            from training.sample_png import save_grid
             first = next(iter(emas.values())) if emas else net
             save_grid(method, first, cfg, out / "samples" / f"step-{done:07d}.png", device=device)
         out_of_time = bool(time_limit) and _out_of_time(t_start, time_limit, device, world)
@@ -290,14 +286,6 @@ def _cgroup_cpu_quota() -> int | None:
         return None if quota == "max" else max(1, int(int(quota) / int(period)))
     except (OSError, ValueError):
         return None
-
-
-def ema_decay(decay: float, step: int, warmup: bool) -> float:
-    """The decay of the EMA update after optimizer step `step` (0-based). With warm-up it is
-    min(decay, (1 + step) / (10 + step)): early EMAs follow the net instead of holding on to the
-    random initial weights (after 1000 steps a plain 0.999 EMA is still 37% initial weights,
-    which left short runs' samples speckled); from step 9000 on a 0.999 EMA is plain."""
-    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
 def _progress(step: int, iters: int, t_start: float, limit_min: float) -> float:

@@ -249,8 +249,24 @@ class UNetBlock(nn.Module):
 class TimeLabelEmbedding:
     """The embedding both nets share: t (and s for two-time nets) and an optional class label.
 
-    Uses the attributes map_noise, map_label, map_layer0/1 (and map_layer0_s/1_s).
+    `init_embedding` builds the modules (map_noise, map_label, map_layer0/1 and, for two-time
+    nets, map_layer0_s/1_s) that `embed` uses.
     """
+
+    def init_embedding(self, map_noise, noise_channels, emb_channels, label_dim=0, label_dropout=0.0,
+                       two_times=False):
+        """Build the embedding's modules, in this order (it fixes the initial weights drawn)."""
+        self.label_dim = label_dim
+        self.label_dropout = label_dropout
+        self.two_times = two_times
+        self.map_noise = map_noise
+        self.map_label = Linear(label_dim, noise_channels, **INIT) if label_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels, **INIT)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **INIT)
+        if two_times:
+            # s gets its own mapping (as in CTM), so the embedding is not symmetric in (t, s).
+            self.map_layer0_s = Linear(noise_channels, emb_channels, **INIT)
+            self.map_layer1_s = Linear(emb_channels, emb_channels, **INIT)
 
     def embed(self, t, s, class_labels, batch, device):
         """Embedding vector [B, emb_channels] from t, optional s and labels."""
@@ -299,9 +315,6 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.label_dim = label_dim
-        self.label_dropout = label_dropout
-        self.two_times = two_times
         self.extra_heads = extra_heads
         self.prior_shakedrop = prior_shakedrop
         if not 0.0 <= float(shakedrop_phi) <= 1.0:
@@ -316,17 +329,9 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
         )
 
         # Mapping: time (and label) -> embedding vector fed to every block.
-        if embedding_type == 'positional':
-            self.map_noise = PositionalEmbedding(noise_channels, max_positions=10000, endpoint=True)
-        else:
-            self.map_noise = FourierEmbedding(noise_channels)
-        self.map_label = Linear(label_dim, noise_channels, **INIT) if label_dim else None
-        self.map_layer0 = Linear(noise_channels, emb_channels, **INIT)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **INIT)
-        if two_times:
-            # s gets its own mapping (as in CTM), so the embedding is not symmetric in (t, s).
-            self.map_layer0_s = Linear(noise_channels, emb_channels, **INIT)
-            self.map_layer1_s = Linear(emb_channels, emb_channels, **INIT)
+        map_noise = (PositionalEmbedding(noise_channels, max_positions=10000, endpoint=True)
+                     if embedding_type == 'positional' else FourierEmbedding(noise_channels))
+        self.init_embedding(map_noise, noise_channels, emb_channels, label_dim, label_dropout, two_times)
 
         # Encoder.
         self.enc = nn.ModuleDict()
@@ -438,20 +443,12 @@ class MLP(TimeLabelEmbedding, nn.Module):
         # no skip concatenations, so there is nothing for it to scale.
         super().__init__()
         self.dim = dim
-        self.label_dim = label_dim
-        self.label_dropout = label_dropout
-        self.two_times = two_times
         self.extra_heads = extra_heads
         self.feature_channels = hidden
 
         # Same time embedding as SongUNet (positional, max_positions=10000).
-        self.map_noise = PositionalEmbedding(emb_dim, max_positions=10000, endpoint=True)
-        self.map_label = Linear(label_dim, emb_dim, **INIT) if label_dim else None
-        self.map_layer0 = Linear(emb_dim, hidden, **INIT)
-        self.map_layer1 = Linear(hidden, hidden, **INIT)
-        if two_times:
-            self.map_layer0_s = Linear(emb_dim, hidden, **INIT)
-            self.map_layer1_s = Linear(hidden, hidden, **INIT)
+        self.init_embedding(PositionalEmbedding(emb_dim, max_positions=10000, endpoint=True), emb_dim, hidden,
+                            label_dim, label_dropout, two_times)
 
         self.inp = Linear(dim, hidden, **INIT)
         self.blocks = nn.ModuleList([MLPBlock(hidden, hidden, norm=norm) for _ in range(depth)])

@@ -48,6 +48,11 @@ import numpy as np
 import torch
 
 from fewstep.errors import UserError
+from fewstep.files import cache_root
+from training.checkpoint import derived_file
+from training.methods.base import bcast, ode_step
+from training.methods.edm import pf_ode_velocity
+from training.sampling import karras
 
 PRECONDS = ("cm", "ctm", "analytic")
 SIGMA_DATA = 0.5
@@ -58,12 +63,8 @@ DEFAULT_SAMPLES = 4096
 RATE_CLIP = 20.0          # |r_lambda| is clipped here (it never is on the teachers we measured)
 VARIANTS = ("decay", "full", "none", "backward")
 DEFAULT_VARIANT = "decay"
-TABLE_FILE = "precond-analytic.safetensors"
+TABLE_STEM = "precond-analytic"   # beside the teacher's weights: precond-analytic[-ema<decay>].safetensors
 TABLE_FORMAT = 1
-
-
-def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape((-1,) + (1,) * (x.dim() - 1)).to(x.dtype)
 
 
 # --- the three preconditionings -------------------------------------------------------------
@@ -77,7 +78,7 @@ class Precond:
 
     def apply(self, x, t, s, denoised):
         f, g = self.coeffs(t, s)
-        return _col(f, x) * x + _col(g, x) * denoised
+        return bcast(f, x) * x + bcast(g, x) * denoised
 
     def state_tensors(self) -> dict:
         return {}
@@ -269,17 +270,6 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
-def _heun(denoise, x, t: float, s: float, labels=None):
-    tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-    ss = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
-    d1 = (x - denoise(x, tt, labels)) / t
-    xe = x + (s - t) * d1
-    if s <= 0:
-        return xe
-    d2 = (xe - denoise(xe, ss, labels)) / s
-    return x + (s - t) * 0.5 * (d1 + d2)
-
-
 def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, *, points: int = DEFAULT_POINTS, samples: int = DEFAULT_SAMPLES,
                  t_min: float = T_MIN, t_max: float = T_MAX, batch: int = 512, seed: int = 0,
                  progress: bool = True, variant: str = "decay") -> dict:
@@ -326,11 +316,9 @@ def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, 
             with torch.no_grad():
                 x = x.detach()
                 D = D.detach()
-                d1 = (x - D) / t
-                xe = x + (t_next - t) * d1
                 sn = torch.full_like(tt, t_next)
-                d2 = (xe - denoise(xe, sn, yb)) / t_next
-                x2 = x + (t_next - t) * 0.5 * (d1 + d2)
+                velocity = pf_ode_velocity(lambda y, u: denoise(y, u, yb))
+                x2 = ode_step(velocity, x, tt, sn, v=(x - D) / t)   # one teacher Heun step, D reused
                 D2 = denoise(x2, sn, yb)
                 f64 = lambda a, b: float((a.double() * b.double()).sum())  # noqa: E731
                 mom[i] += [f64(D, D2), f64(x, D2), f64(D, x2), f64(x, x2), f64(D, D), f64(D, x), f64(x, x)]
@@ -409,9 +397,8 @@ def teacher_tables_path(teacher) -> Path:
     ckpt = getattr(teacher, "ckpt", None)
     if ckpt is not None:
         ema = getattr(teacher, "ema", None)
-        return Path(ckpt) / (TABLE_FILE if not ema else f"precond-analytic-ema{ema}.safetensors")
-    cache = Path(os.path.expanduser(os.environ.get("FEWSTEP_CACHE") or "~/.cache/fewstep"))
-    return cache / "precond" / "gmm-exact.safetensors"
+        return Path(ckpt) / derived_file(TABLE_STEM, ema)
+    return cache_root() / "precond" / "gmm-exact.safetensors"
 
 
 def teacher_device(teacher) -> torch.device:
@@ -470,8 +457,7 @@ def teacher_tables(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, p
 
 def gap_times(n: int = 8, t_min: float = T_MIN, t_max: float = T_MAX, rho: float = 7.0) -> np.ndarray:
     """n descending Karras times from t_max to t_min."""
-    u = np.arange(n) / (n - 1)
-    return (t_max ** (1 / rho) + u * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
+    return karras(np.arange(n) / (n - 1), t_min, t_max, rho)
 
 
 @torch.no_grad()
@@ -505,8 +491,9 @@ def consistency_gap(denoise, x0: torch.Tensor, preconds: dict, times, labels=Non
             tt = torch.full((xt.shape[0],), t, device=dev, dtype=xt.dtype)
             D = denoise(xt, tt, yb)
             x = xt
+            velocity = pf_ode_velocity(lambda y, u: denoise(y, u, yb))
             for a, c in zip(sub[:-1], sub[1:]):
-                x = _heun(denoise, x, float(a), float(c), yb)
+                x = ode_step(velocity, x, torch.full_like(tt, float(a)), torch.full_like(tt, float(c)))
                 hit = np.nonzero(np.isclose(times, c, rtol=1e-12, atol=0))[0]
                 for j in hit:
                     if j <= i:
@@ -514,7 +501,7 @@ def consistency_gap(denoise, x0: torch.Tensor, preconds: dict, times, labels=Non
                     ss = torch.full_like(tt, float(times[j]))
                     for name, pc in preconds.items():
                         f, g = pc.coeffs(tt, ss)
-                        gstar = (x - _col(f, x) * xt) / _col(g, x)
+                        gstar = (x - bcast(f, x) * xt) / bcast(g, x)
                         acc[name][i, j] += float(((gstar - D).double() ** 2).sum()) / dim
         bar.update(1)
     bar.close()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fewstep.errors import UserError
+from fewstep.plots import save_figure
 from training import precond as P
 
 GAP_NAMES = ("cm", "ctm", "analytic") + tuple(f"analytic-{v}" for v in P.VARIANTS)
@@ -161,12 +162,7 @@ def gap_heatmap(times, gaps: dict, path, title=""):
     fig.colorbar(im, ax=axes[0].tolist(), label="log10 gap", shrink=0.9)
     if title:
         fig.suptitle(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def measure_gap(teacher, names, *, times=8, samples=512, substeps=64, batch=256, seed=0, progress=True):

@@ -78,6 +78,16 @@ def renoise(process: str, x, s: float, t: float, z):
 
 # --- time grids ----------------------------------------------------------------------------
 
+def karras(u, t_min: float, t_max: float, rho: float):
+    """Karras (rho-spaced) times at fractions u of the way from t_max (u = 0) to t_min (u = 1):
+    (t_max^(1/rho) + u (t_min^(1/rho) - t_max^(1/rho)))^rho. u: a numpy array or a torch
+    tensor; the times are of its type. The sampler's grid, the consistency models' training
+    grid, the exporter's random times and the consistency gap's times all come from here."""
+    inv = 1.0 / float(rho)
+    hi, lo = float(t_max) ** inv, float(t_min) ** inv
+    return (hi + u * (lo - hi)) ** float(rho)
+
+
 def time_grid(spec: dict, steps: int) -> np.ndarray:
     """Descending times t_0 = t_max > ... > t_steps = t_end (float64, steps + 1 points).
 
@@ -93,9 +103,7 @@ def time_grid(spec: dict, steps: int) -> np.ndarray:
     if spec["grid"] == "uniform":
         grid = t_max + u * (t_end - t_max)
     elif spec["grid"] == "karras":
-        inv = 1.0 / float(spec["rho"])
-        hi, lo = t_max ** inv, float(spec["t_min"]) ** inv
-        grid = (hi + u * (lo - hi)) ** float(spec["rho"])
+        grid = karras(u, spec["t_min"], t_max, spec["rho"])
     else:
         raise ValueError(f"unknown grid {spec['grid']!r}")
     # the ends exactly: (t_max ** (1/rho)) ** rho can round one ulp off t_max

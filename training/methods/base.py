@@ -11,6 +11,23 @@ def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape((-1,) + (1,) * (x.dim() - 1)).to(x.dtype)
 
 
+def ode_step(velocity, x, t, s, heun: bool = True, v=None):
+    """One Euler or Heun step of dx/dt = velocity(x, t) from t to s (per-sample [B] tensors).
+
+    Heun's step to s = 0 is Euler: the second velocity is taken at s = 1 there and not used
+    (EDM's velocity divides by the time). v: velocity(x, t), where the caller has it already.
+    Flows (rf, cud), EDM and the consistency models' teacher all step with this.
+    """
+    h = bcast(s - t, x)
+    v = velocity(x, t) if v is None else v
+    x_euler = x + h * v
+    if not heun:
+        return x_euler
+    s_safe = torch.where(s > 0, s, torch.ones_like(s))
+    v2 = velocity(x_euler, s_safe)
+    return torch.where(bcast(s, x) > 0, x + h * 0.5 * (v + v2), x_euler)
+
+
 class Method:
     """A method = a loss (`loss`) + how its network moves along a trajectory (`jump`).
 

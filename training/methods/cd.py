@@ -22,14 +22,9 @@ import torch
 from fewstep.errors import UserError
 from training import precond as P
 from training import sampling
-from training.methods.base import Method, bcast
-from training.methods.edm import edm_precond
-
-
-def karras_grid(n: int, t_min: float, t_max: float, rho: float) -> torch.Tensor:
-    """n ascending times t_0 = t_min < ... < t_{n-1} = t_max (float64)."""
-    u = torch.arange(n, dtype=torch.float64) / (n - 1)
-    return (t_min ** (1 / rho) + u * (t_max ** (1 / rho) - t_min ** (1 / rho))) ** rho
+from training.ema import update_ema
+from training.methods.base import Method, bcast, ode_step
+from training.methods.edm import edm_denoise, pf_ode_velocity
 
 
 class ConsistencyBase(Method):
@@ -107,17 +102,11 @@ class ConsistencyBase(Method):
         """The EMA target network: kept in the checkpoints' training state by the loop."""
         return {} if self.target is None else {"target": self.target}
 
-    @torch.no_grad()
     def update_target(self, net):
         """target <- mu target + (1 - mu) net. Called at the start of every loss(), i.e. after the
         previous optimizer step; a resumed run therefore continues the target exactly."""
-        net = getattr(net, "module", net)  # DDP
-        target = self._target(next(net.parameters()).device)
-        mu = float(self.opts["target_ema"])
-        for pt, pn in zip(target.parameters(), net.parameters()):
-            pt.lerp_(pn.detach(), 1 - mu)
-        for bt, bn in zip(target.buffers(), net.buffers()):
-            bt.copy_(bn)
+        target = self._target(next(getattr(net, "module", net).parameters()).device)
+        update_ema(target, net, float(self.opts["target_ema"]))
 
     def _target(self, device):
         if self.target is None:
@@ -135,12 +124,8 @@ class ConsistencyBase(Method):
 
     def denoise(self, net, x, t, s=None, labels=None):
         """D_theta(x, t[, s]): the EDM-preconditioned net (s only for two-time nets)."""
-        c_skip, c_out, c_in, c_noise = edm_precond(t, self.opts["sigma_data"])
-        kw = {}
-        if self.two_times:
-            kw["s"] = (s if s is not None else t).log() / 4
-        F = net(bcast(c_in, x) * x, c_noise, class_labels=labels, **kw)
-        return bcast(c_skip, x) * x + bcast(c_out, x) * F
+        kw = {"s": (s if s is not None else t).log() / 4} if self.two_times else {}
+        return edm_denoise(net, x, t, self.opts["sigma_data"], labels, **kw)
 
     def sampler_spec(self):
         o = self.opts
@@ -153,15 +138,13 @@ class ConsistencyBase(Method):
     @torch.no_grad()
     def teacher_heun(self, x, t, u, labels=None):
         """One Heun step of the teacher's PF-ODE from t to u (per-sample [B], u > 0)."""
-        T = self.teacher
-        d1 = (x - T.denoise(x, t, labels)) / bcast(t, x)
-        xe = x + bcast(u - t, x) * d1
-        d2 = (xe - T.denoise(xe, u, labels)) / bcast(u, x)
-        return x + bcast(u - t, x) * 0.5 * (d1 + d2)
+        return ode_step(pf_ode_velocity(lambda y, r: self.teacher.denoise(y, r, labels)), x, t, u)
 
     def grid(self, device):
+        """The training grid: N descending Karras times T = t_0 > ... > t_{N-1} = eps (float64)."""
         o = self.opts
-        return karras_grid(int(o["N"]), o["sigma_min"], o["sigma_max"], o["rho"]).to(device)
+        u = torch.arange(int(o["N"]), dtype=torch.float64) / (int(o["N"]) - 1)
+        return sampling.karras(u, o["sigma_min"], o["sigma_max"], o["rho"]).to(device)
 
     # --- distances ------------------------------------------------------------------------------
     def distance(self, a, b):
@@ -254,7 +237,7 @@ class ConsistencyDistillation(ConsistencyBase):
 
     def loss(self, net, x, labels, progress=0.0):
         self.update_target(net)
-        grid = self.grid(x.device)
+        grid = self.grid(x.device).flip(0)   # ascending: eps ... T
         b = x.shape[0]
         n = torch.randint(0, grid.shape[0] - 1, (b,), device=x.device)
         t_lo, t_hi = grid[n].to(x.dtype), grid[n + 1].to(x.dtype)

@@ -27,8 +27,10 @@ from __future__ import annotations
 import torch
 
 from fewstep.errors import UserError
+from training import sampling
 from training.methods.base import bcast
 from training.methods.cd import ConsistencyBase, last_layer_weight
+from training.methods.edm import edm_loss_weight
 
 ADAPTIVE_EPS = 1e-4        # sony/ctm calculate_adaptive_weight: |g1| / (|g2| + 1e-4), clamp [0, 1e4]
 ADAPTIVE_MAX = 1e4
@@ -87,7 +89,7 @@ class CTM(ConsistencyBase):
     def sample_times(self, b, device, generator=None):
         """k (one per batch) and per-sample indices (i, u = i + k, j) of t, u, s on the
         descending grid, and the grid."""
-        grid = self.grid(device).flip(0)                      # T ... eps
+        grid = self.grid(device)                              # T ... eps
         n = grid.shape[0]
         k = int(torch.multinomial(self.k_probs(), 1, generator=generator)) + 1
         i = torch.randint(0, n - k, (b,), generator=generator).to(device)
@@ -110,10 +112,8 @@ class CTM(ConsistencyBase):
         o = self.opts
         half = b // 2
         logn = (torch.randn(half, generator=generator) * float(o["p_std"]) + float(o["p_mean"])).exp()
-        r = 1.0 / float(o["rho"])
         pos = torch.rand(b - half, generator=generator, dtype=torch.float64) * float(o["dsm_karras_mult"])
-        tmax, tmin = float(o["sigma_max"]) ** r, float(o["sigma_min"]) ** r
-        kar = (tmax + pos * (tmin - tmax)) ** float(o["rho"])
+        kar = sampling.karras(pos, o["sigma_min"], o["sigma_max"], o["rho"])
         sigma = torch.cat([logn.double(), kar]).clamp(float(o["sigma_min"]), float(o["sigma_max"]))
         return sigma.to(device)
 
@@ -143,8 +143,7 @@ class CTM(ConsistencyBase):
         x_s = bcast(f, x) * x_t + bcast(g, x) * D_ctm
         pred = self.G(target_net, x_s, s, eps, labels)
         loss_ctm = self.distance(pred, tgt).mean()
-        sd = float(o["sigma_data"])
-        weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+        weight = edm_loss_weight(sigma, float(o["sigma_data"]))
         loss_dsm = (bcast(weight, x) * (D_dsm - x) ** 2).flatten(1).mean(1).mean()
         w = self.adaptive_weight(net, loss_ctm, loss_dsm) if o["dsm_weight"] == "adaptive" else float(o["dsm_weight"])
         loss = loss_ctm + w * loss_dsm

@@ -36,14 +36,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from fewstep.errors import UserError
+from fewstep.files import cache_root, sha256_file
+from training.checkpoint import weights_file
+from training.ema import update_ema
 from training.methods.cud import mse, net_dims
 from training.methods.rf import RectifiedFlow
 
 FORMAT = 1
-
-
-def cache_root() -> Path:
-    return Path(os.path.expanduser(os.environ.get("FEWSTEP_CACHE") or "~/.cache/fewstep")) / "cud-distill"
 
 
 def teacher_trajectories(teacher, z, labels, steps: int, keep: list[int]) -> torch.Tensor:
@@ -198,12 +197,8 @@ class CUDDistill(RectifiedFlow):
     def data_meta(self, shape, num_classes) -> dict:
         o = self.opts
         t = self.teacher
-        wfile = Path(t.ckpt) / (f"ema-{t.ema}.safetensors" if t.ema else "model.safetensors")
-        h = hashlib.sha256()
-        with open(wfile, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return {"format": FORMAT, "teacher_weights": h.hexdigest(), "teacher_method": t.config["method"],
+        return {"format": FORMAT, "teacher_weights": sha256_file(Path(t.ckpt) / weights_file(t.ema)),
+                "teacher_method": t.config["method"],
                 "num": self.stored_trajectories(), "traj_steps": o["traj_steps"], "stage_steps": o["stage_steps"],
                 "seed": o["data_seed"], "shape": list(shape), "num_classes": num_classes}
 
@@ -216,7 +211,7 @@ class CUDDistill(RectifiedFlow):
         if self.opts["data_file"]:
             return Path(self.opts["data_file"])
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
-        return cache_root() / f"{key}.safetensors"
+        return cache_root() / "cud-distill" / f"{key}.safetensors"
 
     def load_data(self, shape, num_classes) -> dict:
         import torch.distributed as dist
@@ -239,14 +234,6 @@ class CUDDistill(RectifiedFlow):
         n = len(self.opts["stage_steps"])
         return min(int(progress * n), n - 1)
 
-    @torch.no_grad()
-    def update_ema(self, net) -> None:
-        """EMA <- decay EMA + (1 - decay) net; called at the start of each loss, i.e. once per
-        optimizer step (the same sequence as updating after each step)."""
-        d = float(self.opts["ema_decay"])
-        for pe, pn in zip(self.ema.parameters(), net.parameters()):
-            pe.lerp_(pn.detach(), 1 - d)
-
     def distill_loss(self, net, z, target, labels=None):
         """mse(z - v(z, 1), target) + ema_weight * mse(v(z, 1), v_ema(z, 1))."""
         ones = torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
@@ -260,7 +247,9 @@ class CUDDistill(RectifiedFlow):
     def loss(self, net, x, labels, progress=0.0):
         if self.data is None:
             raise RuntimeError("cud-distill: call init_student(net) before training")
-        self.update_ema(getattr(net, "module", net))
+        # the student's EMA, once per optimizer step (at the start of each loss: the same
+        # sequence as updating after each step)
+        update_ema(self.ema, net, float(self.opts["ema_decay"]))
         k = self.stage(progress)
         n = self.data["z"].shape[0]
         idx = torch.randint(n, (x.shape[0],))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from training import sampling
-from training.methods.base import Method, bcast
+from training.methods.base import Method, bcast, ode_step
 
 
 def edm_precond(sigma: torch.Tensor, sigma_data: float):
@@ -15,6 +15,24 @@ def edm_precond(sigma: torch.Tensor, sigma_data: float):
     c_in = 1 / (sigma ** 2 + sd2).sqrt()
     c_noise = sigma.log() / 4
     return c_skip, c_out, c_in, c_noise
+
+
+def edm_denoise(net, x, sigma, sigma_data: float, labels=None, **net_kw):
+    """EDM's preconditioned denoiser D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) of a raw
+    net F (net_kw: extra net inputs, e.g. a two-time net's s)."""
+    c_skip, c_out, c_in, c_noise = edm_precond(sigma, sigma_data)
+    F = net(bcast(c_in, x) * x, c_noise, class_labels=labels, **net_kw)
+    return bcast(c_skip, x) * x + bcast(c_out, x) * F
+
+
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float):
+    """EDM's denoising loss weight (sigma^2 + sd^2) / (sigma sd)^2 (= 1 / c_out^2)."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def pf_ode_velocity(denoise):
+    """The probability-flow ODE dx/dt = (x - D(x, t)) / t of a denoiser D(x, t) (VE, t = sigma)."""
+    return lambda x, t: (x - denoise(x, t)) / bcast(t, x)
 
 
 class EDM(Method):
@@ -33,29 +51,20 @@ class EDM(Method):
     }
 
     def denoise(self, net, x, sigma, labels=None):
-        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.opts["sigma_data"])
-        F = net(bcast(c_in, x) * x, c_noise, class_labels=labels)
-        return bcast(c_skip, x) * x + bcast(c_out, x) * F
+        return edm_denoise(net, x, sigma, self.opts["sigma_data"], labels)
 
     def loss(self, net, x, labels, progress=0.0):
         o = self.opts
         sigma = (torch.randn(x.shape[0], device=x.device) * o["p_std"] + o["p_mean"]).exp()
-        weight = (sigma ** 2 + o["sigma_data"] ** 2) / (sigma * o["sigma_data"]) ** 2
+        weight = edm_loss_weight(sigma, o["sigma_data"])
         n = torch.randn_like(x) * bcast(sigma, x)
         D = self.denoise(net, x + n, sigma, labels)
         loss = (bcast(weight, x) * (D - x) ** 2).mean()
         return loss, {"loss": loss.item()}
 
     def ode_step(self, denoiser, x, t, s):
-        """One Euler or Heun step of the PF-ODE dx/dt = (x - D(x, t)) / t from t to s."""
-        h = bcast(s - t, x)
-        d = (x - denoiser(x, t)) / bcast(t, x)
-        x_euler = x + h * d
-        if self.opts["solver"] != "heun":
-            return x_euler
-        s_safe = torch.where(s > 0, s, torch.ones_like(s))  # no division by 0 on the last step
-        d2 = (x_euler - denoiser(x_euler, s_safe)) / bcast(s_safe, x)
-        return torch.where(bcast(s, x) > 0, x + h * 0.5 * (d + d2), x_euler)
+        """One Euler or Heun step (method.solver) of the PF-ODE dx/dt = (x - D(x, t)) / t from t to s."""
+        return ode_step(pf_ode_velocity(denoiser), x, t, s, heun=self.opts["solver"] == "heun")
 
     def jump(self, net, x, t, s, labels=None):
         return self.ode_step(lambda y, u: self.denoise(net, y, u, labels), x, t, s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from training import sampling
-from training.methods.base import Method, bcast
+from training.methods.base import Method, bcast, ode_step
 
 
 class RectifiedFlow(Method):
@@ -30,13 +30,7 @@ class RectifiedFlow(Method):
         return loss, {"loss": loss.item()}
 
     def jump(self, net, x, t, s, labels=None):
-        h = bcast(s - t, x)
-        v = self.velocity(net, x, t, labels)
-        x_euler = x + h * v
-        if self.opts["solver"] != "heun":
-            return x_euler
-        v2 = self.velocity(net, x_euler, s, labels)
-        return torch.where(bcast(s, x) > 0, x + h * 0.5 * (v + v2), x_euler)
+        return ode_step(lambda y, u: self.velocity(net, y, u, labels), x, t, s, heun=self.opts["solver"] == "heun")
 
     def sampler_spec(self):
         return sampling.flow_spec(max_steps=self.opts["max_steps"], default_steps=self.opts["default_steps"])

@@ -1,39 +1,16 @@
-"""Sampling from checkpoints: image grids and 2-D scatter plots."""
+"""PNG files of a model's samples: an image grid, or a scatter plot of 2-D points
+(`fewstep sample`, `fewstep eval` and the training loop's `samples/step-N.png`)."""
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
-import numpy as np
 import torch
 
-from fewstep.plots import save_scatter, steps_title  # noqa: F401  (save_scatter: the one 2-D plot)
+from fewstep.images import grid_image, save_png
+from fewstep.plots import save_scatter, steps_title
 from training import sampling
 
 
-def grid_image(images: np.ndarray, cols: int | None = None) -> np.ndarray:
-    """uint8 [B, H, W, C] -> one uint8 [rows*H, cols*W, C] image with 2-px gaps."""
-    b, h, w, c = images.shape
-    cols = cols or int(math.ceil(math.sqrt(b)))
-    rows = int(math.ceil(b / cols))
-    pad = 2
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-    for i in range(b):
-        r, q = divmod(i, cols)
-        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
-    return out
-
-
-def save_png(img: np.ndarray, path) -> None:
-    from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp)
-    tmp.replace(path)
-
-
 def class_labels(num_classes: int, n: int, device="cpu"):
+    """Labels 0, 1, ..., num_classes - 1, 0, ... for n samples; None for an unconditional model."""
     return torch.arange(n, device=device) % num_classes if num_classes else None
 
 
