@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fewstep.arglists import parse_steps
 from fewstep.errors import UserError
 
 CLASSIFIER_FORMAT = 1          # bump when the architecture or training recipe changes
@@ -440,22 +441,6 @@ def add_args(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampling option of the model's method, e.g. solver=heun, sample_head=2 (cud)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def parse_steps(text: str) -> list[int]:
-    out = []
-    for tok in str(text).split(","):
-        tok = tok.strip()
-        if not tok:
-            continue
-        if not re.fullmatch(r"[+-]?\d+", tok):
-            raise UserError(f"--steps must be comma-separated integers, got {text!r}")
-        k = int(tok)
-        if k not in out:
-            out.append(k)
-    if not out:
-        raise UserError("--steps is empty")
-    return out
 
 
 def _quantize(x: torch.Tensor) -> torch.Tensor:
