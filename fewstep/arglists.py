@@ -1,4 +1,5 @@
-"""Lists of numbers on the command line (torch-free: every layer's CLI parses them here)."""
+"""Numbers on the command line: lists of them, and their limits (torch-free: every layer's CLI
+uses them)."""
 from __future__ import annotations
 
 from fewstep.errors import UserError
@@ -27,3 +28,12 @@ def parse_int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
 def parse_steps(text: str, flag: str = "--steps") -> list[int]:
     """Step counts, as `fewstep eval` and `fewstep bench` take them."""
     return parse_int_list(text, flag)
+
+
+def require(args, rules: dict) -> None:
+    """rules {attribute: (test, rule)}: a UserError "--flag must be RULE, got VALUE" for the first
+    value given (not None) that fails its test."""
+    for attr, (ok, rule) in rules.items():
+        value = getattr(args, attr)
+        if value is not None and not ok(value):
+            raise UserError(f"--{attr.replace('_', '-')} must be {rule}, got {value}")
