@@ -29,6 +29,7 @@ class Input:
     dtype: str              # Triton's name of the type: INT64, FP32
     optional: bool
     what: str               # what it is (the config's comment)
+    noun: str = ""          # how an error names an allowed value ("must be NOUN in [lo, hi]")
 
     @property
     def numpy(self) -> np.dtype:
@@ -44,7 +45,7 @@ MAX_SEED = 2 ** 63 - 1
 # HTTP JSON number into a narrower input type by truncation (4294967297 -> INT32 1).
 INPUTS = {i.name: i for i in (
     Input("seed", "INT64", False, "noise seed (the image depends only on it and the settings)"),
-    Input("steps", "INT64", True, "sampler steps (default: the model's default_steps)"),
+    Input("steps", "INT64", True, "sampler steps (default: the model's default_steps)", noun="an integer"),
     Input("class_label", "INT64", True, "class label (required by a class-conditional model)"),
     Input("gamma", "FP32", True, "sampler stochasticity (default: the model's gamma)"),
 )}
@@ -217,7 +218,8 @@ def _column(name: str, arr, dtype, batch: int | None) -> np.ndarray:
 def _in_range(name: str, col: np.ndarray, lo, hi) -> None:
     bad = ~np.isfinite(col) | (col < lo) | (col > hi)
     if bad.any():
-        raise InvalidInput(f"{name}: must be in {range_text(lo, hi)}, got {col[bad][0].item()!r}")
+        noun = f"{INPUTS[name].noun} " if name in INPUTS and INPUTS[name].noun else ""
+        raise InvalidInput(f"{name}: must be {noun}in {range_text(lo, hi)}, got {col[bad][0].item()!r}")
 
 
 def _labels(info: ModelInfo, raw, n: int) -> np.ndarray | None:
