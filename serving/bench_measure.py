@@ -301,7 +301,7 @@ class Bench:
             try:
                 self.server_version = await client.server_version()
             except ServingError as e:
-                raise UserError(f"cannot reach a Triton server at {url} ({e.message.splitlines()[0]})") from None
+                raise UserError(f"cannot reach a Triton server at {url} ({(e.message.splitlines() or [e.code])[0]})") from None
             if not await client.ready():
                 raise UserError(f"the server at {url} is not ready")
             try:
