@@ -33,7 +33,7 @@ from dataclasses import dataclass, field  # noqa: E402
 import numpy as np  # noqa: E402
 
 from serving.client import Client, ModelMeta, ServingError  # noqa: E402
-from serving.protocol import MAX_SEED, input_ranges  # noqa: E402
+from serving.protocol import GAMMA_RANGE, MAX_SEED, input_ranges, range_text  # noqa: E402
 
 MAX_IMAGES = 16
 COMPARE_STEPS = (1, 2, 4, 8)
@@ -79,13 +79,14 @@ def whole_number(what: str, value, lo: int, hi: int) -> int:
 
 
 def gamma_value(value) -> float:
-    """A gamma in [0, 1], or BadInput."""
+    """A gamma in the contract's range ([0, 1]), or BadInput."""
+    lo, hi = GAMMA_RANGE
     try:
         g = float(value)
     except (TypeError, ValueError):
-        raise BadInput(f"gamma must be a number in [0, 1], got {_shown(value)}") from None
-    if not 0.0 <= g <= 1.0:  # also NaN
-        raise BadInput(f"gamma must be a number in [0, 1], got {_shown(value)}")
+        g = math.nan
+    if not lo <= g <= hi:  # also NaN
+        raise BadInput(f"gamma must be a number in {range_text(lo, hi)}, got {_shown(value)}")
     return g
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fewstep.arglists import parse_int_list, require
 from fewstep.errors import UserError
+from serving.protocol import GAMMA_RANGE, range_text
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +87,8 @@ def make_plan(args) -> Plan:
     require(args, {"batch": (at_least_1, ">= 1"), "requests": (at_least_1, ">= 1"),
                    "duration": (positive, "> 0 seconds"), "warmup": (at_least_0, ">= 0"),
                    "timeout": (positive, "> 0 seconds"), "seed": (at_least_0, ">= 0"),
-                   "gamma": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"), "threads": (at_least_0, ">= 0"),
+                   "gamma": (lambda v: GAMMA_RANGE[0] <= v <= GAMMA_RANGE[1], f"in {range_text(*GAMMA_RANGE)}"),
+                   "threads": (at_least_0, ">= 0"),
                    "instances": (at_least_0, ">= 0 (0 = auto)")})
     requests = args.requests if args.requests is not None or args.duration is not None else 100
     return Plan(steps, conc, args.batch, requests, args.duration, args.warmup, mix)

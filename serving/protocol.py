@@ -41,6 +41,8 @@ class Input:
 
 
 MAX_SEED = 2 ** 63 - 1
+SEED_RANGE = (0, MAX_SEED)
+GAMMA_RANGE = (0.0, 1.0)
 # Integers are INT64 so that no value can wrap before it is checked: Triton converts an
 # HTTP JSON number into a narrower input type by truncation (4294967297 -> INT32 1).
 INPUTS = {i.name: i for i in (
@@ -55,7 +57,7 @@ REQUIRED = tuple(name for name, i in INPUTS.items() if not i.optional)
 def input_ranges(model) -> dict:
     """{input: (lo, hi)} inclusive, for a model (ModelInfo or ModelMeta: its max_steps and
     num_classes); class_label is absent for an unconditional model."""
-    out = {"seed": (0, MAX_SEED), "steps": (1, int(model.max_steps)), "gamma": (0.0, 1.0)}
+    out = {"seed": SEED_RANGE, "steps": (1, int(model.max_steps)), "gamma": GAMMA_RANGE}
     if model.num_classes:
         out["class_label"] = (0, int(model.num_classes) - 1)
     return out
