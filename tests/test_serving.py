@@ -75,7 +75,7 @@ def test_repository_configs_are_valid_triton_configs(served_model_dirs, tmp_path
     inputs = {i.name: i for i in ens.input}
     assert [inputs[n].data_type for n in ("seed", "steps", "class_label", "gamma")] == [
         model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_FP32]
-    assert not inputs["seed"].optional and not inputs["steps"].optional
+    assert not inputs["seed"].optional and inputs["steps"].optional  # steps: the manifest's default_steps when left out
     assert inputs["class_label"].optional and inputs["gamma"].optional
     outs = {o.name: list(o.dims) for o in ens.output}
     assert outs["image"] == [28, 28, 1] and outs["png"] == [1] and outs["sample"] == [1, 28, 28]
@@ -285,7 +285,7 @@ def test_every_bad_input_is_refused_and_the_server_keeps_serving(triton_stack, c
         ("tiny", [s1, ("steps", np.array([[2]], np.int32), "INT32")], "steps", "INT64"),
         ("tiny", [s1, ("steps", np.array([[2.0]], np.float32), "FP32")], "steps", "INT64"),
         ("tiny", [("seed", np.array([[1, 2]], np.int64), "INT64"), st2], "seed", "[-1,1]"),
-        ("tiny", [st2], "seed", "missing required input"),
+        ("tiny", [], "seed", "missing required input"),
         ("tiny", [s1, st2, ("class_label", np.array([[1]], np.int64), "INT64")], "class_label", "unconditional"),
         ("toyc", [s1, st2, ("class_label", np.array([[4]], np.int64), "INT64")], "class_label", "[0, 3]"),
         ("toyc", [s1, st2, ("class_label", np.array([[-1]], np.int64), "INT64")], "class_label", "[0, 3]"),
