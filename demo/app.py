@@ -33,11 +33,14 @@ from dataclasses import dataclass, field  # noqa: E402
 import numpy as np  # noqa: E402
 
 from serving.client import Client, ModelMeta, ServingError  # noqa: E402
+from serving.protocol import GAMMA_RANGE, MAX_SEED, input_ranges, range_text  # noqa: E402
 
 MAX_IMAGES = 16
 COMPARE_STEPS = (1, 2, 4, 8)
 DISPLAY_MIN = 160  # images are scaled up (nearest neighbour, integer factor) to at least this size
-SEED_MAX = 2**31 - 1
+# the request contract's seed range, as far as the page's number boxes (JavaScript doubles) hold
+# whole numbers exactly
+SEED_MAX = min(MAX_SEED, 2**53 - 1)
 
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -76,13 +79,14 @@ def whole_number(what: str, value, lo: int, hi: int) -> int:
 
 
 def gamma_value(value) -> float:
-    """A gamma in [0, 1], or BadInput."""
+    """A gamma in the contract's range ([0, 1]), or BadInput."""
+    lo, hi = GAMMA_RANGE
     try:
         g = float(value)
     except (TypeError, ValueError):
-        raise BadInput(f"gamma must be a number in [0, 1], got {_shown(value)}") from None
-    if not 0.0 <= g <= 1.0:  # also NaN
-        raise BadInput(f"gamma must be a number in [0, 1], got {_shown(value)}")
+        g = math.nan
+    if not lo <= g <= hi:  # also NaN
+        raise BadInput(f"gamma must be a number in {range_text(lo, hi)}, got {_shown(value)}")
     return g
 
 
@@ -224,14 +228,15 @@ def check_request(meta: ModelMeta, steps=None, seed=0, num=1, label=None, gamma=
     """Check a request against the model before anything is sent; BadInput says what is wrong.
     steps None: the model's default. A label is required by a class-conditional model and refused
     by an unconditional one; a gamma is refused where it would change nothing."""
-    steps = meta.default_steps if steps is None else whole_number("steps", steps, 1, meta.max_steps)
-    seed = whole_number("seed", seed, 0, SEED_MAX)
+    limits = input_ranges(meta)  # the server's ranges (serving.protocol)
+    steps = meta.default_steps if steps is None else whole_number("steps", steps, *limits["steps"])
+    seed = whole_number("seed", seed, limits["seed"][0], SEED_MAX)
     num = whole_number("number of images", num, 1, min(MAX_IMAGES, meta.max_batch or MAX_IMAGES))
     if meta.num_classes:
         if label is None:
             raise BadInput(f"class label is required by the class-conditional model {meta.name}: "
                            f"a whole number in [0, {meta.num_classes - 1}]")
-        label = whole_number("class label", label, 0, meta.num_classes - 1)
+        label = whole_number("class label", label, *limits["class_label"])
     elif label is not None:
         raise BadInput(f"class label: {meta.name} is unconditional; send no class label")
     if gamma is not None:

@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import signal
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -82,73 +79,49 @@ def run_demo(args) -> int:
         find_triton()
         dirs = _model_dirs(args)  # before our signal handlers: Ctrl-C stops an export at once
 
-    stop = {"signal": None}
+    from serving.session import StopSignals, served, watch
 
-    def handler(signum, frame):
-        stop["signal"] = signum
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     server = None
-    temp = None
     app = None
-    try:
-        manifests = {}
-        if args.url:
-            url = args.url
-        else:
-            from serving.launcher import Server
-            from serving.repository import Options, read_manifest, write_repository
+    with StopSignals() as stop:
+        try:
+            manifests = {}
+            if args.url:
+                url = args.url
+            else:
+                from serving.repository import Options, read_manifest
 
-            temp = Path(tempfile.mkdtemp(prefix="fewstep-demo-"))
-            written = write_repository(temp / "repo", dirs, Options(instances=args.instances, threads=args.threads))
-            for w in written:
-                manifests[w["name"]] = read_manifest(Path(w["source"]))
-            names = [n for w in written for n in w["models"]]
-            server = Server(temp / "repo", host=args.host,
-                            grpc_port=_port(args.host, args.grpc_port, 8001, "grpc-port"),
-                            http_port=_port(args.host, args.http_port, 8000, "http-port"),
-                            metrics_port=_port(args.host, args.metrics_port, 8002, "metrics-port"),
-                            models=names, log_file=Path(args.log_file) if args.log_file else None)
-            server.abort = lambda: stop["signal"] is not None
-            _log(f"starting tritonserver with {', '.join(manifests)} ...")
-            t0 = time.time()
-            try:
-                server.start(timeout=args.timeout)
-            except KeyboardInterrupt:
-                return 130
-            url = server.grpc_url
-            http = f", HTTP {server.http_url}" if server.http_url else ""
-            _log(f"tritonserver ready in {time.time() - t0:.1f} s: gRPC {url}{http}")
+                server, written = served(dirs, Options(instances=args.instances, threads=args.threads), host=args.host,
+                                         grpc_port=_port(args.host, args.grpc_port, 8001, "grpc-port"),
+                                         http_port=_port(args.host, args.http_port, 8000, "http-port"),
+                                         metrics_port=_port(args.host, args.metrics_port, 8002, "metrics-port"),
+                                         log_file=Path(args.log_file) if args.log_file else None)
+                manifests = {w["name"]: read_manifest(Path(w["source"])) for w in written}
+                server.abort = stop.requested
+                _log(f"starting tritonserver with {', '.join(manifests)} ...")
+                t0 = time.time()
+                try:
+                    server.start(timeout=args.timeout)
+                except KeyboardInterrupt:
+                    return 130
+                url = server.grpc_url
+                http = f", HTTP {server.http_url}" if server.http_url else ""
+                _log(f"tritonserver ready in {time.time() - t0:.1f} s: gRPC {url}{http}")
 
-        from demo.app import build_app, launch
-        app = build_app(url, manifests=manifests, concurrency=args.concurrency)
-        page = launch(app, host=args.host, port=args.port)
-        print(f"fewstep demo: open {page}", flush=True)
-        print(f"  Triton gRPC {url}" + ("" if server else " (attached)"), flush=True)
-        print("Ctrl-C (SIGINT) or SIGTERM stops it.", flush=True)
-        from serving.health import Watchdog
-
-        watchdog = Watchdog(server) if server is not None else None  # a dead Python stub restarts the server
-        while stop["signal"] is None:
-            if server is not None and server.proc is not None and server.proc.poll() is not None:
-                print(f"fewstep demo: tritonserver exited with code {server.proc.returncode}; last lines of its "
-                      f"log:\n{server.log_tail()}", file=sys.stderr)
-                return 1
-            if watchdog is not None and not watchdog.check():
-                return 1
-            time.sleep(0.2)
-        return 0
-    finally:
-        if app is not None:
-            try:
-                app.close()
-            except Exception:
-                pass
-        if server is not None:
-            server.stop()
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
-        for s, h in old.items():
-            signal.signal(s, h)
-        if stop["signal"] is not None:
-            print("stopped", file=sys.stderr)
+            from demo.app import build_app, launch
+            app = build_app(url, manifests=manifests, concurrency=args.concurrency)
+            page = launch(app, host=args.host, port=args.port)
+            print(f"fewstep demo: open {page}", flush=True)
+            print(f"  Triton gRPC {url}" + ("" if server else " (attached)"), flush=True)
+            print("Ctrl-C (SIGINT) or SIGTERM stops it.", flush=True)
+            return watch(server, stop, who="fewstep demo: ")
+        finally:
+            if app is not None:
+                try:
+                    app.close()
+                except Exception:
+                    pass
+            if server is not None:
+                server.close()
+            if stop.requested():
+                print("stopped", file=sys.stderr)

@@ -32,7 +32,7 @@ SHIP_FILE = "ship.json"
 EXPORT_MAX_BATCH = 16  # the page asks for 1..16 images in one request
 # the code an export runs (loading the checkpoint, the net, the method's jump, the sampler for
 # the parity check, the exporter): a change there re-exports, so the export is what this code makes
-_CODE_GLOBS = ("training/build.py", "training/networks.py", "training/sampling.py", "training/config.py",
+_CODE_GLOBS = ("training/build.py", "training/networks.py", "training/config.py",
                "training/checkpoint.py", "training/precond.py", "training/methods/*.py", "export/*.py",
                "export/*.json", "fewstep/*.py")
 

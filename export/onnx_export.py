@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fewstep.errors import UserError
-from training import sampling
+from fewstep import sampling
 
 DEFAULT_OPSET = 18
 EXAMPLE_BATCH = 3          # the batch torch.export traces with (dynamic afterwards)

@@ -2,7 +2,7 @@
 
     runner = load_runner("models/fmnist")            # backend="auto", device="cpu"
     x_s = runner(x, t, s)                            # labels=... for class-conditional models
-    runner.manifest["sampler"]                       # drive training.sampling.sample with it
+    runner.manifest["sampler"]                       # drive fewstep.sampling.sample with it
 
 Serving imports this module: it needs numpy, onnxruntime and jsonschema, not torch
 (the TensorRT backend uses torch only for CUDA memory).

@@ -19,7 +19,7 @@ def check_range(flag: str, value, low, high=None) -> None:
 
 
 def parse_int_list(text: str, flag: str, low: int | None = None) -> list[int]:
-    """'1,2,4' -> [1, 2, 4], in the order given, repeats kept (callers sort or dedupe as they
+    """'4,1,2,1' -> [4, 1, 2]: in the order given, each value once (callers sort as they
     need); at least one value, each >= low when low is given."""
     try:
         values = [int(v) for v in str(text).replace(" ", "").split(",") if v != ""]
@@ -30,4 +30,13 @@ def parse_int_list(text: str, flag: str, low: int | None = None) -> list[int]:
     bad = [v for v in values if low is not None and v < low]
     if bad:
         raise UserError(f"{flag}: values must be >= {low}, got {bad[0]}")
-    return values
+    return list(dict.fromkeys(values))
+
+
+def require(args, rules: dict) -> None:
+    """rules {attribute: (test, rule)}: a UserError "--flag must be RULE, got VALUE" for the first
+    value given (not None) that fails its test."""
+    for attr, (ok, rule) in rules.items():
+        value = getattr(args, attr)
+        if value is not None and not ok(value):
+            raise UserError(f"--{attr.replace('_', '-')} must be {rule}, got {value}")

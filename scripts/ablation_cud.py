@@ -125,7 +125,7 @@ def exact_flow(args, steps: list[int]) -> dict[int, float] | None:
     `fewstep eval`: what a perfectly trained rectified flow gets at each step count."""
     if args.data != "gmm":
         return None
-    from training import sampling
+    from fewstep import sampling
     from training.data import load_dataset
     from training.data_2d import default_gmm
     from training.metrics import sliced_wasserstein

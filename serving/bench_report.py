@@ -1,9 +1,11 @@
 """What `fewstep bench` makes of its measurements: the summary (serving figures, the mix),
-bench.csv, bench.json, the plots and the console table. The measuring is serving/bench.py."""
+bench.csv, bench.json, the plots and the console table. The measuring is serving/bench_measure.py."""
 from __future__ import annotations
 
 import csv
 import json
+import os
+import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +14,7 @@ import numpy as np
 from fewstep.errors import UserError
 
 if TYPE_CHECKING:
-    from serving.bench import Plan
+    from serving.bench_plan import Plan
 
 # bench.csv: perf_analyzer's column names where one exists (its latencies are in usec)
 CSV_COLUMNS = [
@@ -22,6 +24,46 @@ CSV_COLUMNS = [
     "Sampler Queue", "Sampler Compute", "Jump Queue", "Jump Compute", "Jump Executions", "Jump Avg Batch",
     "CPU per Request", "Quality", "Mix", "Jump Calls per Image-Step", "Sampler Avg Jump Batch",
 ]
+
+
+def build_report(bench, url: str, seconds: float, load0, load1) -> dict:
+    """bench.json's content: the run's settings, the server, the machine, every row and the summary."""
+    args, plan, meta = bench.args, bench.plan, bench.meta
+    rows = [c.row() for c in bench.cells]
+    quality = read_quality(args.quality) if args.quality else None
+    if quality:
+        for r in rows:
+            r["quality"] = quality["values"].get(r["steps"])
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {
+        "model": bench.model, "url": url, "server_version": bench.server_version,
+        "meta": {"shape": list(meta.shape), "num_classes": meta.num_classes, "max_steps": meta.max_steps,
+                 "max_batch": meta.max_batch, "default_steps": meta.default_steps, "gamma": meta.gamma},
+        "jump": {"instances": bench.jump_instances, "kind": bench.jump_kind,
+                 "threads": bench.sampler_params.get("threads") or bench.jump_params.get("threads"),
+                 "backend": bench.jump_params.get("backend"),
+                 "mode": bench.sampler_params.get("jump_mode", "bls")},
+        "sampler": {"instances": bench.sampler_params.get("instances"),
+                    "workers": bench.sampler_params.get("workers")},
+        "metrics_url": bench.metrics_url,
+        "settings": {"steps": plan.steps, "mix": plan.mix, "concurrency": plan.concurrency, "batch": plan.batch,
+                     "requests": plan.requests, "duration": plan.duration, "warmup": plan.warmup,
+                     "seed": args.seed, "gamma": args.gamma, "served_by_bench": bool(args.serve),
+                     "baselines_paired_with_concurrency_1": bool(bench.baselines) and 1 in plan.concurrency},
+        "baselines": bench.baseline_info,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "onnxruntime": ort_version,
+                    "load_avg_start": list(load0), "load_avg_end": list(load1)},
+        "seconds": seconds,
+        "quality": quality,
+        "results": rows,
+        "summary": summarize(rows, plan, bench.first_request),
+    }
 
 
 # --- summary, outputs ------------------------------------------------------------------------------
@@ -236,19 +278,10 @@ def plot(report: dict, out: Path) -> list[Path]:
             x, y = zip(*pts)
             ax.plot(x, y, style, color="k" if source == "onnxruntime" else "grey",
                     label=f"in-process {'ONNX Runtime' if source == 'onnxruntime' else 'PyTorch eager'}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(s["steps"])
-    ax.set_xticklabels([str(v) for v in s["steps"]])
+    _log2_ticks(ax, s["steps"])
     ax.set_yscale("log")
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel("latency, ms (p50; band to p95; log scale)")
-    ax.set_title(f"Latency against steps: {title}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "latency_vs_steps.png")
-    plt.close(fig)
-    paths.append(out / "latency_vs_steps.png")
+    paths.append(_save(fig, ax, out / "latency_vs_steps.png", "sampling steps",
+                       "latency, ms (p50; band to p95; log scale)", f"Latency against steps: {title}"))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     for steps in s["steps"]:
@@ -257,18 +290,9 @@ def plot(report: dict, out: Path) -> list[Path]:
         if pts:
             x, y = zip(*pts)
             ax.plot(x, y, "o-", label=f"{steps} step{'s' if steps > 1 else ''}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(s["concurrency"])
-    ax.set_xticklabels([str(v) for v in s["concurrency"]])
-    ax.set_xlabel("concurrency (requests in flight)")
-    ax.set_ylabel("images / s")
-    ax.set_title(f"Throughput through Triton: {title}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "throughput_vs_concurrency.png")
-    plt.close(fig)
-    paths.append(out / "throughput_vs_concurrency.png")
+    _log2_ticks(ax, s["concurrency"])
+    paths.append(_save(fig, ax, out / "throughput_vs_concurrency.png", "concurrency (requests in flight)",
+                       "images / s", f"Throughput through Triton: {title}"))
 
     q = report.get("quality")
     if q:
@@ -282,16 +306,34 @@ def plot(report: dict, out: Path) -> list[Path]:
             for xi, yi, k in pts:
                 ax.annotate(f"{k} step{'s' if k > 1 else ''}", (xi, yi), textcoords="offset points",
                             xytext=(5, 5), fontsize=8)
-        ax.set_xlabel(f"latency through Triton, ms (p50, concurrency {c_lo})")
         metric = str(q.get("metric") or q["key"])
-        ax.set_ylabel(q["key"].upper() + ("" if metric == q["key"] else f" ({metric})") + ", lower is better")
-        ax.set_title(f"Quality against latency: {title}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "quality_vs_latency.png")
-        plt.close(fig)
-        paths.append(out / "quality_vs_latency.png")
+        paths.append(_save(fig, ax, out / "quality_vs_latency.png",
+                           f"latency through Triton, ms (p50, concurrency {c_lo})",
+                           q["key"].upper() + ("" if metric == q["key"] else f" ({metric})") + ", lower is better",
+                           f"Quality against latency: {title}", legend=False))
     return paths
+
+
+def _log2_ticks(ax, values) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(values)
+    ax.set_xticklabels([str(v) for v in values])
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: bool = True) -> Path:
+    """Label, grid and legend, then write the figure to `path` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _f(v, nd=2):

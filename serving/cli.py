@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,8 +76,9 @@ def hardening_options(args) -> dict:
 
 
 def run_serve(args) -> int:
-    from serving.launcher import Server, find_triton, serve_forever
+    from serving.launcher import find_triton
     from serving.repository import Options, write_repository
+    from serving.session import serve_forever, served
 
     for port in ("grpc_port", "http_port", "metrics_port"):
         if not 0 <= getattr(args, port) <= 65535:
@@ -94,46 +93,38 @@ def run_serve(args) -> int:
     opts = Options(instances=args.instances, sampler_instances=args.sampler_instances, workers=args.workers,
                    device=args.device, backend=args.backend, threads=args.threads, png=not args.no_png,
                    jump=args.jump, jump_backend=args.jump_backend)
-    temp = None
-    if args.repo:
-        repo = Path(args.repo)
-    elif args.dry_run:
-        repo = Path("model_repository")
-    else:
-        temp = Path(tempfile.mkdtemp(prefix="fewstep-repo-"))
-        repo = temp
-    try:
-        written = write_repository(repo, args.model, opts)
-        for w in written:
-            plan = w["plan"]
-            print(f"{w['name']}: {', '.join(w['models'])} ({w['kind']}; jump {plan.jump}, {plan.instances} sampler "
-                  f"instance(s) x {plan.threads} thread(s)) from {w['source']}", file=sys.stderr)
-        if args.dry_run:
-            print(f"wrote the model repository {repo}", file=sys.stderr)
-            print(repo)
-            return 0
-        find_triton()
-        names = [n for w in written for n in w["models"]]
-        server = Server(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                        metrics_port=args.metrics_port, models=names,
-                        log_file=Path(args.log_file) if args.log_file else None, log_verbose=args.log_verbose,
-                        cleanup=[temp] if temp is not None else [], **hardening)
-        server.ready_timeout = args.timeout
+    if args.dry_run:
+        repo = Path(args.repo or "model_repository")
+        _print_written(write_repository(repo, args.model, opts))
+        print(f"wrote the model repository {repo}", file=sys.stderr)
+        print(repo)
+        return 0
+    find_triton()
+    server, written = served(args.model, opts, Path(args.repo) if args.repo else None, host=args.host,
+                             grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
+                             log_file=Path(args.log_file) if args.log_file else None, log_verbose=args.log_verbose,
+                             **hardening)
+    _print_written(written)
+    server.ready_timeout = args.timeout
 
-        def ready(s):
-            print(f"ready: {', '.join(w['name'] for w in written)}", flush=True)
-            print(f"  gRPC     {s.grpc_url}{' (TLS)' if s.tls else ''}", flush=True)
-            print(f"  HTTP     {s.http_url or 'off (--http turns it on)'}", flush=True)
-            print(f"  metrics  {s.metrics_url}", flush=True)
-            print(f"  log      {s.log_file}", flush=True)
-            print("Ctrl-C (SIGINT) or SIGTERM stops the server.", flush=True)
+    def ready(s):
+        print(f"ready: {', '.join(w['name'] for w in written)}", flush=True)
+        print(f"  gRPC     {s.grpc_url}{' (TLS)' if s.tls else ''}", flush=True)
+        print(f"  HTTP     {s.http_url or 'off (--http turns it on)'}", flush=True)
+        print(f"  metrics  {s.metrics_url}", flush=True)
+        print(f"  log      {s.log_file}", flush=True)
+        print("Ctrl-C (SIGINT) or SIGTERM stops the server.", flush=True)
 
-        rc = serve_forever(server, on_ready=ready)
-        print("stopped", file=sys.stderr)
-        return rc
-    finally:
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
+    rc = serve_forever(server, on_ready=ready)
+    print("stopped", file=sys.stderr)
+    return rc
+
+
+def _print_written(written: list[dict]) -> None:
+    for w in written:
+        plan = w["plan"]
+        print(f"{w['name']}: {', '.join(w['models'])} ({w['kind']}; jump {plan.jump}, {plan.instances} sampler "
+              f"instance(s) x {plan.threads} thread(s)) from {w['source']}", file=sys.stderr)
 
 
 # --- generate ----------------------------------------------------------------------------------

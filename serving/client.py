@@ -19,11 +19,11 @@ and the server's message, which names the bad field and its allowed range.
 """
 from __future__ import annotations
 
-import json
 import queue
-from dataclasses import dataclass
 
 import numpy as np
+
+from serving.protocol import INPUTS, InvalidInput, ModelMeta, is_input_error  # noqa: F401  (ModelMeta: part of this API)
 
 STATUS_PREFIX = "StatusCode."
 
@@ -69,67 +69,6 @@ def admin_headers_for(url: str) -> dict:
     return {GRPC_ADMIN_HEADER: key} if key else {}
 
 
-def _unknown(model: str, err: ServingError, names: list[str]) -> ServingError:
-    return ServingError(err.code, f"model: unknown model '{model}' (this server has: {', '.join(names) or 'none'})")
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    """What a client needs to know about a served model (from its ensemble's config)."""
-    name: str
-    shape: tuple            # [C, H, W] or [D]
-    num_classes: int
-    max_steps: int
-    default_steps: int
-    max_batch: int
-    gamma: float
-    outputs: tuple
-    method: str = ""        # the method that trained it (manifest), e.g. "cud"
-    jump_lands: str = "s"   # "end": a consistency model, which re-noises after every jump
-    recommended_steps: tuple = ()  # the step counts it was made for (manifest); () = (default_steps,)
-    quality: dict | None = None    # {"metric", "num", "by_steps": {steps: value}}: eval figures, lower is better
-
-    @property
-    def is_image(self) -> bool:
-        return len(self.shape) == 3
-
-    @property
-    def made_for(self) -> tuple:
-        """The step counts the model was made for (its default step count when the server does not say)."""
-        return tuple(self.recommended_steps) or (self.default_steps,)
-
-    def gamma_unused(self, steps: int) -> str | None:
-        """Why a gamma sent with `steps` steps would change nothing (None when it is used)."""
-        if self.jump_lands == "end":
-            return (f"{self.name} is a consistency model: its sampler always re-noises after a jump "
-                    f"(gamma is 1), so gamma does not apply")
-        if steps == 1:
-            return "gamma has no effect at 1 step (the one jump lands at the end; nothing is re-noised)"
-        return None
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "ModelMeta":
-        p = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-        if "image_shape" not in p:
-            raise ServingError("INVALID_ARGUMENT", f"model '{cfg.get('name')}' is not a fewstep model "
-                                                   f"(call the ensemble, not its parts)")
-        return cls(name=cfg["name"], shape=tuple(json.loads(p["image_shape"])), num_classes=int(p["num_classes"]),
-                   max_steps=int(p["max_steps"]), default_steps=int(p["default_steps"]),
-                   max_batch=int(cfg.get("max_batch_size", 0)), gamma=float(p.get("gamma", 0.0)),
-                   outputs=tuple(o["name"] for o in cfg.get("output", [])),
-                   method=p.get("method", ""), jump_lands=p.get("jump_lands", "s") or "s",
-                   recommended_steps=tuple(int(k) for k in json.loads(p.get("recommended_steps") or "[]")),
-                   quality=_quality(p.get("quality")))
-
-
-def _quality(text: str | None) -> dict | None:
-    """The `quality` config parameter (JSON; step counts are object keys, so strings there)."""
-    q = json.loads(text) if text else None
-    if not isinstance(q, dict) or not isinstance(q.get("by_steps"), dict):
-        return None
-    return {**q, "by_steps": {int(k): float(v) for k, v in q["by_steps"].items()}}
-
-
 def _as_list(v, n: int, name: str):
     if v is None:
         return None
@@ -141,23 +80,20 @@ def _as_list(v, n: int, name: str):
     return v
 
 
-def build_inputs(grpc, seeds, steps, class_labels=None, gamma=None, batched: bool = True) -> list:
-    """InferInputs for `<name>` (batched: [K, 1] each) or `<name>_stream` ([1])."""
+def build_inputs(grpc, seeds, steps=None, class_labels=None, gamma=None, batched: bool = True) -> list:
+    """InferInputs for `<name>` (batched: [K, 1] each) or `<name>_stream` ([1]), of the
+    contract's dtypes (serving.protocol.INPUTS); steps None: the server's default."""
     seeds = [int(s) for s in (seeds if not np.isscalar(seeds) else [seeds])]
     n = len(seeds)
-    from serving.protocol import INPUTS
-
-    cols = {"seed": seeds, "steps": _as_list(steps, n, "steps")}
-    if class_labels is not None:
-        cols["class_label"] = _as_list(class_labels, n, "class_label")
-    if gamma is not None:
-        cols["gamma"] = _as_list(gamma, n, "gamma")
+    cols = {"seed": seeds, "steps": _as_list(steps, n, "steps"), "class_label": _as_list(class_labels, n, "class_label"),
+            "gamma": _as_list(gamma, n, "gamma")}
     inputs = []
     for name, values in cols.items():
-        triton_dtype, np_dtype = INPUTS[name]
-        arr = np.array(values, dtype=np_dtype)  # out of range raises OverflowError, never wraps
+        if values is None:
+            continue
+        arr = np.array(values, dtype=INPUTS[name].numpy)  # out of range raises OverflowError, never wraps
         arr = arr.reshape(n, 1) if batched else arr.reshape(1)
-        inp = grpc.InferInput(name, list(arr.shape), triton_dtype[len("TYPE_"):])
+        inp = grpc.InferInput(name, list(arr.shape), INPUTS[name].dtype)
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
     return inputs
@@ -184,44 +120,177 @@ def channel_options(extra) -> list | None:
     return list(opts.items())
 
 
-def _outputs(grpc, names):
-    return [grpc.InferRequestedOutput(n) for n in names]
-
-
-def _result(result, names) -> dict:
-    out = {}
-    for n in names:
-        arr = result.as_numpy(n)
-        if arr is None:
-            continue
-        if n == "png":
-            arr = [bytes(b) for b in arr.reshape(-1)]
-        out[n] = arr
-    return out
-
-
 def _stream_error(e) -> ServingError:
-    """gRPC streaming carries an error message but no status code: the sampler's own
-    validation messages ("<input>: must be ...") are recognised as INVALID_ARGUMENT."""
+    """gRPC streaming carries an error's message but no status code: the request's validation
+    errors (serving.protocol.is_input_error) are recognised as INVALID_ARGUMENT."""
     err = _wrap(e)
-    if err.code in ("UNKNOWN", "None"):
-        head = err.message.split(":", 1)[0].strip()
-        if head.split(" ")[-1] in ("seed", "steps", "class_label", "gamma") or "inference input" in err.message:
-            return ServingError("INVALID_ARGUMENT", err.message)
+    if err.code in ("UNKNOWN", "None") and is_input_error(err.message):
+        return ServingError("INVALID_ARGUMENT", err.message)
     return err
 
 
-def _is_final(result) -> bool:
+def _stream_step(result, error):
+    """One streamed response -> ((step, preview) or None, whether it is the last)."""
+    if error is not None:
+        raise _stream_error(error)
     params = result.get_response().parameters
-    return "triton_final_response" in params and params["triton_final_response"].bool_param
-
-
-def _stream_item(result):
+    final = "triton_final_response" in params and params["triton_final_response"].bool_param
     step = result.as_numpy("step")
     if step is None:
-        return None
+        return None, final
     img = result.as_numpy("image")
-    return int(step.reshape(-1)[0]), (img if img is not None else result.as_numpy("sample"))
+    return (int(step.reshape(-1)[0]), img if img is not None else result.as_numpy("sample")), final
+
+
+def _unreachable(err: ServingError) -> bool:
+    text = f"{err.code} {err.message}".lower()
+    return any(k in text for k in ("unavailable", "failed to connect", "deadline"))
+
+
+# --- the core: every call once, as a generator of server calls ------------------------------------
+# An operation yields zero-argument callables (one call of tritonclient's client each) and gets
+# back their values, or their exception thrown in; `Client` runs them in order, `AsyncClient`
+# awaits them. Error handling, metadata and defaults live here only.
+
+class _Core:
+    def __init__(self, grpc, url: str, timeout: float | None, ssl: bool, root_certificates, channel_args):
+        from tritonclient.utils import InferenceServerException
+
+        self.grpc = grpc
+        self.error = InferenceServerException
+        self.url = url
+        self.timeout = timeout
+        self.tls = _tls_kwargs(ssl, root_certificates)
+        self.admin_headers = admin_headers_for(url)
+        self.channel_args = channel_options(channel_args)
+        self.client = self.new_client()
+        self.meta: dict[str, ModelMeta] = {}
+
+    def new_client(self):
+        return self.grpc.InferenceServerClient(self.url, channel_args=self.channel_args, **self.tls)
+
+    def call(self, fn, *args, **kw):
+        """A server call whose InferenceServerException comes back as a ServingError."""
+        try:
+            return (yield lambda: fn(*args, **kw))
+        except self.error as e:
+            raise _wrap(e) from None
+
+    def ready(self, model: str | None):
+        """Whether the server (or a model) is ready; False also when it cannot be reached."""
+        c = self.client
+        try:
+            if model is None:
+                return bool((yield from self.call(c.is_server_ready, client_timeout=self.timeout)))
+            return bool((yield from self.call(c.is_model_ready, model, client_timeout=self.timeout)))
+        except ServingError as err:
+            if _unreachable(err):
+                return False
+            raise
+
+    def models(self):
+        """Names clients can call: the ensembles (each has `<name>_sampler` beside it)."""
+        index = yield from self.call(self.client.get_model_repository_index, headers=self.admin_headers,
+                                     as_json=True, client_timeout=self.timeout)
+        names = {m["name"] for m in index.get("models", [])}
+        return sorted(n for n in names if n + "_sampler" in names)
+
+    def unknown(self, model: str, err: ServingError):
+        """A clear NOT_FOUND error: the models this server does have."""
+        if err.code != "NOT_FOUND" and "unknown model" not in err.message.lower():
+            return err
+        names = yield from self.models()
+        return ServingError(err.code, f"model: unknown model '{model}' (this server has: {', '.join(names) or 'none'})")
+
+    def config(self, model: str):
+        """A model's configuration (GetModelConfig, as JSON)."""
+        try:
+            return (yield from self.call(self.client.get_model_config, model, as_json=True,
+                                         client_timeout=self.timeout))["config"]
+        except ServingError as err:
+            raise (yield from self.unknown(model, err)) from None
+
+    def model_meta(self, model: str):
+        if model not in self.meta:
+            cfg = yield from self.config(model)
+            try:
+                self.meta[model] = ModelMeta.from_config(cfg)
+            except InvalidInput as e:
+                raise ServingError("INVALID_ARGUMENT", str(e)) from None
+        return self.meta[model]
+
+    def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",)):
+        """One request of len(seeds) images; {output name: array} (png: a list of bytes)."""
+        inputs = build_inputs(self.grpc, seeds, steps, class_labels, gamma)
+        wanted = [self.grpc.InferRequestedOutput(n) for n in outputs]
+        try:
+            result = yield from self.call(self.client.infer, model, inputs, outputs=wanted,
+                                          client_timeout=self.timeout)
+        except ServingError as err:
+            raise (yield from self.unknown(model, err)) from None
+        out = {}
+        for n in outputs:
+            arr = result.as_numpy(n)
+            if arr is not None:
+                out[n] = [bytes(b) for b in arr.reshape(-1)] if n == "png" else arr
+        return out
+
+    def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None, png: bool = False):
+        """uint8 images [K, H, W, C] (float samples [K, D] for 2-D models), or K PNGs."""
+        meta = yield from self.model_meta(model)
+        out = "png" if png else "image" if meta.is_image else "sample"
+        return (yield from self.infer(model, seeds, steps, class_labels, gamma, outputs=(out,)))[out]
+
+    def statistics(self):
+        """GetInferenceStatistics of every model, as JSON."""
+        return (yield from self.call(self.client.get_inference_statistics, "", as_json=True, client_timeout=30))
+
+    def server_version(self):
+        return (yield from self.call(self.client.get_server_metadata, as_json=True,
+                                     client_timeout=self.timeout)).get("version")
+
+    def stream_inputs(self, model: str, seed: int, steps, class_label, gamma) -> tuple:
+        return model + "_stream", build_inputs(self.grpc, [seed], steps, None if class_label is None else [class_label],
+                                               None if gamma is None else [gamma], batched=False)
+
+
+class _Steps:
+    """Walks a core operation: the server calls it asks for, then its result."""
+
+    def __init__(self, op):
+        self.op, self.value, self.error, self.result = op, None, None, None
+
+    def next_call(self):
+        """The next call to make, or None when the operation has its result."""
+        try:
+            fn = self.op.throw(self.error) if self.error is not None else self.op.send(self.value)
+        except StopIteration as done:
+            self.result = done.value
+            return None
+        self.value, self.error = None, None
+        return fn
+
+
+def _run(op):
+    """Run a core operation with blocking calls."""
+    steps = _Steps(op)
+    while (fn := steps.next_call()) is not None:
+        try:
+            steps.value = fn()
+        except Exception as e:  # noqa: BLE001 - thrown into the operation, which decides
+            steps.error = e
+    return steps.result
+
+
+async def _run_async(op):
+    """Run a core operation with awaited calls."""
+    steps = _Steps(op)
+    while (fn := steps.next_call()) is not None:
+        try:
+            steps.value = await fn()
+        except Exception as e:  # noqa: BLE001 - thrown into the operation, which decides
+            steps.error = e
+    return steps.result
 
 
 class Client:
@@ -232,17 +301,11 @@ class Client:
                  root_certificates=None, channel_args=None):
         import tritonclient.grpc as grpc
 
-        self._grpc = grpc
-        self.url = url
-        self.timeout = timeout
-        self._tls = _tls_kwargs(ssl, root_certificates)
-        self.admin_headers = admin_headers_for(url)
-        self.channel_args = channel_options(channel_args)
-        self._client = grpc.InferenceServerClient(url, channel_args=self.channel_args, **self._tls)
-        self._meta: dict[str, ModelMeta] = {}
+        self._core = _Core(grpc, url, timeout, ssl, root_certificates, channel_args)
+        self.url, self.timeout = url, timeout
 
     def close(self) -> None:
-        self._client.close()
+        self._core.client.close()
 
     def __enter__(self):
         return self
@@ -250,115 +313,57 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    # --- server and models ---------------------------------------------------------------------
     def ready(self, model: str | None = None) -> bool:
-        try:
-            if model is None:
-                return bool(self._client.is_server_ready())
-            return bool(self._client.is_model_ready(model))
-        except self._grpc_error() as e:
-            if "unavailable" in str(e).lower() or "failed to connect" in str(e).lower():
-                return False
-            raise _wrap(e) from None
-
-    def _grpc_error(self):
-        from tritonclient.utils import InferenceServerException
-        return InferenceServerException
+        return _run(self._core.ready(model))
 
     def models(self) -> list[str]:
-        """Names clients can call: the ensembles (each has `<name>_sampler` beside it)."""
-        try:
-            index = self._client.get_model_repository_index(headers=self.admin_headers,
-                                                            as_json=True).get("models", [])
-        except self._grpc_error() as e:
-            raise _wrap(e) from None
-        names = {m["name"] for m in index}
-        return sorted(n for n in names if n + "_sampler" in names)
+        return _run(self._core.models())
 
     def meta(self, model: str) -> ModelMeta:
-        if model not in self._meta:
-            try:
-                cfg = self._client.get_model_config(model, as_json=True)["config"]
-            except self._grpc_error() as e:
-                err = _wrap(e)
-                if "unknown model" in err.message.lower() or err.code == "NOT_FOUND":
-                    raise _unknown(model, err, self.models()) from None
-                raise err from None
-            self._meta[model] = ModelMeta.from_config(cfg)
-        return self._meta[model]
+        return _run(self._core.model_meta(model))
 
-    # --- inference ------------------------------------------------------------------------------
-    def infer(self, model: str, seeds, steps, class_labels=None, gamma=None, outputs=("image",)) -> dict:
-        """One request of len(seeds) images; returns {output name: array} (png: list of bytes)."""
-        inputs = build_inputs(self._grpc, seeds, steps, class_labels, gamma)
-        try:
-            result = self._client.infer(model, inputs, outputs=_outputs(self._grpc, outputs),
-                                        client_timeout=self.timeout)
-        except self._grpc_error() as e:
-            err = _wrap(e)
-            if err.code == "NOT_FOUND":
-                raise _unknown(model, err, self.models()) from None
-            raise err from None
-        return _result(result, outputs)
+    def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",)) -> dict:
+        return _run(self._core.infer(model, seeds, steps, class_labels, gamma, outputs))
 
     def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None) -> np.ndarray:
-        """uint8 images [K, H, W, C] (float samples [K, D] for 2-D models), K = len(seeds)."""
-        meta = self.meta(model)
-        steps = meta.default_steps if steps is None else steps
-        out = "image" if meta.is_image else "sample"
-        return self.infer(model, seeds, steps, class_labels, gamma, outputs=(out,))[out]
+        return _run(self._core.generate(model, seeds, steps, class_labels, gamma))
 
     def generate_png(self, model: str, seeds, steps=None, class_labels=None, gamma=None) -> list[bytes]:
-        steps = self.meta(model).default_steps if steps is None else steps
-        return self.infer(model, seeds, steps, class_labels, gamma, outputs=("png",))["png"]
+        return _run(self._core.generate(model, seeds, steps, class_labels, gamma, png=True))
 
     def stream(self, model: str, seed: int, steps=None, class_label=None, gamma=None):
         """Yields (step, preview) after every sampler step; the last one is the final image."""
-        steps = self.meta(model).default_steps if steps is None else steps
-        name = model + "_stream"
-        inputs = build_inputs(self._grpc, [seed], steps, None if class_label is None else [class_label],
-                              None if gamma is None else [gamma], batched=False)
+        name, inputs = self._core.stream_inputs(model, seed, steps, class_label, gamma)
         q: queue.Queue = queue.Queue()
-        client = self._grpc.InferenceServerClient(self.url, channel_args=self.channel_args, **self._tls)
+        client = self._core.new_client()
         try:
-            client.start_stream(callback=lambda result, error: q.put((result, error)),
-                                stream_timeout=self.timeout)
+            client.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=self.timeout)
             client.async_stream_infer(name, inputs, enable_empty_final_response=True)
-            while True:
+            final = False
+            while not final:
                 try:
-                    result, error = q.get(timeout=self.timeout)
+                    item, final = _stream_step(*q.get(timeout=self.timeout))
                 except queue.Empty:
                     raise ServingError("DEADLINE_EXCEEDED", f"{name}: no response in {self.timeout} s") from None
-                if error is not None:
-                    raise _stream_error(error)
-                item = _stream_item(result)
                 if item is not None:
                     yield item
-                if _is_final(result):
-                    return
         finally:
             client.stop_stream(cancel_requests=True)
             client.close()
 
 
 class AsyncClient:
-    """asyncio client (tritonclient.grpc.aio): the same calls, awaited. channel_args as for Client."""
+    """asyncio client (tritonclient.grpc.aio): the same calls as `Client`, awaited."""
 
     def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, ssl: bool = False,
                  root_certificates=None, channel_args=None):
         import tritonclient.grpc.aio as aio
 
-        self._grpc = aio
-        self.url = url
-        self.timeout = timeout
-        self.channel_args = channel_options(channel_args)
-        self._client = aio.InferenceServerClient(url, channel_args=self.channel_args,
-                                                 **_tls_kwargs(ssl, root_certificates))
-        self.admin_headers = admin_headers_for(url)
-        self._meta: dict[str, ModelMeta] = {}
+        self._core = _Core(aio, url, timeout, ssl, root_certificates, channel_args)
+        self.url, self.timeout = url, timeout
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._core.client.close()
 
     async def __aenter__(self):
         return self
@@ -366,77 +371,47 @@ class AsyncClient:
     async def __aexit__(self, *exc):
         await self.close()
 
-    @staticmethod
-    def _error():
-        from tritonclient.utils import InferenceServerException
-        return InferenceServerException
-
     async def ready(self, model: str | None = None) -> bool:
-        try:
-            if model is None:
-                return bool(await self._client.is_server_ready())
-            return bool(await self._client.is_model_ready(model))
-        except self._error():
-            return False
+        return await _run_async(self._core.ready(model))
 
     async def models(self) -> list[str]:
-        try:
-            index = (await self._client.get_model_repository_index(headers=self.admin_headers,
-                                                                   as_json=True)).get("models", [])
-        except self._error() as e:
-            raise _wrap(e) from None
-        names = {m["name"] for m in index}
-        return sorted(n for n in names if n + "_sampler" in names)
+        return await _run_async(self._core.models())
 
     async def meta(self, model: str) -> ModelMeta:
-        if model not in self._meta:
-            try:
-                cfg = (await self._client.get_model_config(model, as_json=True))["config"]
-            except self._error() as e:
-                err = _wrap(e)
-                if "unknown model" in err.message.lower() or err.code == "NOT_FOUND":
-                    raise _unknown(model, err, await self.models()) from None
-                raise err from None
-            self._meta[model] = ModelMeta.from_config(cfg)
-        return self._meta[model]
+        return await _run_async(self._core.model_meta(model))
 
-    async def infer(self, model: str, seeds, steps, class_labels=None, gamma=None, outputs=("image",)) -> dict:
-        inputs = build_inputs(self._grpc, seeds, steps, class_labels, gamma)
-        try:
-            result = await self._client.infer(model, inputs, outputs=_outputs(self._grpc, outputs),
-                                              client_timeout=self.timeout)
-        except self._error() as e:
-            err = _wrap(e)
-            if err.code == "NOT_FOUND":
-                raise _unknown(model, err, await self.models()) from None
-            raise err from None
-        return _result(result, outputs)
+    async def config(self, model: str) -> dict:
+        return await _run_async(self._core.config(model))
+
+    async def statistics(self) -> dict:
+        return await _run_async(self._core.statistics())
+
+    async def server_version(self) -> str | None:
+        return await _run_async(self._core.server_version())
+
+    async def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",)) -> dict:
+        return await _run_async(self._core.infer(model, seeds, steps, class_labels, gamma, outputs))
 
     async def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None) -> np.ndarray:
-        meta = await self.meta(model)
-        steps = meta.default_steps if steps is None else steps
-        out = "image" if meta.is_image else "sample"
-        return (await self.infer(model, seeds, steps, class_labels, gamma, outputs=(out,)))[out]
+        return await _run_async(self._core.generate(model, seeds, steps, class_labels, gamma))
+
+    async def generate_png(self, model: str, seeds, steps=None, class_labels=None, gamma=None) -> list[bytes]:
+        return await _run_async(self._core.generate(model, seeds, steps, class_labels, gamma, png=True))
 
     async def stream(self, model: str, seed: int, steps=None, class_label=None, gamma=None):
         """Async iterator of (step, preview); the last one is the final image."""
-        steps = (await self.meta(model)).default_steps if steps is None else steps
-        name = model + "_stream"
-        inputs = build_inputs(self._grpc, [seed], steps, None if class_label is None else [class_label],
-                              None if gamma is None else [gamma], batched=False)
+        name, inputs = self._core.stream_inputs(model, seed, steps, class_label, gamma)
 
         async def requests():
             yield {"model_name": name, "inputs": inputs, "enable_empty_final_response": True}
 
-        responses = self._client.stream_infer(requests(), stream_timeout=self.timeout)
+        responses = self._core.client.stream_infer(requests(), stream_timeout=self.timeout)
         try:
             async for result, error in responses:
-                if error is not None:
-                    raise _stream_error(error)
-                item = _stream_item(result)
+                item, final = _stream_step(result, error)
                 if item is not None:
                     yield item
-                if _is_final(result):
+                if final:
                     return
         finally:
             if hasattr(responses, "cancel"):

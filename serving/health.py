@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.reaper import proc_stat
+
 STUB_BINARY = "triton_python_backend_stub"
 INSTANCE_ARG = 8  # argv index of the model instance name (python_backend's stub_launcher)
 
@@ -44,12 +46,8 @@ class Stub:
 
 def _stat(pid: int) -> tuple[str, int] | None:
     """(state, parent pid) of a process, None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = stat[stat.rindex(")") + 2:].split()
-    return rest[0], int(rest[1])
+    rest = proc_stat(pid)
+    return None if rest is None else (rest[0], int(rest[1]))
 
 
 def find_stubs(server_pid: int) -> list[Stub]:

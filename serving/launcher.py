@@ -9,7 +9,7 @@ The wheel ships Triton Inference Server (2.51) with only the Python backend, lai
 
 We do not use PyTriton's Python API: `Server` assembles a backend directory (the Python
 backend plus the stub built for this interpreter), builds the environment the stub needs
-to import numpy, `training.sampling` and `export.runner`, starts the binary in its own
+to import numpy, `fewstep.sampling` and `export.runner`, starts the binary in its own
 process group on a model repository, waits until every model is ready, and stops it
 cleanly (SIGTERM, then SIGKILL to the whole group), so no stub process outlives it.
 
@@ -253,7 +253,7 @@ class Server:
     abort: object = None  # a callable: when it returns True, start() gives up waiting
     http: bool = False  # HTTP/REST endpoint; off by default (gRPC is the product's protocol)
     tls: TLS | None = None  # gRPC TLS
-    cleanup: list = field(default_factory=list)  # paths the watchdog removes if the launcher dies
+    cleanup: list = field(default_factory=list)  # the server's own paths: removed by close() (or the watchdog)
     http_max_body: int = 1 << 20  # the HTTP guard's request-size limit (serving/http_guard.py)
 
     def __post_init__(self):
@@ -502,6 +502,13 @@ class Server:
         self._stop_reaper()
         return rc
 
+    def close(self) -> int | None:
+        """stop(), then remove the server's own paths (`cleanup`; a restart only stops it)."""
+        rc = self.stop()
+        for p in self.cleanup:
+            shutil.rmtree(p, ignore_errors=True)
+        return rc
+
     def _stop_reaper(self) -> None:
         """The server is stopped (its group is gone): the watchdog has nothing left to do."""
         reaper, self._reaper = self._reaper, None
@@ -516,39 +523,4 @@ class Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def serve_forever(server: Server, on_ready=None) -> int:
-    """Run until SIGINT/SIGTERM (or until the server dies); always stops the server. A dead
-    Python backend stub restarts the server (serving/health.py)."""
-    stop = {"signal": None}
-
-    def handler(signum, frame):
-        stop["signal"] = signum
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    server.abort = lambda: stop["signal"] is not None
-    try:
-        try:
-            server.start()
-        except KeyboardInterrupt:
-            return 130
-        if on_ready:
-            on_ready(server)
-        from serving.health import Watchdog
-
-        watchdog = Watchdog(server)  # a dead Python stub: restart the server (serving/health.py)
-        while stop["signal"] is None:
-            if server.proc.poll() is not None:
-                print(f"tritonserver exited with code {server.proc.returncode}; last lines of its log:\n"
-                      f"{server.log_tail()}", file=sys.stderr)
-                return 1
-            if not watchdog.check():
-                return 1
-            time.sleep(0.2)
-        return 0
-    finally:
-        server.stop()
-        for s, h in old.items():
-            signal.signal(s, h)
+        self.close()

@@ -2,7 +2,7 @@
 
 Triton's Python models (serving/models/*.py) are thin: they read tensors, call
 `parse_request` (validation: every bad input becomes an `InvalidInput` naming the field
-and the allowed range); the sampler loop is `training.sampling`'s, driven per sample by
+and the allowed range); the sampler loop is `fewstep.sampling`'s, driven per sample by
 `serving.scheduler` or per batch by `run_group`. Keeping this here,
 free of Triton, lets unit tests cover it and keeps the models and the PyTorch sampler
 on one code path.
@@ -10,27 +10,73 @@ on one code path.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 
 import numpy as np
 
-from training import sampling
+from fewstep import sampling
 
-# inputs of `<name>`, `<name>_sampler` and `<name>_stream`: name -> (Triton dtype, numpy dtype).
+# --- the request contract ----------------------------------------------------------------------
+# Everything that names, types or bounds a request input is derived from here: the Triton
+# configs (serving.repository), the validation below, the client's tensors (serving.client),
+# the page's limits (demo.app) and the bench.
+
+@dataclass(frozen=True)
+class Input:
+    """One input of `<name>`, `<name>_sampler` and `<name>_stream` (one value per image)."""
+    name: str
+    dtype: str              # Triton's name of the type: INT64, FP32
+    optional: bool
+    what: str               # what it is (the config's comment)
+    noun: str = ""          # how an error names an allowed value ("must be NOUN in [lo, hi]")
+
+    @property
+    def numpy(self) -> np.dtype:
+        return np.dtype({"INT64": np.int64, "FP32": np.float32}[self.dtype])
+
+    @property
+    def config_type(self) -> str:
+        return "TYPE_" + self.dtype
+
+
+MAX_SEED = 2 ** 63 - 1
+SEED_RANGE = (0, MAX_SEED)
+GAMMA_RANGE = (0.0, 1.0)
 # Integers are INT64 so that no value can wrap before it is checked: Triton converts an
 # HTTP JSON number into a narrower input type by truncation (4294967297 -> INT32 1).
-INPUTS = {
-    "seed": ("TYPE_INT64", np.int64),
-    "steps": ("TYPE_INT64", np.int64),
-    "class_label": ("TYPE_INT64", np.int64),
-    "gamma": ("TYPE_FP32", np.float32),
-}
-REQUIRED = ("seed", "steps")
-MAX_SEED = 2 ** 63 - 1
+INPUTS = {i.name: i for i in (
+    Input("seed", "INT64", False, "noise seed (the image depends only on it and the settings)"),
+    Input("steps", "INT64", True, "sampler steps (default: the model's default_steps)", noun="an integer"),
+    Input("class_label", "INT64", True, "class label (required by a class-conditional model)"),
+    Input("gamma", "FP32", True, "sampler stochasticity (default: the model's gamma)"),
+)}
+REQUIRED = tuple(name for name, i in INPUTS.items() if not i.optional)
+
+
+def input_ranges(model) -> dict:
+    """{input: (lo, hi)} inclusive, for a model (ModelInfo or ModelMeta: its max_steps and
+    num_classes); class_label is absent for an unconditional model."""
+    out = {"seed": SEED_RANGE, "steps": (1, int(model.max_steps)), "gamma": GAMMA_RANGE}
+    if model.num_classes:
+        out["class_label"] = (0, int(model.num_classes) - 1)
+    return out
+
+
+def range_text(lo, hi) -> str:
+    return f"[{lo:g}, {hi:g}]" if isinstance(lo, float) else f"[{lo}, {hi}]"
 
 
 class InvalidInput(ValueError):
     """A bad request: the message names the field and the allowed values."""
+
+
+def is_input_error(message: str) -> bool:
+    """Whether an error message is one of the request's validation errors (`InvalidInput`
+    names the input first; Triton's own say "inference input"): a gRPC stream carries only
+    the message of an error, not its code."""
+    head = message.split(":", 1)[0].strip()
+    return head.split(" ")[-1] in INPUTS or "inference input" in message
 
 
 @dataclass(frozen=True)
@@ -39,7 +85,7 @@ class ModelInfo:
     name: str
     shape: tuple            # [C, H, W] or [D]
     num_classes: int
-    spec: dict              # training.sampling sampler spec
+    spec: dict              # fewstep.sampling sampler spec
     max_batch: int
     value_range: tuple = (-1.0, 1.0)
 
@@ -65,6 +111,88 @@ class ModelInfo:
     def max_steps(self) -> int:
         return int(self.spec["max_steps"])
 
+    @property
+    def default_steps(self) -> int:
+        return int(self.spec["default_steps"])
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a client knows of a served model: written by the server into the ensemble's
+    config (`to_params`, GetModelConfig), read back by clients (`from_config`)."""
+    name: str
+    shape: tuple            # [C, H, W] or [D]
+    num_classes: int
+    max_steps: int
+    default_steps: int
+    max_batch: int
+    gamma: float
+    outputs: tuple
+    method: str = ""        # the method that trained it (manifest), e.g. "cud"
+    jump_lands: str = "s"   # "end": a consistency model, which re-noises after every jump
+    recommended_steps: tuple = ()  # the step counts it was made for (manifest); () = (default_steps,)
+    quality: dict | None = None    # {"metric", "num", "by_steps": {steps: value}}: eval figures, lower is better
+    value_range: tuple = (-1.0, 1.0)
+
+    # config parameter -> field; the config itself carries name, max_batch_size and the outputs
+    PARAMS = {"image_shape": "shape", "num_classes": "num_classes", "max_steps": "max_steps",
+              "default_steps": "default_steps", "gamma": "gamma", "method": "method", "jump_lands": "jump_lands",
+              "value_range": "value_range", "recommended_steps": "recommended_steps", "quality": "quality"}
+    TEXT = ("method", "jump_lands")  # plain strings; every other parameter is JSON
+
+    @classmethod
+    def from_info(cls, info: ModelInfo, outputs, method: str = "", recommended_steps=(), quality=None):
+        return cls(info.name, tuple(info.shape), info.num_classes, info.max_steps, info.default_steps,
+                   info.max_batch, float(info.spec.get("gamma", 0.0)), tuple(outputs), method,
+                   str(info.spec.get("jump_lands", "s")), tuple(recommended_steps), quality, tuple(info.value_range))
+
+    def to_params(self) -> dict:
+        out = {}
+        for key, f in self.PARAMS.items():
+            v = getattr(self, f)
+            out[key] = v if f in self.TEXT else json.dumps(list(v) if isinstance(v, tuple) else v)
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelMeta":
+        """From a GetModelConfig answer (as JSON); InvalidInput for a model that is not an ensemble of ours."""
+        p = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        if "image_shape" not in p:
+            raise InvalidInput(f"model '{cfg.get('name')}' is not a fewstep model (call the ensemble, not its parts)")
+        v = {f: (p[k] if f in cls.TEXT else json.loads(p[k])) for k, f in cls.PARAMS.items() if p.get(k)}
+        return cls(name=cfg["name"], shape=tuple(v["shape"]), num_classes=int(v["num_classes"]),
+                   max_steps=int(v["max_steps"]), default_steps=int(v["default_steps"]),
+                   max_batch=int(cfg.get("max_batch_size", 0)), gamma=float(v.get("gamma", 0.0)),
+                   outputs=tuple(o["name"] for o in cfg.get("output", [])), method=v.get("method", ""),
+                   jump_lands=v.get("jump_lands", "s"),
+                   recommended_steps=tuple(int(k) for k in v.get("recommended_steps") or ()),
+                   quality=_quality(v.get("quality")), value_range=tuple(v.get("value_range", (-1.0, 1.0))))
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
+    @property
+    def made_for(self) -> tuple:
+        """The step counts the model was made for (its default step count when the server does not say)."""
+        return tuple(self.recommended_steps) or (self.default_steps,)
+
+    def gamma_unused(self, steps: int) -> str | None:
+        """Why a gamma sent with `steps` steps would change nothing (None when it is used)."""
+        if self.jump_lands == "end":
+            return (f"{self.name} is a consistency model: its sampler always re-noises after a jump "
+                    f"(gamma is 1), so gamma does not apply")
+        if steps == 1:
+            return "gamma has no effect at 1 step (the one jump lands at the end; nothing is re-noised)"
+        return None
+
+
+def _quality(q) -> dict | None:
+    """The `quality` parameter (step counts are JSON object keys, so strings there)."""
+    if not isinstance(q, dict) or not isinstance(q.get("by_steps"), dict):
+        return None
+    return {**q, "by_steps": {int(k): float(v) for k, v in q["by_steps"].items()}}
+
 
 @dataclass
 class Item:
@@ -89,64 +217,71 @@ def _column(name: str, arr, dtype, batch: int | None) -> np.ndarray:
     return a
 
 
+def _in_range(name: str, col: np.ndarray, lo, hi) -> None:
+    bad = ~np.isfinite(col) | (col < lo) | (col > hi)
+    if bad.any():
+        noun = f"{INPUTS[name].noun} " if name in INPUTS and INPUTS[name].noun else ""
+        raise InvalidInput(f"{name}: must be {noun}in {range_text(lo, hi)}, got {col[bad][0].item()!r}")
+
+
+def _labels(info: ModelInfo, raw, n: int) -> np.ndarray | None:
+    """Class labels int64 [B] (or None), checked against the model's classes."""
+    if raw is None:
+        if info.num_classes:
+            raise InvalidInput(f"class_label: required by the class-conditional model '{info.name}': "
+                               f"an integer in [0, {info.num_classes - 1}]")
+        return None
+    if not info.num_classes:
+        raise InvalidInput(f"class_label: model '{info.name}' is unconditional; send no class_label")
+    labels = _column("class_label", raw, INPUTS["class_label"].numpy, n)
+    _in_range("class_label", labels, *input_ranges(info)["class_label"])
+    return labels
+
+
 def parse_request(info: ModelInfo, inputs: dict, max_images: int | None = None) -> list[Item]:
-    """Validate one request's inputs ({name: array or None}); returns one Item per image."""
+    """Validate one request's inputs ({name: array or None}), the one check of each value on the
+    server; returns one Item per image (steps: the model's default_steps when not sent)."""
     unknown = sorted(set(k for k, v in inputs.items() if v is not None) - set(INPUTS))
     if unknown:
         raise InvalidInput(f"{unknown[0]}: unknown input (inputs are {', '.join(INPUTS)})")
     for name in REQUIRED:
         if inputs.get(name) is None:
             raise InvalidInput(f"{name}: required input is missing")
-    seeds = _column("seed", inputs["seed"], INPUTS["seed"][1], None)
+    seeds = _column("seed", inputs["seed"], INPUTS["seed"].numpy, None)
     n = seeds.shape[0]
     if n < 1:
         raise InvalidInput("seed: at least one image per request (batch >= 1)")
     limit = max_images or info.max_batch
     if n > limit:
         raise InvalidInput(f"seed: {n} images in one request; the maximum batch is {limit}")
-    if (seeds < 0).any():
-        raise InvalidInput(f"seed: must be in [0, {MAX_SEED}], got {int(seeds[seeds < 0][0])}")
-    steps = _column("steps", inputs["steps"], INPUTS["steps"][1], n)
-    bad = (steps < 1) | (steps > info.max_steps)
-    if bad.any():
-        raise InvalidInput(f"steps: must be an integer in [1, {info.max_steps}], got {int(steps[bad][0])}")
-    labels = None
-    if inputs.get("class_label") is not None:
-        labels = _column("class_label", inputs["class_label"], INPUTS["class_label"][1], n)
-        if info.num_classes == 0:
-            raise InvalidInput(f"class_label: model '{info.name}' is unconditional; send no class_label")
-        bad = (labels < 0) | (labels >= info.num_classes)
-        if bad.any():
-            raise InvalidInput(f"class_label: must be in [0, {info.num_classes - 1}], got {int(labels[bad][0])}")
-    elif info.num_classes > 0:
-        raise InvalidInput(f"class_label: required by the class-conditional model '{info.name}': "
-                           f"an integer in [0, {info.num_classes - 1}]")
-    gammas = None
-    if inputs.get("gamma") is not None:
-        gammas = _column("gamma", inputs["gamma"], INPUTS["gamma"][1], n)
-        bad = ~np.isfinite(gammas) | (gammas < 0) | (gammas > 1)
-        if bad.any():
-            raise InvalidInput(f"gamma: must be in [0, 1], got {float(gammas[bad][0])!r}")
-    items = []
-    for b in range(n):
-        g = None if gammas is None else float(gammas[b])
-        eff = sampling.check_request(info.spec, int(steps[b]), g)  # consistency models force gamma = 1
-        items.append(Item(int(seeds[b]), int(steps[b]), float(eff), None if labels is None else int(labels[b])))
-    return items
+    cols = {"seed": seeds}
+    for name in ("steps", "gamma"):
+        if inputs.get(name) is not None:
+            cols[name] = _column(name, inputs[name], INPUTS[name].numpy, n)
+    ranges = input_ranges(info)
+    for name, col in cols.items():
+        _in_range(name, col, *ranges[name])
+    labels = _labels(info, inputs.get("class_label"), n)
+    steps = cols.get("steps", np.full(n, info.default_steps))
+    gammas = cols.get("gamma")
+    return [Item(int(seeds[b]), int(steps[b]),
+                 sampling.effective_gamma(info.spec, None if gammas is None else float(gammas[b])),
+                 None if labels is None else int(labels[b])) for b in range(n)]
 
 
 def run_group(jump, info: ModelInfo, items: list[Item], callback=None) -> np.ndarray:
     """Samples (float32 [B, *shape]) of items that share steps and gamma, by the whole-batch
-    loop `training.sampling.sample` (the stream model and the in-process baseline; the
-    sampler model advances any mix of items per step with `serving.scheduler`).
+    loop `fewstep.sampling.run_plan` (the stream model and the in-process baseline; the
+    sampler model advances any mix of items per step with `serving.scheduler`). The items
+    are checked already (`parse_request`).
 
     jump(x, t, s, labels) -> x_s on numpy arrays (labels int64 [B] or None).
     """
     steps, gamma = items[0].steps, items[0].gamma
     assert all(it.steps == steps and it.gamma == gamma for it in items)
     labels = None if items[0].label is None else np.array([it.label for it in items], dtype=np.int64)
-    x = sampling.sample(lambda x, t, s: jump(x, t, s, labels), info.spec, steps, [it.seed for it in items],
-                        info.shape, gamma=gamma, like_x=np.zeros((1,), np.float32), callback=callback)
+    x = sampling.run_plan(lambda x, t, s: jump(x, t, s, labels), info.spec, sampling.step_plan(info.spec, steps, gamma),
+                          [it.seed for it in items], info.shape, like_x=np.zeros((1,), np.float32), callback=callback)
     return np.asarray(x, dtype=np.float32)
 
 
@@ -208,13 +343,5 @@ def parse_jump(info: ModelInfo, x, t, s, labels=None):
     if (s > t).any():
         k = int(np.argmax(s > t))
         raise InvalidInput(f"s: must be <= t (a jump goes back in time), got s = {float(s[k])!r} > t = {float(t[k])!r}")
-    if info.num_classes:
-        if labels is None:
-            raise InvalidInput(f"class_label: required, an integer in [0, {info.num_classes - 1}]")
-        labels = _column("class_label", labels, np.int64, n)
-        bad = (labels < 0) | (labels >= info.num_classes)
-        if bad.any():
-            raise InvalidInput(f"class_label: must be in [0, {info.num_classes - 1}], got {int(labels[bad][0])}")
-    elif labels is not None:
-        raise InvalidInput(f"class_label: model '{info.name}' is unconditional; send no class_label")
+    labels = _labels(info, labels, n)
     return x.astype(np.float32, copy=False), t, s, labels

@@ -11,6 +11,9 @@ a crash: nothing of it ran its cleanup), the reaper SIGKILLs the server's proces
 with SHM_PREFIX, and the PATHs (the temporary backend dir, the admin key file, the
 generated repository).
 
+The /proc readings of the serving package live here too (`proc_stat`, `process_group_members`,
+`cpu_seconds`), since this file may import only the standard library.
+
 Why not PR_SET_PDEATHSIG: the parent-death signal follows the *thread* that started the
 server, so a server started from a worker thread would be killed when that thread ends.
 """
@@ -32,21 +35,34 @@ def _pidfd(pid: int):
         return None
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the parenthesised command (state ppid pgrp ...),
+    None when the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def process_group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is pgid (Linux /proc)."""
     out = []
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        # fields after the parenthesised command: state ppid pgrp ...
-        rest = stat[stat.rindex(")") + 2:].split()
-        if int(rest[2]) == pgid and rest[0] != "Z":
+        rest = proc_stat(int(d.name)) if d.name.isdigit() else None
+        if rest is not None and int(rest[2]) == pgid and rest[0] != "Z":
             out.append(int(d.name))
     return out
+
+
+def cpu_seconds(pids) -> float:
+    """utime + stime (s) of processes, from /proc (e.g. a server and its Python stubs)."""
+    ticks = 0
+    for pid in pids:
+        rest = proc_stat(pid)
+        if rest is not None:
+            ticks += int(rest[11]) + int(rest[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def reap(server_pid: int, shm_prefix: str, paths: list[str]) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from export.manifest import recommended_steps, step_quality
 from fewstep.errors import UserError
 from serving import native_jump
-from serving.protocol import INPUTS, ModelInfo
+from serving.protocol import INPUTS, ModelInfo, ModelMeta, input_ranges, range_text
 
 MODELS_DIR = Path(__file__).with_name("models")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -128,28 +128,27 @@ def _instance(count: int, kind: str) -> str:
 
 
 def request_inputs(info: ModelInfo) -> list[str]:
-    """The inputs clients send to `<name>` and `<name>_stream` (one value per image)."""
-    label = (f"class label in [0, {info.num_classes - 1}]; required by this conditional model (checked by the sampler)"
-             if info.num_classes else "this model is unconditional: a class_label is refused")
-    return [
-        _tensor("seed", INPUTS["seed"][0], [1], comment="noise seed >= 0: the image depends only on it and the settings"),
-        _tensor("steps", INPUTS["steps"][0], [1], comment=f"sampler steps in [1, {info.max_steps}]"),
-        _tensor("class_label", INPUTS["class_label"][0], [1], optional=True, comment=label),
-        _tensor("gamma", INPUTS["gamma"][0], [1], optional=True,
-                comment=f"stochasticity in [0, 1] (default {info.spec.get('gamma', 0.0)})"),
-    ]
+    """The inputs clients send to `<name>` and `<name>_stream` (serving.protocol.INPUTS, one
+    value per image), each with its range for this model."""
+    ranges = input_ranges(info)
+    out = []
+    for name, inp in INPUTS.items():
+        where = f"in {range_text(*ranges[name])}" if name in ranges else "refused: this model is unconditional"
+        out.append(_tensor(name, inp.config_type, [1], optional=inp.optional, comment=f"{inp.what}; {where}"))
+    return out
 
 
-def result_outputs(info: ModelInfo, png: bool, stream: bool = False) -> list[str]:
-    outs = []
+def result_outputs(info: ModelInfo, png: bool, stream: bool = False) -> dict:
+    """{output name: its config text} of `<name>`, `<name>_sampler` and `<name>_stream`."""
+    outs = {}
     if info.is_image:
-        outs.append(_tensor("image", "TYPE_UINT8", list(info.image_shape), comment="uint8 image, [H, W, C]"))
+        outs["image"] = _tensor("image", "TYPE_UINT8", list(info.image_shape), comment="uint8 image, [H, W, C]")
         if png and not stream:
-            outs.append(_tensor("png", "TYPE_STRING", [1], comment="the image as PNG bytes"))
-    outs.append(_tensor("sample", "TYPE_FP32", list(info.shape),
-                        comment=f"the float sample in {list(info.value_range)}, before quantisation"))
+            outs["png"] = _tensor("png", "TYPE_STRING", [1], comment="the image as PNG bytes")
+    outs["sample"] = _tensor("sample", "TYPE_FP32", list(info.shape),
+                             comment=f"the float sample in {list(info.value_range)}, before quantisation")
     if stream:
-        outs.append(_tensor("step", "TYPE_INT32", [1], comment="steps done so far (the last response: all)"))
+        outs["step"] = _tensor("step", "TYPE_INT32", [1], comment="steps done so far (the last response: all)")
     return outs
 
 
@@ -205,10 +204,8 @@ def sampler_warmup(info: ModelInfo) -> str:
     """Triton sends one 2-step request (seed 0) through execute(), the scheduler and the
     response sender before it marks the sampler ready (inline only: with bls the jump model
     may not be loaded yet)."""
-    # dtypes from the request contract (serving.protocol.INPUTS)
-    inputs = [("seed", INPUTS["seed"][0], [1], None), ("steps", INPUTS["steps"][0], [1], "steps")]
-    if info.num_classes:
-        inputs.append(("class_label", INPUTS["class_label"][0], [1], None))
+    inputs = [(name, INPUTS[name].config_type, [1], "steps" if name == "steps" else None)
+              for name in ("seed", "steps", "class_label") if name != "class_label" or info.num_classes]
     return _warmup("one request through the whole sampler before it is ready", inputs)
 
 
@@ -217,7 +214,7 @@ def write_warmup_files(repo: Path, info: ModelInfo, plan: ServingPlan) -> None:
 
     files = {info.name + "_jump": {k: np.array([info.spec[k]], np.float32) for k in ("t_max", "t_end")}}
     if plan.jump == "inline":
-        files[info.name + "_sampler"] = {"steps": np.array([min(2, info.max_steps)], INPUTS["steps"][1])}
+        files[info.name + "_sampler"] = {"steps": np.array([min(2, info.max_steps)], INPUTS["steps"].numpy)}
     for model, arrays in files.items():
         d = repo / model / "warmup"
         d.mkdir(parents=True, exist_ok=True)
@@ -236,7 +233,7 @@ def sampler_config(info: ModelInfo, opts: Options, plan: ServingPlan) -> str:
         "# execute() only queues requests for the scheduler; they join its batch at the next step",
         "dynamic_batching { max_queue_delay_microseconds: 0 }",
         _block("input", request_inputs(info)),
-        _block("output", result_outputs(info, opts.png)),
+        _block("output", list(result_outputs(info, opts.png).values())),
         _instance(plan.instances, plan.sampler_kind),
         _params(_loop_params(info, opts, plan)),
         sampler_warmup(info) if plan.jump == "inline" else "",
@@ -252,7 +249,7 @@ def stream_config(info: ModelInfo, opts: Options, plan: ServingPlan) -> str:
         "max_batch_size: 0",
         "model_transaction_policy { decoupled: true }",
         _block("input", request_inputs(info)),
-        _block("output", result_outputs(info, opts.png, stream=True)),
+        _block("output", list(result_outputs(info, opts.png, stream=True).values())),
         _instance(1, plan.sampler_kind),
         _params(_loop_params(info, opts, plan)),
         "",
@@ -272,37 +269,24 @@ def _loop_params(info: ModelInfo, opts: Options, plan: ServingPlan) -> dict:
 
 def ensemble_config(info: ModelInfo, opts: Options, manifest: dict) -> str:
     outputs = result_outputs(info, opts.png)
-    names = [re.search(r'name: "([^"]+)"', o).group(1) for o in outputs]
-    inputs = ["seed", "steps", "class_label", "gamma"]
     step = ["    {", f"      model_name: {_q(info.name + '_sampler')}", "      model_version: -1"]
-    step += [f"      input_map {{ key: {_q(n)} value: {_q(n)} }}" for n in inputs]
-    step += [f"      output_map {{ key: {_q(n)} value: {_q(n)} }}" for n in names]
+    step += [f"      input_map {{ key: {_q(n)} value: {_q(n)} }}" for n in INPUTS]
+    step += [f"      output_map {{ key: {_q(n)} value: {_q(n)} }}" for n in outputs]
     step.append("    }")
-    spec = info.spec
-    meta = {
-        "method": manifest.get("method", ""),
-        "image_shape": json.dumps(list(info.shape)),
-        "num_classes": str(info.num_classes),
-        "max_steps": str(info.max_steps),
-        "default_steps": str(spec.get("default_steps", 1)),
-        "gamma": str(spec.get("gamma", 0.0)),
-        "jump_lands": str(spec.get("jump_lands", "s")),
-        "value_range": json.dumps(list(info.value_range)),
-        # what the model was made for and how good it is at each step count (for the page)
-        "recommended_steps": json.dumps(recommended_steps(manifest)),
-        "quality": json.dumps(step_quality(manifest)),
-    }
+    # what the model was made for and how good it is at each step count (for the page)
+    meta = ModelMeta.from_info(info, outputs, method=manifest.get("method", ""),
+                               recommended_steps=recommended_steps(manifest), quality=step_quality(manifest))
     return "\n".join([
-        f"# {info.name}: what clients call. seed/steps[/class_label/gamma] -> image (+ png, sample)",
-        f"# {len(inputs)} inputs of one value per image; up to {info.max_batch} images per request",
+        f"# {info.name}: what clients call. seed[/steps/class_label/gamma] -> image (+ png, sample)",
+        f"# {len(INPUTS)} inputs of one value per image; up to {info.max_batch} images per request",
         f"name: {_q(info.name)}",
         'platform: "ensemble"',
         f"max_batch_size: {info.max_batch}",
         _block("input", request_inputs(info)),
-        _block("output", outputs),
+        _block("output", list(outputs.values())),
         "ensemble_scheduling {\n  step [\n" + "\n".join(step) + "\n  ]\n}",
-        "# the model's settings, for clients (GetModelConfig)",
-        _params(meta),
+        "# the model's settings, for clients (GetModelConfig; serving.protocol.ModelMeta)",
+        _params(meta.to_params()),
         "",
     ])
 

@@ -4,11 +4,11 @@
 samples; on each tick the scheduler takes the samples in flight, whatever their step
 count, step index, gamma or label (oldest first, at most `max_batch`), and advances all
 of them with ONE call of jump(x, t, s, labels), t and s per sample. After the jump each
-sample settles on its own: `training.sampling.settle` re-noises it from its own seed, so
+sample settles on its own: `fewstep.sampling.settle` re-noises it from its own seed, so
 an image never depends on what shared its batch. A request is answered as soon as its
 last image is done; requests that arrive meanwhile join at the next tick.
 
-The step math is `training.sampling`'s (`step_plan`, `start_noise`, `settle`), the same
+The step math is `fewstep.sampling`'s (`step_plan`, `start_noise`, `settle`), the same
 as the PyTorch evaluation loop; this module only keeps per-sample progress through it.
 Free of Triton, so tests drive it with any jump.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from training import sampling
+from fewstep import sampling
 
 
 class ShuttingDown(RuntimeError):
@@ -48,7 +48,7 @@ class _Sample:
     k: int                              # index in its request
     seed: int
     label: int | None
-    plan: tuple                         # training.sampling.step_plan
+    plan: tuple                         # fewstep.sampling.step_plan
     i: int = 0                          # steps done
     x: np.ndarray | None = field(default=None, repr=False)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewstep.errors import UserError
-from training import sampling
+from fewstep import sampling
 from training.build import ExactGMMTeacher, Model, build_method, build_net, resolve_net_config
 from training.config import make_config
 

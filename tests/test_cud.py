@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from fewstep.cli import main
 from fewstep.errors import UserError
-from training import sampling
+from fewstep import sampling
 from training.methods.cud import CUD, CouplingEncoder, gaussian_kl
 from training.methods.cud_distill import CUDDistill, generate_trajectories, teacher_trajectories
 

@@ -137,7 +137,7 @@ def test_previews_are_denoised_estimates():
     of the seed, the last is the final image; a jump that lands at the end costs no extra call."""
     from serving.preview import estimate_previews
     from serving.protocol import Item, ModelInfo, run_group
-    from training import sampling
+    from fewstep import sampling
 
     calls = []
 

@@ -21,7 +21,7 @@ from export.manifest import (ManifestError, read_manifest, recommended_steps, sh
 from export.runner import load_runner  # noqa: E402
 from fewstep.cli import main as fewstep_main  # noqa: E402
 from training import checkpoint as ck  # noqa: E402
-from training import sampling  # noqa: E402
+from fewstep import sampling  # noqa: E402
 from training.build import build_method, build_net, load_model, resolve_net_config  # noqa: E402
 from training.config import make_config  # noqa: E402
 from training.methods import METHODS  # noqa: E402

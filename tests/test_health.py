@@ -214,7 +214,7 @@ def test_jump_refuses_bad_inputs(triton_stack):
 
 def test_parse_jump_limits():
     from serving.protocol import InvalidInput, ModelInfo, jump_x_limit, parse_jump
-    from training import sampling
+    from fewstep import sampling
 
     flow = ModelInfo("f", (2,), 0, sampling.flow_spec(), max_batch=4)
     ve = ModelInfo("v", (2,), 3, sampling.ve_spec(), max_batch=4)

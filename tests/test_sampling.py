@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import sampling
+from fewstep import sampling
 
 
 def test_flow_grid_is_uniform_from_1_to_0():

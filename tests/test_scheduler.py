@@ -14,7 +14,7 @@ import pytest
 
 from serving.protocol import Item, ModelInfo
 from serving.scheduler import Scheduler, ShuttingDown
-from training import sampling
+from fewstep import sampling
 
 
 def _runner(model_dir):

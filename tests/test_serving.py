@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from serving.protocol import InvalidInput, ModelInfo, parse_request, run_group
-from training import sampling
+from fewstep import sampling
 
 pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient[grpc] (the serve extra)")
 
@@ -75,7 +75,7 @@ def test_repository_configs_are_valid_triton_configs(served_model_dirs, tmp_path
     inputs = {i.name: i for i in ens.input}
     assert [inputs[n].data_type for n in ("seed", "steps", "class_label", "gamma")] == [
         model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_FP32]
-    assert not inputs["seed"].optional and not inputs["steps"].optional
+    assert not inputs["seed"].optional and inputs["steps"].optional  # steps: the manifest's default_steps when left out
     assert inputs["class_label"].optional and inputs["gamma"].optional
     outs = {o.name: list(o.dims) for o in ens.output}
     assert outs["image"] == [28, 28, 1] and outs["png"] == [1] and outs["sample"] == [1, 28, 28]
@@ -115,12 +115,14 @@ def test_parse_request_rejects_each_bad_input():
         (dict(class_label=None), "class_label", "[0, 2]"),
         (dict(gamma=np.array([[0.5], [np.nan]], np.float32)), "gamma", "[0, 1]"),
         (dict(gamma=np.array([[1.5], [0]], np.float32)), "gamma", "[0, 1]"),
-        (dict(steps=None), "steps", "missing"),
+        (dict(seed=None), "seed", "missing"),
     ]
     for change, field, allowed in cases:
         with pytest.raises(InvalidInput) as e:
             parse_request(info, {**ok, **change})
         assert str(e.value).startswith(field + ":") and allowed in str(e.value), str(e.value)
+    # steps is optional: the server applies the manifest's default_steps
+    assert [i.steps for i in parse_request(info, {**ok, "steps": None})] == [info.default_steps] * 2 == [4, 4]
     uncond = ModelInfo("u", (2,), 0, sampling.flow_spec(), max_batch=4)
     with pytest.raises(InvalidInput, match="class_label: model 'u' is unconditional"):
         parse_request(uncond, {"seed": np.array([[0]], np.int64), "steps": np.array([[1]], np.int64),
@@ -283,7 +285,7 @@ def test_every_bad_input_is_refused_and_the_server_keeps_serving(triton_stack, c
         ("tiny", [s1, ("steps", np.array([[2]], np.int32), "INT32")], "steps", "INT64"),
         ("tiny", [s1, ("steps", np.array([[2.0]], np.float32), "FP32")], "steps", "INT64"),
         ("tiny", [("seed", np.array([[1, 2]], np.int64), "INT64"), st2], "seed", "[-1,1]"),
-        ("tiny", [s1], "steps", "missing required input"),
+        ("tiny", [], "seed", "missing required input"),
         ("tiny", [s1, st2, ("class_label", np.array([[1]], np.int64), "INT64")], "class_label", "unconditional"),
         ("toyc", [s1, st2, ("class_label", np.array([[4]], np.int64), "INT64")], "class_label", "[0, 3]"),
         ("toyc", [s1, st2, ("class_label", np.array([[-1]], np.int64), "INT64")], "class_label", "[0, 3]"),
@@ -311,6 +313,19 @@ def test_every_bad_input_is_refused_and_the_server_keeps_serving(triton_stack, c
     assert client.generate("tiny", [1], 2).tobytes() == good.tobytes()
     # nothing leaked: the same processes serve on
     assert triton_stack.server.proc.poll() is None
+
+
+def test_steps_left_out_are_the_models_default(triton_stack, client):
+    """A request without steps gets the manifest's default_steps, applied by the server: the
+    same bytes as a request that sends it, through the ensemble and the stream."""
+    default = client.meta("tiny").default_steps
+    sent = client.generate("tiny", [5, 6], default)
+    without = _raw(triton_stack.url, "tiny", [("seed", np.array([[5], [6]], np.int64), "INT64")], ("image",))
+    assert without.as_numpy("image").tobytes() == sent.tobytes()
+    assert client.generate("tiny", [5, 6]).tobytes() == sent.tobytes()  # the client sends no steps
+    previews = list(client.stream("tiny", seed=5))
+    assert len(previews) == default and previews[-1][1].tobytes() == sent[0].tobytes()
+    assert client.generate_png("tiny", [5])[0].startswith(b"\x89PNG")
 
 
 def test_stream_yields_one_preview_per_step_and_the_final_image(client):

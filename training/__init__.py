@@ -1,4 +1,5 @@
-"""Training: data, networks, methods, the training loop, sampling and evaluation.
+"""Training: data, networks, methods, the training loop and evaluation.
 
-Import submodules directly; `training.sampling` stays free of torch for serving.
+Import submodules directly. The sampler loop they share with serving is `fewstep.sampling`
+(torch-free, so serving never imports torch).
 """

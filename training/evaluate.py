@@ -77,9 +77,9 @@ def run(args) -> int:
     from training.checkpoint import write_json
     from training.config import parse_sets
     from training.sample_png import class_labels
-    from training.sampling import to_uint8
+    from fewstep.sampling import to_uint8
 
-    steps_list = list(dict.fromkeys(parse_int_list(args.steps, "--steps")))  # in the order given, once each
+    steps_list = parse_int_list(args.steps, "--steps")  # in the order given, once each
     check_range("--num", args.num, 2)
     check_range("--seed", args.seed, 0)
     check_range("--batch", args.batch, 1)

@@ -52,7 +52,7 @@ from fewstep.files import cache_root
 from training.checkpoint import derived_file
 from training.methods.base import bcast, ode_step
 from training.methods.edm import pf_ode_velocity
-from training.sampling import karras
+from fewstep.sampling import karras
 
 PRECONDS = ("cm", "ctm", "analytic")
 SIGMA_DATA = 0.5

@@ -6,7 +6,7 @@ import torch
 
 from fewstep.images import grid_image, save_png
 from fewstep.plots import save_scatter, steps_title
-from training import sampling
+from fewstep import sampling
 
 
 def class_labels(num_classes: int, n: int, device="cpu"):

@@ -9,7 +9,7 @@ PNGs overlaps the next jump), and new requests join at the next tick.
 
 The jump is ONNX Runtime in this process (jump_mode "inline") or BLS requests to
 `<name>_jump` (jump_mode "bls"); see serving.models.common.make_jump. A sample's noise
-depends only on its own seed (`training.sampling.noise`), so an image does not depend on
+depends only on its own seed (`fewstep.sampling.noise`), so an image does not depend on
 what else shares its batch. The instance is warm before Triton marks it ready.
 """
 import functools

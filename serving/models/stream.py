@@ -5,7 +5,7 @@ It gets `steps` responses, each with `image` (uint8 [H, W, C]; `sample` float32 
 models) and `step` (1..steps). Each is the denoised estimate at that step
 (`serving.preview`: the jump from the step's starting state to the end), not the noisy
 state: the first is the 1-step image of the seed, the last is the final image (the same
-bytes as `<name>` returns) and carries the final flag. The loop is `training.sampling.sample`
+bytes as `<name>` returns) and carries the final flag. The loop is `fewstep.sampling.sample`
 with a callback; jumps are BLS calls to `<name>_jump`. Requests run on worker threads,
 so one slow stream does not hold up the next.
 """

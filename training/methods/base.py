@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from training import sampling
+from fewstep import sampling
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

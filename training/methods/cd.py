@@ -21,7 +21,7 @@ import torch
 
 from fewstep.errors import UserError
 from training import precond as P
-from training import sampling
+from fewstep import sampling
 from training.ema import update_ema
 from training.methods.base import Method, bcast, ode_step
 from training.methods.edm import edm_denoise, pf_ode_velocity

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from fewstep.errors import UserError
-from training import sampling
+from fewstep import sampling
 from training.methods.base import bcast
 from training.methods.cd import ConsistencyBase, last_layer_weight
 from training.methods.edm import edm_loss_weight

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from training import sampling
+from fewstep import sampling
 from training.methods.base import Method, bcast, ode_step
 
 

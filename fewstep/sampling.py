@@ -162,6 +162,13 @@ def check_request(spec: dict, steps, gamma=None) -> float:
     g = float(spec.get("gamma", 0.0)) if gamma is None else float(gamma)
     if not (0.0 <= g <= 1.0):  # also rejects NaN
         raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    return effective_gamma(spec, g)
+
+
+def effective_gamma(spec: dict, gamma: float | None = None) -> float:
+    """The gamma the sampler uses (of a checked request): the spec's when None; a consistency
+    model (its jump lands at the end) always re-noises, gamma 1."""
+    g = float(spec.get("gamma", 0.0)) if gamma is None else float(gamma)
     return 1.0 if spec["jump_lands"] == "end" else g
 
 
@@ -210,8 +217,12 @@ def sample(jump, spec: dict, steps: int, seeds, shape, *, gamma=None, like_x=Non
     dtype and device the samples take (a torch tensor or a numpy array; numpy float32 by
     default). `callback(i, x)` is called after every step (previews). Returns x at t_end.
     """
-    gamma = check_request(spec, steps, gamma)
-    plan = step_plan(spec, steps, gamma)
+    plan = step_plan(spec, steps, check_request(spec, steps, gamma))
+    return run_plan(jump, spec, plan, seeds, shape, like_x=like_x, callback=callback)
+
+
+def run_plan(jump, spec: dict, plan: tuple, seeds, shape, *, like_x=None, callback=None):
+    """The loop of `sample` over a plan from `step_plan` (of a request checked already)."""
     proto = np.zeros((1,), np.float32) if like_x is None else like_x
     x = like(start_noise(spec, plan, seeds, shape), proto)
     for i, step in enumerate(plan):

@@ -1,0 +1,93 @@
+"""A run of Triton on exported models: write the repository, start the server, wait for a signal.
+
+`fewstep serve`, `fewstep demo` and `fewstep bench --serve` get their server from `served`
+and wait on it with `StopSignals` and `watch`:
+
+    server, written = served(["fmnist=models/fmnist"], Options(), grpc_port=0)
+    with StopSignals() as stop:
+        server.abort = stop.requested     # a signal during start() gives up waiting
+        with server:
+            rc = watch(server, stop)      # until SIGINT/SIGTERM (0) or the server dies (1)
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from serving.launcher import Server
+from serving.repository import Options, write_repository
+
+
+def served(model_args: list[str], opts: Options, repo: Path | None = None, **server_kw) -> tuple[Server, list[dict]]:
+    """The repository of `model_args` written into `repo` (default: a temporary dir that is the
+    server's: removed by its close(), or by its watchdog when the launcher dies) and a Server on
+    it (not started) that waits for every model written; also write_repository's list."""
+    temp = None if repo is not None else Path(tempfile.mkdtemp(prefix="fewstep-repo-"))
+    try:
+        written = write_repository(repo or temp, model_args, opts)
+        server = Server(repo or temp, models=[n for w in written for n in w["models"]],
+                        cleanup=[temp] if temp is not None else [], **server_kw)
+    except BaseException:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return server, written
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM ask for a stop (`requested()`) instead of raising."""
+
+    def __init__(self):
+        self.signal = None
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def __enter__(self) -> "StopSignals":
+        self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def watch(server: Server | None, stop: StopSignals, who: str = "") -> int:
+    """Wait until a stop is asked for (0) or the server dies (1, its log's tail printed); a dead
+    Python backend stub restarts the server (serving/health.py). server None: only the signal."""
+    from serving.health import Watchdog
+
+    watchdog = Watchdog(server) if server is not None else None
+    while not stop.requested():
+        if server is not None and server.proc is not None and server.proc.poll() is not None:
+            print(f"{who}tritonserver exited with code {server.proc.returncode}; last lines of its log:\n"
+                  f"{server.log_tail()}", file=sys.stderr)
+            return 1
+        if watchdog is not None and not watchdog.check():
+            return 1
+        time.sleep(0.2)
+    return 0
+
+
+def serve_forever(server: Server, on_ready=None) -> int:
+    """Start the server and run until SIGINT/SIGTERM (or until it dies); always stops it."""
+    with StopSignals() as stop:
+        server.abort = stop.requested
+        try:
+            try:
+                server.start()
+            except KeyboardInterrupt:
+                return 130
+            if on_ready:
+                on_ready(server)
+            return watch(server, stop)
+        finally:
+            server.close()
