@@ -18,10 +18,10 @@ annotations to type the endpoints.
 import base64
 import time
 
-from demo.app import (MAX_IMAGES, Backend, BadInput, check_request, class_names, compare_steps, describe_error,
+from fewstep.demo.app import (MAX_IMAGES, Backend, BadInput, check_request, class_names, compare_steps, describe_error,
                       gamma_applies, gamma_value, steps_note)
-from serving.client import ModelMeta
-from serving.protocol import encode_png
+from fewstep.serving.client import ModelMeta
+from fewstep.serving.protocol import encode_png
 
 
 def model_data(meta: ModelMeta, manifest: dict | None = None) -> dict:

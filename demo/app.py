@@ -3,7 +3,7 @@
 No model code runs in this process: every image comes from the server through
 `serving.client` (the `<name>` ensemble for batches, `<name>_stream` for live previews).
 
-    from demo.app import build_app
+    from fewstep.demo.app import build_app
     app = build_app("127.0.0.1:8001")          # gr.Blocks, queued
     app.launch(server_name="127.0.0.1", server_port=7860)
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from serving.client import Client, ModelMeta, ServingError  # noqa: E402
-from serving.protocol import GAMMA_RANGE, MAX_SEED, input_ranges, range_text  # noqa: E402
+from fewstep.serving.client import Client, ModelMeta, ServingError  # noqa: E402
+from fewstep.serving.protocol import GAMMA_RANGE, MAX_SEED, input_ranges, range_text  # noqa: E402
 
 MAX_IMAGES = 16
 COMPARE_STEPS = (1, 2, 4, 8)
@@ -342,7 +342,7 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
     """The Gradio Blocks app (queued) talking to the Triton server at gRPC `url`."""
     import gradio as gr
 
-    from demo.api import add_api
+    from fewstep.demo.api import add_api
 
     backend = Backend(url, dict(manifests or {}), timeout)
     cleared = ([], None, "", [], "")  # gallery, live preview, latency, compare gallery, compare table

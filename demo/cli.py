@@ -56,7 +56,7 @@ def _log(msg: str) -> None:
 def _model_dirs(args) -> list[str]:
     if args.model:
         return list(args.model)
-    from demo.shipped import prepare_all
+    from fewstep.demo.shipped import prepare_all
     t0 = time.time()
     dirs = prepare_all(Path(args.models_dir) if args.models_dir else None,
                        Path(args.cache_dir) if args.cache_dir else None, log=_log)
@@ -75,11 +75,11 @@ def run_demo(args) -> int:
         raise UserError("the demo needs gradio: pip install -e '.[demo]'") from None
     dirs = None
     if not args.url:
-        from serving.launcher import find_triton
+        from fewstep.serving.launcher import find_triton
         find_triton()
         dirs = _model_dirs(args)  # before our signal handlers: Ctrl-C stops an export at once
 
-    from serving.session import StopSignals, served, watch
+    from fewstep.serving.session import StopSignals, served, watch
 
     server = None
     app = None
@@ -89,7 +89,7 @@ def run_demo(args) -> int:
             if args.url:
                 url = args.url
             else:
-                from serving.repository import Options, read_manifest
+                from fewstep.serving.repository import Options, read_manifest
 
                 server, written = served(dirs, Options(instances=args.instances, threads=args.threads), host=args.host,
                                          grpc_port=_port(args.host, args.grpc_port, 8001, "grpc-port"),
@@ -108,7 +108,7 @@ def run_demo(args) -> int:
                 http = f", HTTP {server.http_url}" if server.http_url else ""
                 _log(f"tritonserver ready in {time.time() - t0:.1f} s: gRPC {url}{http}")
 
-            from demo.app import build_app, launch
+            from fewstep.demo.app import build_app, launch
             app = build_app(url, manifests=manifests, concurrency=args.concurrency)
             page = launch(app, host=args.host, port=args.port)
             print(f"fewstep demo: open {page}", flush=True)

@@ -52,8 +52,8 @@ def _step_list(text: str | None) -> list[int] | None:
 
 
 def run_export(args) -> int:
-    from export.exporter import export_model
-    from training.config import parse_sets
+    from fewstep.export.exporter import export_model
+    from fewstep.training.config import parse_sets
     manifest = export_model(
         args.ckpt, args.out, formats=_formats(args.format), ema=args.ema, precision=args.precision,
         max_batch=args.max_batch, opt_batch=args.opt_batch, name=args.name, opset=args.opset,

@@ -52,16 +52,16 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
     if (out.exists() or out.is_symlink()) and not force:
         raise UserError(f"{out} exists (use --force to replace it)")
     if "tensorrt" in formats:
-        from export.tensorrt_build import unavailable_reason
+        from fewstep.export.tensorrt_build import unavailable_reason
         why = unavailable_reason()
         if why:
             raise UserError(f"--format tensorrt: {why}; nothing written")
 
-    from export.manifest import (FORMAT_VERSION, ONNX_FILE, check_recommended_steps, sanitize_name, sha256_file,
+    from fewstep.export.manifest import (FORMAT_VERSION, ONNX_FILE, check_recommended_steps, sanitize_name, sha256_file,
                                  write_manifest)
-    from export.onnx_export import export_onnx, jump_parity, sampler_parity
-    from export.runner import OrtJump
-    from training.build import load_model
+    from fewstep.export.onnx_export import export_onnx, jump_parity, sampler_parity
+    from fewstep.export.runner import OrtJump
+    from fewstep.training.build import load_model
 
     t0 = time.time()
     model = load_model(ckpt, ema=None if ema == "none" else ema, device="cpu", method_opts=method_opts)
@@ -91,7 +91,7 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
         files = {ONNX_FILE: sha256_file(tmp / ONNX_FILE)}
         engines = []
         if "tensorrt" in formats:
-            from export.tensorrt_build import build_engine
+            from fewstep.export.tensorrt_build import build_engine
             per_sample = {"x": tuple(model.shape), "t": (), "s": (), "class_label": ()}
             engine = build_engine(tmp / ONNX_FILE, tmp, per_sample, precision=precision, min_batch=1,
                                   opt_batch=opt_batch, max_batch=max_batch, timing_cache=timing_cache)
@@ -137,8 +137,8 @@ def _tensorrt_parity(tmp: Path, engine: dict, model, ort_jump) -> dict:
     """TensorRT vs ONNX Runtime on random inputs, where this process can run the engine."""
     import numpy as np
 
-    from export.onnx_export import random_inputs
-    from export.runner import TensorRTRunner
+    from fewstep.export.onnx_export import random_inputs
+    from fewstep.export.runner import TensorRTRunner
     try:
         manifest = {"image": {"shape": list(model.shape)}, "num_classes": model.num_classes}
         runner = TensorRTRunner(tmp, manifest, engine)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.manifest import ManifestError, read_manifest  # noqa: F401  (re-exported)
+from fewstep.export.manifest import ManifestError, read_manifest  # noqa: F401  (re-exported)
 from fewstep.errors import UserError
 from fewstep.files import cache_root
 

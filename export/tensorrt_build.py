@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from export.runner import gpu_tag
+from fewstep.export.runner import gpu_tag
 from fewstep.errors import UserError
 from fewstep.files import cache_root
 

@@ -13,15 +13,15 @@ import sys
 from fewstep.errors import UserError
 
 COMMANDS = {
-    "train": ("training.cli", "train a model with one of the methods"),
-    "sample": ("training.cli", "write a PNG grid of samples from a checkpoint"),
-    "eval": ("training.cli", "FID (images) or sliced Wasserstein (2-D) at several step counts"),
-    "precond": ("training.cli", "Analytic-Precond: fit teacher statistics, measure consistency gaps"),
-    "export": ("export.cli", "export a checkpoint to ONNX (+ TensorRT) with a manifest"),
-    "serve": ("serving.cli", "serve exported models with Triton Inference Server"),
-    "generate": ("serving.cli", "generate images from a running server over gRPC"),
-    "bench": ("serving.cli", "benchmark latency against sampling steps over gRPC"),
-    "demo": ("demo.cli", "the Gradio demo page, talking to Triton"),
+    "train": ("fewstep.training.cli", "train a model with one of the methods"),
+    "sample": ("fewstep.training.cli", "write a PNG grid of samples from a checkpoint"),
+    "eval": ("fewstep.training.cli", "FID (images) or sliced Wasserstein (2-D) at several step counts"),
+    "precond": ("fewstep.training.cli", "Analytic-Precond: fit teacher statistics, measure consistency gaps"),
+    "export": ("fewstep.export.cli", "export a checkpoint to ONNX (+ TensorRT) with a manifest"),
+    "serve": ("fewstep.serving.cli", "serve exported models with Triton Inference Server"),
+    "generate": ("fewstep.serving.cli", "generate images from a running server over gRPC"),
+    "bench": ("fewstep.serving.cli", "benchmark latency against sampling steps over gRPC"),
+    "demo": ("fewstep.demo.cli", "the Gradio demo page, talking to Triton"),
 }
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from fewstep.cli import main as fewstep  # noqa: E402
-from training import checkpoint as ck  # noqa: E402
+from fewstep.training import checkpoint as ck  # noqa: E402
 
 # The flow baseline gets CUD's time input (raw t, time_scale 1) so that the arms differ in the
 # loss only; rf-t999 is the project's rf default (the net sees 999 t).
@@ -126,9 +126,9 @@ def exact_flow(args, steps: list[int]) -> dict[int, float] | None:
     if args.data != "gmm":
         return None
     from fewstep import sampling
-    from training.data import load_dataset
-    from training.data_2d import default_gmm
-    from training.metrics import sliced_wasserstein
+    from fewstep.training.data import load_dataset
+    from fewstep.training.data_2d import default_gmm
+    from fewstep.training.metrics import sliced_wasserstein
     gmm = default_gmm()
     num = args.eval_num or 5000
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from fewstep.cli import main as fewstep
-from training.build import load_model
-from training.data import load_dataset
-from training.metrics import sliced_wasserstein
+from fewstep.training.build import load_model
+from fewstep.training.data import load_dataset
+from fewstep.training.metrics import sliced_wasserstein
 
 STEPS = (1, 2, 4, 8, 16)
 

@@ -31,12 +31,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.exporter import export_model  # noqa: E402
-from export.onnx_export import random_inputs  # noqa: E402
-from export.runner import load_runner  # noqa: E402
-from training import checkpoint as ck  # noqa: E402
-from training.build import build_method, build_net, load_model, resolve_net_config  # noqa: E402
-from training.config import make_config  # noqa: E402
+from fewstep.export.exporter import export_model  # noqa: E402
+from fewstep.export.onnx_export import random_inputs  # noqa: E402
+from fewstep.export.runner import load_runner  # noqa: E402
+from fewstep.training import checkpoint as ck  # noqa: E402
+from fewstep.training.build import build_method, build_net, load_model, resolve_net_config  # noqa: E402
+from fewstep.training.config import make_config  # noqa: E402
 
 
 def make_checkpoint(root: Path, method: str, preset: str) -> Path:

@@ -69,9 +69,9 @@ def run_dir(out: Path, pc: str, seed: int) -> Path:
 
 
 def train_one(args, pc: str, seed: int) -> float:
-    from training import checkpoint as ck
-    from training.config import make_config
-    from training.loop import train
+    from fewstep.training import checkpoint as ck
+    from fewstep.training.config import make_config
+    from fewstep.training.loop import train
     d = run_dir(Path(args.out), pc, seed)
     cks = ck.list_checkpoints(d)
     if cks and int(ck.read_config(cks[-1])["step"]) >= args.iters:
@@ -92,11 +92,11 @@ class GMMMetric:
     name = "sliced W2"
 
     def __init__(self, n):
-        from training.data_2d import default_gmm
+        from fewstep.training.data_2d import default_gmm
         self.ref = default_gmm().sample(n, torch.Generator().manual_seed(12345))
 
     def __call__(self, x):
-        from training.metrics import sliced_wasserstein
+        from fewstep.training.metrics import sliced_wasserstein
         return sliced_wasserstein(x, self.ref, n_proj=256, seed=0)
 
 
@@ -104,9 +104,9 @@ class FIDMetric:
     name = "FID (classifier features)"
 
     def __init__(self, n, cfg):
-        from training import metrics
-        from training.data import load_dataset
-        from training.feature_classifier import get_classifier
+        from fewstep.training import metrics
+        from fewstep.training.data import load_dataset
+        from fewstep.training.feature_classifier import get_classifier
         d = cfg["data"]
         self.metrics = metrics
         self.clf = get_classifier(d["name"], d.get("data_dir"))
@@ -119,8 +119,8 @@ class FIDMetric:
 
 
 def evaluate_run(args, pc, seed, metric) -> dict:
-    from training import checkpoint as ck
-    from training.build import load_model
+    from fewstep.training import checkpoint as ck
+    from fewstep.training.build import load_model
     d = run_dir(Path(args.out), pc, seed)
     cache = d / "compare-eval.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -218,7 +218,7 @@ def main(argv=None):
     if args.data == "gmm":
         metric = GMMMetric(args.samples)
     else:
-        from training import checkpoint as ck
+        from fewstep.training import checkpoint as ck
         metric = FIDMetric(args.samples, ck.read_config(ck.find_checkpoint(run_dir(out, base, seeds[0]))))
     results = {pc: {s: evaluate_run(args, pc, s, metric) for s in seeds} for pc in arms}
     its = sorted(set.intersection(*(set(r) for pc in arms for r in results[pc].values())))

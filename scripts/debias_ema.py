@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safetensors.torch import save_file  # noqa: E402
 
 from fewstep.errors import UserError  # noqa: E402
-from training import checkpoint as ck  # noqa: E402
-from training.build import build_initial_net, build_method  # noqa: E402
+from fewstep.training import checkpoint as ck  # noqa: E402
+from fewstep.training.build import build_initial_net, build_method  # noqa: E402
 
 
 def initial_weights(cfg: dict) -> tuple[dict, set]:

@@ -23,10 +23,10 @@ BATCHES = (1, 16, 64)
 def model(out: str) -> None:
     """The `fmnist` preset U-Net (rectified flow: one net call per jump, as CUD's Euler jump),
     random weights, exported with `fewstep export` (max batch 64, its parity checks included)."""
-    from export.exporter import export_model
-    from training import checkpoint as ck
-    from training.build import build_method, build_net, resolve_net_config
-    from training.config import make_config
+    from fewstep.export.exporter import export_model
+    from fewstep.training import checkpoint as ck
+    from fewstep.training.build import build_method, build_net, resolve_net_config
+    from fewstep.training.config import make_config
 
     cfg = make_config("rf", data="fmnist", preset="fmnist")
     resolve_net_config(cfg, (1, 28, 28), 10)
@@ -47,8 +47,8 @@ def _inputs(manifest: dict, b: int, seed: int = 0):
 
 
 def parity(model_dir: str, out: str) -> None:
-    from export.runner import load_runner
-    from serving.protocol import Item, ModelInfo, run_group
+    from fewstep.export.runner import load_runner
+    from fewstep.serving.protocol import Item, ModelInfo, run_group
 
     cpu = load_runner(model_dir, backend="onnxruntime", device="cpu")
     gpu = load_runner(model_dir, backend="onnxruntime", device="cuda")
@@ -82,7 +82,7 @@ def ort_modes(model_dir: str, out: str) -> None:
     run of fixed buffers, replayed after), where ONNX Runtime can capture this graph."""
     import onnxruntime as ort
 
-    from export.runner import read_manifest
+    from fewstep.export.runner import read_manifest
 
     manifest = read_manifest(Path(model_dir))
     path = str(Path(model_dir) / manifest["jump"]["file"])

@@ -25,15 +25,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demo.shipped import MODELS_DIR, SHIP_FILE  # noqa: E402
-from export.manifest import sha256_file  # noqa: E402  (the digest format of manifests: "sha256:<hex>")
+from fewstep.demo.shipped import MODELS_DIR, SHIP_FILE  # noqa: E402
+from fewstep.export.manifest import sha256_file  # noqa: E402  (the digest format of manifests: "sha256:<hex>")
 
 SIZE_LIMIT = 25 * 1024 * 1024
 
 
 def find_checkpoint(path: Path) -> Path:
     from fewstep.errors import UserError
-    from training.checkpoint import find_checkpoint as find
+    from fewstep.training.checkpoint import find_checkpoint as find
     try:
         return find(path)
     except UserError as e:
@@ -77,7 +77,7 @@ def ship(src: Path, name: str, ema: str | None, models_dir: Path, note: str | No
         report = json.loads((ckpt / "eval.json").read_text())
     weights = pick_weights(ckpt, cfg, ema, report)
     if recommended_steps is not None:  # checked now, not at the demo's first export
-        from export.manifest import check_recommended_steps
+        from fewstep.export.manifest import check_recommended_steps
         from fewstep.errors import UserError
         mcfg = cfg.get("method") or {}
         try:

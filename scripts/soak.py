@@ -38,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serving.health import find_stubs  # noqa: E402
-from serving.launcher import free_port  # noqa: E402
+from fewstep.serving.health import find_stubs  # noqa: E402
+from fewstep.serving.launcher import free_port  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only, by design
 KILL_ORDER = ("_sampler", "_jump")
@@ -188,7 +188,7 @@ def plan_requests(args, model_max_steps: int) -> list[dict]:
 
 
 async def soak(args, serve: Serve, model: str, plan: list[dict], refs: dict) -> dict:
-    from serving.client import AsyncClient, ServingError
+    from fewstep.serving.client import AsyncClient, ServingError
 
     codes: Counter = Counter()
     messages: dict = {}  # the first message of every error code
@@ -265,7 +265,7 @@ async def soak(args, serve: Serve, model: str, plan: list[dict], refs: dict) -> 
 
 def references(url: str, model: str, seeds: int, max_steps: int) -> dict:
     """The image of every (seed, steps), each from a request alone."""
-    from serving.client import Client
+    from fewstep.serving.client import Client
 
     refs = {}
     with Client(url, timeout=120) as client:
@@ -277,7 +277,7 @@ def references(url: str, model: str, seeds: int, max_steps: int) -> dict:
 
 def run(args) -> dict:
     sys.path.insert(0, str(ROOT))
-    from serving.repository import read_manifest
+    from fewstep.serving.repository import read_manifest
 
     manifest = read_manifest(Path(args.model))
     if manifest.get("num_classes", 0) or len(manifest["image"]["shape"]) != 3:

@@ -39,20 +39,20 @@ import sys
 from pathlib import Path
 
 from fewstep.errors import UserError  # noqa: F401  (part of this API)
-from serving.bench_measure import Bench, Cell  # noqa: F401
-from serving.bench_plan import Plan, add_bench_args, check_args, make_plan, parse_mix  # noqa: F401
-from serving.bench_report import (  # noqa: F401  (the summary is part of the benchmark's API)
+from fewstep.serving.bench_measure import Bench, Cell  # noqa: F401
+from fewstep.serving.bench_plan import Plan, add_bench_args, check_args, make_plan, parse_mix  # noqa: F401
+from fewstep.serving.bench_report import (  # noqa: F401  (the summary is part of the benchmark's API)
     CSV_COLUMNS, _slope, build_report, console_table, read_quality, summarize, write_outputs)
-from serving.bench_stats import (  # noqa: F401
+from fewstep.serving.bench_stats import (  # noqa: F401
     jump_calls, parse_jump_counters, parse_stats, read_jump_counters, stats_delta)
 
 
 def run_bench(args) -> int:
     plan = check_args(args)
     if args.serve:
-        from serving.launcher import find_triton
-        from serving.repository import Options
-        from serving.session import served
+        from fewstep.serving.launcher import find_triton
+        from fewstep.serving.repository import Options
+        from fewstep.serving.session import served
 
         find_triton()
         server, written = served([f"{args.model}={args.export}" if args.model else args.export], Options(

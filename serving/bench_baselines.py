@@ -16,8 +16,8 @@ from fewstep.errors import UserError
 
 def onnxruntime_baseline(export_dir: str, threads: int | None, meta, device: str = "cpu"):
     """A callable (seeds, steps, labels, gamma) running the sampler in-process on ONNX Runtime."""
-    from export.runner import load_runner
-    from serving.protocol import Item, ModelInfo, run_group, to_images
+    from fewstep.export.runner import load_runner
+    from fewstep.serving.protocol import Item, ModelInfo, run_group, to_images
     from fewstep import sampling
 
     path = Path(export_dir)
@@ -45,7 +45,7 @@ def pytorch_baseline(ckpt: str, threads: int | None, meta):
     import torch
 
     from fewstep import sampling
-    from training.build import load_model
+    from fewstep.training.build import load_model
 
     if not Path(ckpt).exists():
         raise UserError(f"--ckpt {ckpt}: no such file or directory")

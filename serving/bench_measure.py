@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fewstep.errors import UserError
-from serving.bench_plan import Plan, check_against_model
-from serving.bench_stats import jump_calls, parse_stats, read_jump_counters, stats_delta
-from serving.client import AsyncClient, ServingError
-from serving.reaper import cpu_seconds
+from fewstep.serving.bench_plan import Plan, check_against_model
+from fewstep.serving.bench_stats import jump_calls, parse_stats, read_jump_counters, stats_delta
+from fewstep.serving.client import AsyncClient, ServingError
+from fewstep.serving.reaper import cpu_seconds
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -338,7 +338,7 @@ class Bench:
         return t or None
 
     def _add_baselines(self) -> None:
-        from serving.bench_baselines import onnxruntime_baseline, pytorch_baseline
+        from fewstep.serving.bench_baselines import onnxruntime_baseline, pytorch_baseline
 
         args, threads = self.args, self.baseline_threads()
         if args.export:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fewstep.options import parse_int_list, require
 from fewstep.errors import UserError
-from serving.protocol import GAMMA_RANGE, range_text
+from fewstep.serving.protocol import GAMMA_RANGE, range_text
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +103,7 @@ def check_args(args) -> Plan:
     if args.serve and not args.export:
         raise UserError("--serve needs --export DIR (the model to serve)")
     if args.quality:
-        from serving.bench_report import read_quality
+        from fewstep.serving.bench_report import read_quality
 
         read_quality(args.quality)  # fail before the run, not after it
     if args.export and not Path(args.export).is_dir():

@@ -14,7 +14,7 @@ import numpy as np
 from fewstep.errors import UserError
 
 if TYPE_CHECKING:
-    from serving.bench_plan import Plan
+    from fewstep.serving.bench_plan import Plan
 
 # bench.csv: perf_analyzer's column names where one exists (its latencies are in usec)
 CSV_COLUMNS = [

@@ -65,7 +65,7 @@ def add_hardening_args(p: argparse.ArgumentParser) -> None:
 
 def hardening_options(args) -> dict:
     """Server(...) keyword arguments from add_hardening_args' options."""
-    from serving.launcher import TLS
+    from fewstep.serving.launcher import TLS
 
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key):
         raise UserError("--grpc-tls-cert and --grpc-tls-key go together")
@@ -76,9 +76,9 @@ def hardening_options(args) -> dict:
 
 
 def run_serve(args) -> int:
-    from serving.launcher import find_triton
-    from serving.repository import Options, write_repository
-    from serving.session import serve_forever, served
+    from fewstep.serving.launcher import find_triton
+    from fewstep.serving.repository import Options, write_repository
+    from fewstep.serving.session import serve_forever, served
 
     for port in ("grpc_port", "http_port", "metrics_port"):
         if not 0 <= getattr(args, port) <= 65535:
@@ -150,7 +150,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 def run_generate(args) -> int:
     import numpy as np
 
-    from serving.client import Client, ServingError
+    from fewstep.serving.client import Client, ServingError
 
     if args.num < 1:
         raise UserError("--num must be >= 1")
@@ -203,12 +203,12 @@ def generate_summary(meta, steps: int, seeds: list[int], label, gamma, latency: 
 # --- bench (serving/bench.py) ----------------------------------------------------------------------
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from serving.bench import add_bench_args as add
+    from fewstep.serving.bench import add_bench_args as add
 
     add(p)
 
 
 def run_bench(args) -> int:
-    from serving.bench import run_bench as run
+    from fewstep.serving.bench import run_bench as run
 
     return run(args)

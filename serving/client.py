@@ -1,12 +1,12 @@
 """Clients of a fewstep Triton server, on `tritonclient.grpc` (sync) and its asyncio twin.
 
-    from serving.client import Client
+    from fewstep.serving.client import Client
     with Client("127.0.0.1:8001") as c:
         images = c.generate("fmnist", seeds=[0, 1, 2], steps=4)      # uint8 [3, H, W, C]
         for step, preview in c.stream("fmnist", seed=0, steps=4):   # one preview per step
             ...
 
-    from serving.client import AsyncClient
+    from fewstep.serving.client import AsyncClient
     async with AsyncClient("127.0.0.1:8001") as c:
         images = await c.generate("fmnist", seeds=[0], steps=1)
 
@@ -23,7 +23,7 @@ import queue
 
 import numpy as np
 
-from serving.protocol import INPUTS, InvalidInput, ModelMeta, is_input_error  # noqa: F401  (ModelMeta: part of this API)
+from fewstep.serving.protocol import INPUTS, InvalidInput, ModelMeta, is_input_error  # noqa: F401  (ModelMeta: part of this API)
 
 STATUS_PREFIX = "StatusCode."
 
@@ -60,7 +60,7 @@ def _tls_kwargs(ssl: bool, root_certificates) -> dict:
 def admin_headers_for(url: str) -> dict:
     """The admin key of a server this user launched on this host (serving.launcher keeps it
     in a 0600 file): it unlocks the restricted model-repository protocol for models()."""
-    from serving.launcher import GRPC_ADMIN_HEADER, read_admin_key
+    from fewstep.serving.launcher import GRPC_ADMIN_HEADER, read_admin_key
 
     host, _, port = url.rpartition(":")
     if not port.isdigit() or host.strip("[]") not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", ""):

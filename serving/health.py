@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.reaper import proc_stat
+from fewstep.serving.reaper import proc_stat
 
 STUB_BINARY = "triton_python_backend_stub"
 INSTANCE_ARG = 8  # argv index of the model instance name (python_backend's stub_launcher)

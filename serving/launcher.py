@@ -37,10 +37,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fewstep
 from fewstep.errors import UserError
-from serving.reaper import process_group_members  # noqa: F401  (part of this API)
+from fewstep.serving.reaper import process_group_members  # noqa: F401  (part of this API)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# the `fewstep` package: in a checkout its folder, which finds the layers beside it; installed,
+# the folder that holds them
+PACKAGE_DIR = Path(fewstep.__file__).resolve().parent
 # the protocols only our own tools may use; the key travels as this gRPC metadata / HTTP header
 RESTRICTED = ("shared-memory", "model-repository", "logging", "trace")
 ADMIN_HEADER = "fewstep-admin-key"
@@ -113,20 +116,15 @@ def make_backend_dir(dest: Path) -> Path:
     return Path(dest)
 
 
-PACKAGES = ("serving", "training", "export", "fewstep")
-
-
 def link_packages(workdir: Path) -> None:
-    """Links to this project's packages in the server's working directory.
+    """A link to this project's package in the server's working directory.
 
     The Python stubs run an isolated interpreter (-I: PYTHONPATH is ignored) whose sys.path
     starts with its working directory; an editable install's finder would otherwise give
-    them another checkout's `serving` than the launcher's. The links make the stubs import
+    them another checkout's `fewstep` than the launcher's. The link makes the stubs import
     the same code as the process that wrote the repository.
     """
-    for name in PACKAGES:
-        if (PROJECT_ROOT / name / "__init__.py").is_file():
-            (Path(workdir) / name).symlink_to(PROJECT_ROOT / name, target_is_directory=True)
+    (Path(workdir) / "fewstep").symlink_to(PACKAGE_DIR, target_is_directory=True)
 
 
 def server_env(base: dict | None = None) -> dict:
@@ -139,7 +137,7 @@ def server_env(base: dict | None = None) -> dict:
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = ":".join([bindir] + [p for p in env.get("PATH", "").split(":") if p and p != bindir])
     site = sysconfig.get_paths()["purelib"]
-    pp = [str(PROJECT_ROOT), site] + [p for p in env.get("PYTHONPATH", "").split(":") if p]
+    pp = [str(PACKAGE_DIR.parent), site] + [p for p in env.get("PYTHONPATH", "").split(":") if p]
     env["PYTHONPATH"] = ":".join(dict.fromkeys(pp))
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
@@ -351,7 +349,7 @@ class Server:
         self._start_reaper()
         try:
             if self.http:
-                from serving.http_guard import HttpGuard
+                from fewstep.serving.http_guard import HttpGuard
 
                 self._http_guard = HttpGuard(self.host, self.http_port, ("127.0.0.1", self._http_upstream),
                                              self.http_max_body).start()

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.manifest import model_file
+from fewstep.export.manifest import model_file
 from fewstep.errors import UserError
-from serving.protocol import ModelInfo
+from fewstep.serving.protocol import ModelInfo
 
 # --jump-backend value -> (Triton platform, Triton backend, file in the version dir)
 NATIVE = {
@@ -98,7 +98,7 @@ def native_jump_config(info: ModelInfo, jump_backend: str, kind: str, instances:
     ]
     if jump_backend == "onnxruntime" and kind == "KIND_CPU" and threads:
         lines.append(f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{int(threads)}" }} }}')
-    from serving.repository import jump_warmup  # the Python jump's warm-up, at more batch sizes
+    from fewstep.serving.repository import jump_warmup  # the Python jump's warm-up, at more batch sizes
 
     lines += [jump_warmup(info, warmup_batches(max_batch)), ""]
     return "\n".join(lines)

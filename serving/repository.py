@@ -21,10 +21,10 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from export.manifest import recommended_steps, step_quality
+from fewstep.export.manifest import recommended_steps, step_quality
 from fewstep.errors import UserError
-from serving import native_jump
-from serving.protocol import INPUTS, ModelInfo, ModelMeta, input_ranges, range_text
+from fewstep.serving import native_jump
+from fewstep.serving.protocol import INPUTS, ModelInfo, ModelMeta, input_ranges, range_text
 
 MODELS_DIR = Path(__file__).with_name("models")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -83,9 +83,9 @@ def serving_plan(opts: Options, kind: str, cores: int | None = None) -> ServingP
 
 def read_manifest(model_dir: Path) -> dict:
     try:
-        from export.runner import read_manifest as _read
+        from fewstep.export.runner import read_manifest as _read
     except ImportError:
-        from export.manifest import read_manifest as _read
+        from fewstep.export.manifest import read_manifest as _read
     return _read(model_dir)
 
 
@@ -303,7 +303,7 @@ def _copy_file(src: Path, dst: Path) -> None:
 def _copy_model_dir(src: Path, dst: Path, manifest: dict) -> None:
     """Copy exactly manifest.json and the files it names (each a plain file directly in
     src, checked by export.manifest.model_file): nothing else of src reaches the repository."""
-    from export.manifest import MANIFEST, model_file
+    from fewstep.export.manifest import MANIFEST, model_file
 
     dst.mkdir(parents=True)
     for f in sorted(set(manifest["files"]) | {MANIFEST}):
@@ -323,7 +323,7 @@ def _write_python_model(model_root: Path, source: str, config: str, manifest: di
 
 
 def instance_kind(device: str, manifest: dict) -> str:
-    from serving.launcher import gpu_present
+    from fewstep.serving.launcher import gpu_present
 
     if device == "cpu":
         return "KIND_CPU"

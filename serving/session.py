@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving.launcher import Server
-from serving.repository import Options, write_repository
+from fewstep.serving.launcher import Server
+from fewstep.serving.repository import Options, write_repository
 
 
 def served(model_args: list[str], opts: Options, repo: Path | None = None, **server_kw) -> tuple[Server, list[dict]]:
@@ -63,7 +63,7 @@ class StopSignals:
 def watch(server: Server | None, stop: StopSignals, who: str = "") -> int:
     """Wait until a stop is asked for (0) or the server dies (1, its log's tail printed); a dead
     Python backend stub restarts the server (serving/health.py). server None: only the signal."""
-    from serving.health import Watchdog
+    from fewstep.serving.health import Watchdog
 
     watchdog = Watchdog(server) if server is not None else None
     while not stop.requested():

@@ -46,9 +46,9 @@ def make_test_checkpoint(root: Path, name: str, data: str = "fmnist", conditiona
     model: `tiny` U-Net at 1x28x28 for images, a small MLP for 2-D data."""
     import torch
 
-    from training import checkpoint as ck
-    from training.build import build_method, build_net, resolve_net_config
-    from training.config import make_config
+    from fewstep.training import checkpoint as ck
+    from fewstep.training.build import build_method, build_net, resolve_net_config
+    from fewstep.training.config import make_config
 
     overrides = ["data.conditional=true"] if conditional else []
     if data in ("gmm", "moons", "checkerboard"):
@@ -70,7 +70,7 @@ def make_test_checkpoint(root: Path, name: str, data: str = "fmnist", conditiona
 
 
 def _export_models(dest: Path) -> None:
-    from export.exporter import export_model
+    from fewstep.export.exporter import export_model
 
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -103,8 +103,8 @@ def triton_stack(served_model_dirs, tmp_path_factory):
     """The running server: SimpleNamespace(server, url, models, dirs, repo)."""
     pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient[grpc] (the serve extra)")
     from fewstep.errors import UserError
-    from serving.launcher import Server, find_triton
-    from serving.repository import Options, write_repository
+    from fewstep.serving.launcher import Server, find_triton
+    from fewstep.serving.repository import Options, write_repository
 
     try:
         find_triton()

@@ -6,7 +6,7 @@ import sys
 
 from safetensors.torch import save_file
 
-import training.loop as loop
+import fewstep.training.loop as loop
 from fewstep.cli import main
 
 nets = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fewstep.cli import main
-from serving import bench
+from fewstep.serving import bench
 
 STEPS = (1, 2)
 CONC = (1, 2)
@@ -141,7 +141,7 @@ def test_bad_arguments_against_the_server(triton_stack, tmp_path, capsys, argv, 
 
 def test_unreachable_server(tmp_path, capsys):
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
-    from serving.launcher import free_port
+    from fewstep.serving.launcher import free_port
 
     url = f"127.0.0.1:{free_port()}"
     rc, out, err = _run(["--url", url, "--model", "tiny", "--out", str(tmp_path / "o")], capsys)
@@ -197,8 +197,8 @@ def test_stats_delta_and_summary():
 def bls_server(triton_stack, tmp_path_factory):
     """The tiny model served with `--jump bls` (each step a BLS request to tiny_jump); the
     session server runs the default, the jump inside the sampler (inline)."""
-    from serving.launcher import Server
-    from serving.repository import Options, write_repository
+    from fewstep.serving.launcher import Server
+    from fewstep.serving.repository import Options, write_repository
 
     repo = tmp_path_factory.mktemp("bls") / "repo"
     written = write_repository(repo, [str(triton_stack.dirs["tiny"])], Options(device="cpu", threads=1, jump="bls"))
@@ -215,7 +215,7 @@ def bls_server(triton_stack, tmp_path_factory):
 
 
 def test_both_jump_modes_give_the_same_images(triton_stack, bls_server):
-    from serving.client import Client
+    from fewstep.serving.client import Client
 
     with Client(bls_server.grpc_url) as bls, Client(triton_stack.url) as inline:
         for steps in (1, 3):
@@ -229,7 +229,7 @@ def test_both_jump_modes_give_the_same_images(triton_stack, bls_server):
         alone = {(seed, steps): inline.generate("tiny", [seed], steps)[0] for seed in range(8) for steps in (1, 2)}
 
     async def together():
-        from serving.client import AsyncClient
+        from fewstep.serving.client import AsyncClient
 
         async with AsyncClient(bls_server.grpc_url) as c:
             keys = [(seed, steps) for seed in range(8) for steps in (1, 2)]

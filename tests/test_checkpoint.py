@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fewstep.cli import main
-from training import checkpoint as ck
+from fewstep.training import checkpoint as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--data", "gmm", "--preset", "toy", "--no-progress", "net.hidden=32", "net.depth=2",

@@ -43,7 +43,7 @@ def test_serve_help_names_ports_and_defaults():
 def test_serve_port_clash_names_the_flag(served_model_dirs):
     pytest.importorskip("tritonclient.grpc", reason="serving needs the serve extra")
     from fewstep.errors import UserError
-    from serving.launcher import find_triton
+    from fewstep.serving.launcher import find_triton
 
     try:
         find_triton()

@@ -7,8 +7,8 @@ import torch
 
 from fewstep.errors import UserError
 from fewstep import sampling
-from training.build import ExactGMMTeacher, Model, build_method, build_net, resolve_net_config
-from training.config import make_config
+from fewstep.training.build import ExactGMMTeacher, Model, build_method, build_net, resolve_net_config
+from fewstep.training.config import make_config
 
 SMALL_MLP = ["net.hidden=32", "net.depth=2", "net.emb_dim=16"]
 
@@ -178,8 +178,8 @@ def test_ctm_analytic_end_to_end_through_the_loop(tmp_path, monkeypatch):
     """train (fitting the tables first) -> checkpoint carries the tables and the target -> resume -> load."""
     from safetensors.torch import load_file
 
-    from training.build import load_model
-    from training.loop import train
+    from fewstep.training.build import load_model
+    from fewstep.training.loop import train
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     ov = SMALL_MLP + ["method.precond=analytic", "method.precond_points=30", "method.precond_samples=64",
                       "method.heun_steps=3", "method.N=8", "train.batch=32", "train.iters=4", "train.ckpt_every=2",

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from fewstep.cli import main
 from fewstep.errors import UserError
 from fewstep import sampling
-from training.methods.cud import CUD, CouplingEncoder, gaussian_kl
-from training.methods.cud_distill import CUDDistill, generate_trajectories, teacher_trajectories
+from fewstep.training.methods.cud import CUD, CouplingEncoder, gaussian_kl
+from fewstep.training.methods.cud_distill import CUDDistill, generate_trajectories, teacher_trajectories
 
 EPS = 1e-5
 
@@ -172,7 +172,7 @@ def test_coupling_encoder_kl_term():
 
 def test_coupling_encoder_learns_through_the_flow_loss():
     m = CUD({"coupling": "encoder", "prior_shakedrop": False})
-    from training.networks import MLP
+    from fewstep.training.networks import MLP
     net = MLP(dim=2, hidden=16, depth=1)
     m.init_student(net)
     assert set(m.train_modules()) == {"encoder"}
@@ -247,7 +247,7 @@ def test_catchup_targets_on_linear_flow():
 # --- network options: heads and shakedrop -------------------------------------------------------------
 
 def test_net_overrides_and_heads_zero_init():
-    from training.networks import PRESETS_NET, build_net
+    from fewstep.training.networks import PRESETS_NET, build_net
     m = cud(pred_step=3)
     assert m.net_overrides() == {"extra_heads": 2, "prior_shakedrop": True}
     assert cud(prior_shakedrop=False).net_overrides() == {"extra_heads": 0}
@@ -364,7 +364,7 @@ def test_tiny_cud_run_loss_falls_and_keeps_its_encoder(cud_run):
                      "--out", str(cud_run / "s.png")]) == 0
     assert main(["sample", "--ckpt", str(cud_run), "--set", "pred_step=3", "--out", str(cud_run / "s.png")]) == 2
     assert main(["sample", "--ckpt", str(cud_run), "--set", "sample_head=3", "--out", str(cud_run / "s.png")]) == 2
-    from training.build import load_model
+    from fewstep.training.build import load_model
     m1 = load_model(cud_run)
     m2 = load_model(cud_run, method_opts={"sample_head": 2})
     x, t, s = torch.randn(8, 2), torch.ones(8), torch.zeros(8)
@@ -386,7 +386,7 @@ def test_tiny_cud_distill_run(cud_run, tmp_path, monkeypatch):
     assert stages == sorted(stages) and set(stages) == {0, 1, 2}
     lx = _losses(out, "loss_x")
     assert min(lx[-3:]) < lx[0]
-    from training.build import load_model
+    from fewstep.training.build import load_model
     student = load_model(out)
     assert student.method.sampler_spec()["default_steps"] == 1
     # a teacher whose options differ from the student's is refused
@@ -396,7 +396,7 @@ def test_tiny_cud_distill_run(cud_run, tmp_path, monkeypatch):
 
 
 def test_distill_refuses_a_teacher_with_another_shakedrop_phi():
-    from training.networks import SongUNet
+    from fewstep.training.networks import SongUNet
     unet = dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
                 num_blocks=1, attn_resolutions=(), prior_shakedrop=True)
     teacher = SimpleNamespace(method=cud(), net=SongUNet(**unet, shakedrop_phi=0.25))
@@ -413,8 +413,8 @@ def test_export_bakes_the_chosen_head_and_solver(cud_run, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "cud" and manifest["solver"] == "heun"
     assert manifest["training"]["config"]["method"]["sample_head"] == 2
-    from export.runner import OrtJump
-    from training.build import load_model
+    from fewstep.export.runner import OrtJump
+    from fewstep.training.build import load_model
     ref = load_model(cud_run, method_opts={"sample_head": 2, "solver": "heun"})
     x = torch.randn(4, 2)
     t, s = torch.full((4,), 0.75), torch.full((4,), 0.5)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import (
+from fewstep.training.data import (
     FMNIST_DIR,
     GMM,
     Batches,

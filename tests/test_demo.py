@@ -41,7 +41,7 @@ def _free_port() -> int:
 # --- unit: what the page shows --------------------------------------------------------------------
 
 def test_display_images_scale_and_grey():
-    from demo.app import display_images
+    from fewstep.demo.app import display_images
 
     imgs = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28, 1)
     out = display_images(imgs)
@@ -52,7 +52,7 @@ def test_display_images_scale_and_grey():
 
 
 def _meta(name="m", classes=0, max_steps=64, default=2, gamma=0.0, method="rf", lands="s", made=(), quality=None):
-    from serving.client import ModelMeta
+    from fewstep.serving.client import ModelMeta
     return ModelMeta(name, (1, 28, 28), classes, max_steps, default, 16, gamma, ("image",), method, lands,
                      tuple(made), quality)
 
@@ -61,8 +61,8 @@ QUALITY = {"metric": "fid-classifier", "num": 1000, "by_steps": {1: 192.58, 2: 1
 
 
 def test_messages_and_controls():
-    from demo.app import class_names, describe_error, gamma_applies, model_info, steps_note
-    from serving.client import ServingError
+    from fewstep.demo.app import class_names, describe_error, gamma_applies, model_info, steps_note
+    from fewstep.serving.client import ServingError
 
     down = ServingError("UNAVAILABLE", "failed to connect to all addresses")
     assert "unreachable at `h:1`" in describe_error(down, "h:1")
@@ -92,7 +92,7 @@ def test_messages_and_controls():
 def test_step_counts_offered():
     """The default is one of the counts the model was made for; compare shows those and the
     evaluated ones (1, 2, 4, 8 only when that leaves fewer than two)."""
-    from demo.app import compare_steps, steps_hint
+    from fewstep.demo.app import compare_steps, steps_hint
 
     assert compare_steps(_meta(default=8)) == [1, 2, 4, 8]
     assert compare_steps(_meta(default=1, made=(1,), quality=QUALITY)) == [1, 2, 4, 8]
@@ -103,7 +103,7 @@ def test_step_counts_offered():
 
 def test_request_checks_say_what_is_wrong():
     """Nothing is rounded or clamped: out-of-range or fractional values are refused with a message."""
-    from demo.app import BadInput, check_request
+    from fewstep.demo.app import BadInput, check_request
 
     m = _meta(default=2)
     r = check_request(m, None, 5, 3)
@@ -135,8 +135,8 @@ def test_request_checks_say_what_is_wrong():
 def test_previews_are_denoised_estimates():
     """serving.preview on the shared sampler loop: the estimate after step 1 is the 1-step image
     of the seed, the last is the final image; a jump that lands at the end costs no extra call."""
-    from serving.preview import estimate_previews
-    from serving.protocol import Item, ModelInfo, run_group
+    from fewstep.serving.preview import estimate_previews
+    from fewstep.serving.protocol import Item, ModelInfo, run_group
     from fewstep import sampling
 
     calls = []
@@ -174,8 +174,8 @@ def test_ship_and_prepare(tmp_path, monkeypatch):
     that load_model reads with that EMA, exports once, and again only when a source changes."""
     from conftest import make_test_checkpoint
 
-    import demo.shipped as shipped
-    from training.build import load_model
+    import fewstep.demo.shipped as shipped
+    from fewstep.training.build import load_model
 
     ckpt = make_test_checkpoint(tmp_path / "ck", "shipme", method="rf")
     (ckpt / "eval.json").write_text(json.dumps({"metric": "fid", "ema": "0.999", "num": 100,
@@ -199,8 +199,8 @@ def test_ship_and_prepare(tmp_path, monkeypatch):
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "manifest.json").write_text("{}")
 
-    import export.exporter
-    monkeypatch.setattr(export.exporter, "export_model", fake_export)
+    from fewstep.export import exporter
+    monkeypatch.setattr(exporter, "export_model", fake_export)
     cache = tmp_path / "cache"
     out = shipped.prepare_model(src, cache, log=lambda m: None)
     assert out == cache / "rf_test" / "model" and calls == [("rf_test", "0.999")]
@@ -213,14 +213,14 @@ def test_ship_and_prepare(tmp_path, monkeypatch):
 
 def test_shipped_default_models(tmp_path):
     """The models in demo/models: intact (hashes), small, and loadable by load_model."""
-    from demo.shipped import _checkpoint_from_shipped, read_ship, shipped_models
-    from export.manifest import sha256_file
-    from training.build import load_model
+    from fewstep.demo.shipped import _checkpoint_from_shipped, read_ship, shipped_models
+    from fewstep.export.manifest import sha256_file
+    from fewstep.training.build import load_model
 
     models = shipped_models()
     if not models:
         pytest.skip("no default models shipped in demo/models yet")
-    from training.methods import method_class
+    from fewstep.training.methods import method_class
     for m in models:
         info = read_ship(m)
         for f, digest in info["files"].items():
@@ -252,7 +252,7 @@ def browser():
 
 def _launch(url: str):
     pytest.importorskip("gradio", reason="the demo needs gradio (demo extra)")
-    from demo.app import build_app, launch
+    from fewstep.demo.app import build_app, launch
 
     app = build_app(url, concurrency=2)
     page_url = launch(app, port=_free_port())
@@ -271,10 +271,10 @@ def demo_server(served_model_dirs, tmp_path_factory):
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
     from types import SimpleNamespace
 
-    from export.manifest import write_manifest
+    from fewstep.export.manifest import write_manifest
     from fewstep.errors import UserError
-    from serving.launcher import Server, find_triton
-    from serving.repository import Options, write_repository
+    from fewstep.serving.launcher import Server, find_triton
+    from fewstep.serving.repository import Options, write_repository
 
     try:
         find_triton()
@@ -490,7 +490,7 @@ def test_page_preview_at_one_step(browser, page_app):
 def test_stream_previews_are_denoised_estimates(demo_server):
     """Page item 5 at the source: `<name>_stream`'s frames are the denoised estimate at each step:
     the first is the seed's 1-step image, the last the final image, none is the noisy state."""
-    from serving.client import Client
+    from fewstep.serving.client import Client
 
     with Client(demo_server.url, timeout=120) as c:
         frames = list(c.stream("tiny", seed=3, steps=4))
@@ -527,7 +527,7 @@ def test_gradio_client_api(page_app, demo_server, capfd):
 
     from PIL import Image
 
-    from serving.client import Client
+    from fewstep.serving.client import Client
 
     c = gradio_client.Client(page_app, verbose=False)
     api = c.view_api(print_info=False, return_format="dict")
@@ -622,8 +622,8 @@ def test_uploads_are_refused(page_app):
 
 
 def test_rejected_request_message(demo_server):
-    from demo.app import Backend, describe_error
-    from serving.client import ServingError
+    from fewstep.demo.app import Backend, describe_error
+    from fewstep.serving.client import ServingError
 
     backend = Backend(demo_server.url)
     with pytest.raises(ServingError) as e:
@@ -635,7 +635,7 @@ def test_rejected_request_message(demo_server):
 # --- `fewstep demo` end to end ----------------------------------------------------------------------
 
 def _default_models_exported() -> bool:
-    from demo.shipped import default_cache_dir, read_ship, shipped_models, source_hash
+    from fewstep.demo.shipped import default_cache_dir, read_ship, shipped_models, source_hash
     models = shipped_models()
     if not models:
         return False
@@ -652,7 +652,7 @@ def test_fewstep_demo_cli(served_model_dirs, browser, tmp_path):
     """`fewstep demo` starts Triton and the page, prints the URL, and stops both on SIGTERM.
     On the default models (when exported) it also takes the README's screenshot."""
     pytest.importorskip("gradio", reason="the demo needs gradio (demo extra)")
-    from serving.launcher import process_group_members
+    from fewstep.serving.launcher import process_group_members
 
     defaults = _default_models_exported()
     cmd = [sys.executable, "-m", "fewstep", "demo", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.launcher import free_port
+from fewstep.serving.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -40,7 +40,7 @@ def _model_config(text: str):
 
 
 def _write(repo, dirs, **opts):
-    from serving.repository import Options, write_repository
+    from fewstep.serving.repository import Options, write_repository
     return write_repository(repo, [str(d) for d in dirs], Options(**opts))
 
 
@@ -100,7 +100,7 @@ def test_native_onnxruntime_configs_parse_and_name_files(served_model_dirs, tmp_
 def _with_plan(src: Path, dest: Path, engines: list[dict]) -> Path:
     """A copy of an export with TensorRT engine entries (placeholder bytes, hashed in the
     manifest): serving only copies the plan, so its content does not matter here."""
-    from export.manifest import sha256_file
+    from fewstep.export.manifest import sha256_file
     shutil.copytree(src, dest)
     manifest = json.loads((dest / "manifest.json").read_text())
     for e in engines:
@@ -169,7 +169,7 @@ def test_serve_import_path_needs_no_torch(served_model_dirs, tmp_path):
     """`fewstep serve` (CLI, repository writer, launcher, client) and the Triton Python models
     import no torch: the image installs the project without it. Run in a fresh interpreter where
     importing torch fails."""
-    from serving.launcher import find_triton
+    from fewstep.serving.launcher import find_triton
     from fewstep.errors import UserError
     try:
         backend_utils = find_triton()["python_backend"]
@@ -180,12 +180,14 @@ from fewstep.cli import main
 for backend in ("onnxruntime", "python"):
     assert main(["serve", "--dry-run", "--device", "cpu", "--jump-backend", backend, "--repo",
                  {str(tmp_path)!r} + "/" + backend, "--model", {str(served_model_dirs["tiny"])!r}]) == 0
-import serving.cli, serving.launcher, serving.repository, serving.native_jump, serving.client, serving.protocol
-import export.runner
+import fewstep.serving.cli, fewstep.serving.launcher, fewstep.serving.repository, fewstep.serving.native_jump
+import fewstep.serving.client, fewstep.serving.protocol
+from fewstep.export import runner as export_runner
 sys.path.insert(0, {str(backend_utils)!r})  # triton_python_backend_utils, as inside the stub
-import serving.models.jump, serving.models.sampler, serving.models.stream, serving.models.common
-runner = export.runner.load_runner({str(served_model_dirs["tiny"])!r}, backend="onnxruntime", threads=1)
-from serving.protocol import ModelInfo, parse_request, run_group
+import fewstep.serving.models.jump, fewstep.serving.models.sampler, fewstep.serving.models.stream
+import fewstep.serving.models.common
+runner = export_runner.load_runner({str(served_model_dirs["tiny"])!r}, backend="onnxruntime", threads=1)
+from fewstep.serving.protocol import ModelInfo, parse_request, run_group
 import numpy as np
 info = ModelInfo.from_manifest(runner.manifest, name="tiny")
 x = run_group(runner, info, parse_request(info, {{"seed": np.array([[1]]), "steps": np.array([[2]])}}))
@@ -239,7 +241,7 @@ TRITON_WRAPPER = """#!/usr/bin/env bash
 exec {python} -c '
 import os, sys, tempfile
 from pathlib import Path
-from serving.launcher import find_triton, make_backend_dir, server_env
+from fewstep.serving.launcher import find_triton, make_backend_dir, server_env
 d = make_backend_dir(Path(tempfile.mkdtemp(prefix="fewstep-ep-")) / "backends")
 b = str(find_triton()["binary"])
 os.execve(b, [b, f"--backend-directory={{d}}"] + sys.argv[1:], server_env())
@@ -258,7 +260,7 @@ def test_entrypoint_writes_the_repository_and_runs_triton(served_model_dirs, tmp
     from tritonclient.utils import InferenceServerException
 
     from fewstep.errors import UserError
-    from serving.launcher import find_triton
+    from fewstep.serving.launcher import find_triton
     try:
         find_triton()
     except UserError as e:
@@ -297,7 +299,7 @@ def test_entrypoint_writes_the_repository_and_runs_triton(served_model_dirs, tmp
         assert "Started GRPCInferenceService" in text and "HTTPService" not in text  # HTTP off
         assert {p.name for p in (tmp_path / "repo").iterdir()} == {
             "tiny", "tiny_jump", "tiny_sampler", "tiny_stream", "toyc", "toyc_jump", "toyc_sampler", "toyc_stream"}
-        from serving.launcher import ADMIN_HEADER, GRPC_ADMIN_HEADER, RESTRICTED
+        from fewstep.serving.launcher import ADMIN_HEADER, GRPC_ADMIN_HEADER, RESTRICTED
         entry = (DEPLOY / "entrypoint.sh").read_text()
         assert f'--grpc-restricted-protocol="{",".join(RESTRICTED)}:{ADMIN_HEADER}=' in entry
         client = grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
@@ -348,7 +350,7 @@ def native_stack(served_model_dirs, tmp_path_factory):
     swapped to the Python backend."""
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
     from fewstep.errors import UserError
-    from serving.launcher import Server, find_triton
+    from fewstep.serving.launcher import Server, find_triton
     try:
         find_triton()
     except UserError as e:
@@ -369,9 +371,9 @@ def native_stack(served_model_dirs, tmp_path_factory):
 
 
 def test_native_config_loads_warms_and_serves(native_stack, served_model_dirs):
-    from export.runner import load_runner
-    from serving.client import Client
-    from serving.protocol import ModelInfo, parse_request, run_group
+    from fewstep.export.runner import load_runner
+    from fewstep.serving.client import Client
+    from fewstep.serving.protocol import ModelInfo, parse_request, run_group
 
     log = Path(native_stack.log_file).read_text(errors="replace")
     # Triton ran every warm-up sample (batch 1 .. max) before it reported the model ready
@@ -406,7 +408,7 @@ def test_round_robin_channel_spreads_requests(triton_stack, native_stack):
     """What a headless Service's DNS name gives the client (several addresses): with the
     round_robin policy requests go to every server; with gRPC's default (pick_first) one
     connection takes them all, as it does behind a ClusterIP Service."""
-    from serving.client import Client, channel_options
+    from fewstep.serving.client import Client, channel_options
 
     a, b = triton_stack.url, native_stack.grpc_url
     target = f"ipv4:{a},{b}"
@@ -451,7 +453,7 @@ def test_autoscaling_series_exist_and_mean_requests_in_flight(native_stack):
 
     import yaml
 
-    from serving.client import Client
+    from fewstep.serving.client import Client
     rules = yaml.safe_load(yaml.safe_load((DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-rules.yaml")
                                           .read_text())["data"]["config.yaml"])["rules"]
     used = {n for r in rules for n in re.findall(r"nv_inference_\w+", r["seriesQuery"] + r["metricsQuery"])}

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from fewstep.cli import main
-from training.data import FMNIST_DIR
+from fewstep.training.data import FMNIST_DIR
 
 pytestmark = pytest.mark.skipif(not Path(FMNIST_DIR).is_dir(),
                                 reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fewstep.cli import main as fewstep_main
-from training import evaluate as ev
+from fewstep.training import evaluate as ev
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -158,8 +158,8 @@ def test_classifier_trains_and_cache_is_reused(tmp_path, cache, monkeypatch, cap
     # second use: loaded from the cache, no training
     def boom(*a, **k):
         raise AssertionError("retrained although a cached classifier was there")
-    import training.feature_classifier
-    monkeypatch.setattr(training.feature_classifier, "train_classifier", boom)
+    from fewstep.training import feature_classifier
+    monkeypatch.setattr(feature_classifier, "train_classifier", boom)
     again = ev.get_classifier(str(data), epochs=8, progress=False)
     assert again.path == clf.path and again.test_accuracy == clf.test_accuracy
     torch.testing.assert_close(again.features(torch.zeros(3, 1, 16, 16)), feats)

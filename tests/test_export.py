@@ -14,17 +14,17 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from export import onnx_export  # noqa: E402
-from export.exporter import export_model  # noqa: E402
-from export.manifest import (ManifestError, read_manifest, recommended_steps, sha256_file, step_quality,  # noqa: E402
+from fewstep.export import onnx_export  # noqa: E402
+from fewstep.export.exporter import export_model  # noqa: E402
+from fewstep.export.manifest import (ManifestError, read_manifest, recommended_steps, sha256_file, step_quality,  # noqa: E402
                              validate)
-from export.runner import load_runner  # noqa: E402
+from fewstep.export.runner import load_runner  # noqa: E402
 from fewstep.cli import main as fewstep_main  # noqa: E402
-from training import checkpoint as ck  # noqa: E402
+from fewstep.training import checkpoint as ck  # noqa: E402
 from fewstep import sampling  # noqa: E402
-from training.build import build_method, build_net, load_model, resolve_net_config  # noqa: E402
-from training.config import make_config  # noqa: E402
-from training.methods import METHODS  # noqa: E402
+from fewstep.training.build import build_method, build_net, load_model, resolve_net_config  # noqa: E402
+from fewstep.training.config import make_config  # noqa: E402
+from fewstep.training.methods import METHODS  # noqa: E402
 
 SHAPE = (1, 28, 28)
 
@@ -32,7 +32,7 @@ SHAPE = (1, 28, 28)
 def analytic_tables(points: int = 24) -> dict:
     """Analytic-Precond tables built by training.precond from smooth, non-zero statistics
     (what `fewstep precond fit` would measure on a teacher; fitting one is too slow here)."""
-    from training import precond as P
+    from fewstep.training import precond as P
     lam = P.lambda_grid(points)
     l = 0.4 / (1.0 + np.exp(-lam))                 # l -> 0 at high noise, grows towards the data
     rate = -0.3 * np.exp(-0.5 * (lam - 1.0) ** 2)  # decaying h, as the default "decay" variant keeps
@@ -42,7 +42,7 @@ def analytic_tables(points: int = 24) -> dict:
 
 
 def _use_analytic(method) -> None:
-    from training import precond as P
+    from fewstep.training import precond as P
     method.precond = P.AnalyticPrecond(analytic_tables())
 
 
@@ -174,7 +174,7 @@ def test_ctm_analytic_tables_change_the_jump(exported):
         assert any(a.shape == v.shape and np.allclose(a, v) for a in inits), key
     feeds = onnx_export.random_inputs(model.method.sampler_spec(), SHAPE, 0, batch=4, seed=3)
     analytic = _torch_jump(model, feeds)
-    from training import precond as P
+    from fewstep.training import precond as P
     model.method.precond = P.make_precond("ctm")
     assert np.max(np.abs(analytic - _torch_jump(model, feeds))) > 1e-3
 
@@ -358,7 +358,7 @@ def test_bad_inputs(work, rf_ckpt, capsys):
     _fails(["export", "--ckpt", str(rf_ckpt), "--out", out, "--recommended-steps", "1,2"], capsys,
            "--recommended-steps", "must include sampler.default_steps")
 
-    from export.tensorrt_build import unavailable_reason
+    from fewstep.export.tensorrt_build import unavailable_reason
     why = unavailable_reason()
     if why is not None:  # the usual case on CPU machines: a clear error, nothing written
         err = _fails(["export", "--ckpt", str(rf_ckpt), "--out", out, "--format", "onnx,tensorrt"], capsys,
@@ -370,7 +370,7 @@ def test_bad_inputs(work, rf_ckpt, capsys):
 # --- TensorRT (skips without it) ------------------------------------------------------------------
 
 def test_tensorrt_engine(work, rf_ckpt):
-    from export.tensorrt_build import unavailable_reason
+    from fewstep.export.tensorrt_build import unavailable_reason
     why = unavailable_reason()
     if why is not None:
         pytest.skip(why)

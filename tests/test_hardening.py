@@ -33,11 +33,11 @@ pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient
 import tritonclient.grpc as grpcclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from export.manifest import ManifestError, read_manifest, sha256_file  # noqa: E402
+from fewstep.export.manifest import ManifestError, read_manifest, sha256_file  # noqa: E402
 from fewstep.errors import UserError  # noqa: E402
-from serving.client import Client, ServingError  # noqa: E402
-from serving.launcher import Server, exposure_warning, free_port  # noqa: E402
-from serving.repository import Options, write_repository  # noqa: E402
+from fewstep.serving.client import Client, ServingError  # noqa: E402
+from fewstep.serving.launcher import Server, exposure_warning, free_port  # noqa: E402
+from fewstep.serving.repository import Options, write_repository  # noqa: E402
 
 FEWSTEP = [sys.executable, "-m", "fewstep.cli"]
 
@@ -229,7 +229,7 @@ def _infer_json(steps) -> bytes:
 
 
 def test_http_guard_integer_range_and_restart_on_the_same_ports(served_model_dirs, tmp_path):
-    from serving.launcher import find_triton
+    from fewstep.serving.launcher import find_triton
 
     try:
         find_triton()
@@ -288,7 +288,7 @@ def _self_signed(tmp_path) -> tuple[Path, Path]:
 
 
 def _group_alive(pgid: int) -> list[int]:
-    from serving.launcher import process_group_members
+    from fewstep.serving.launcher import process_group_members
 
     return process_group_members(pgid)
 
@@ -304,7 +304,7 @@ def _port_free(port: int) -> bool:
 
 
 def test_tls_serve_and_generate_then_sigkill_of_serve_leaves_nothing(served_model_dirs, tmp_path):
-    from serving.launcher import admin_key_file
+    from fewstep.serving.launcher import admin_key_file
 
     cert, key = _self_signed(tmp_path)
     port, metrics = free_port(), free_port()
@@ -371,7 +371,7 @@ def _parent(pid: int) -> int:
 
 
 def test_tls_options_are_checked(tmp_path):
-    from serving.cli import hardening_options
+    from fewstep.serving.cli import hardening_options
     from types import SimpleNamespace
 
     base = dict(http=False, http_max_body=1 << 20, grpc_tls_cert=None, grpc_tls_key=None)
@@ -384,7 +384,7 @@ def test_tls_options_are_checked(tmp_path):
 
 
 def test_port_check_allows_time_wait_but_not_a_listener():
-    from serving.launcher import check_port_free
+    from fewstep.serving.launcher import check_port_free
 
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton's listeners do

@@ -29,8 +29,8 @@ def _ready(client) -> bool:
 @pytest.fixture
 def own_server(served_model_dirs, tmp_path):
     from fewstep.errors import UserError
-    from serving.launcher import Server, find_triton
-    from serving.repository import Options, write_repository
+    from fewstep.serving.launcher import Server, find_triton
+    from fewstep.serving.repository import Options, write_repository
 
     try:
         find_triton()
@@ -48,7 +48,7 @@ def own_server(served_model_dirs, tmp_path):
 
 
 def test_find_stubs_names_every_python_model(own_server):
-    from serving.health import find_stubs
+    from fewstep.serving.health import find_stubs
 
     stubs = find_stubs(own_server.proc.pid)
     assert sorted(s.model for s in stubs) == ["tiny_jump", "tiny_sampler", "tiny_stream"]
@@ -59,8 +59,8 @@ def test_dead_stub_is_noticed_and_recovered(own_server):
     """kill -9 of the sampler's stub, then the jump's, under load: requests in flight fail
     fast (no hang until the deadline), readiness says not ready at once, the server comes
     back by itself with a log line, and then answers with the same images."""
-    from serving.client import Client, ServingError
-    from serving.health import Watchdog, find_stubs
+    from fewstep.serving.client import Client, ServingError
+    from fewstep.serving.health import Watchdog, find_stubs
 
     server = own_server
     lines: list[str] = []
@@ -132,7 +132,7 @@ def test_dead_stub_is_noticed_and_recovered(own_server):
 
 def test_crash_loop_gives_up(own_server):
     """More restarts than allowed within the window: check() says so (serve exits 1)."""
-    from serving.health import Recovery, Watchdog, find_stubs
+    from fewstep.serving.health import Recovery, Watchdog, find_stubs
 
     lines: list[str] = []
     watchdog = Watchdog(own_server, log=lines.append, max_restarts=1, window_s=600)
@@ -155,7 +155,7 @@ def test_crash_loop_gives_up(own_server):
 # --- <name>_jump validates like the ensemble -------------------------------------------------
 
 def _jump(url, model, x, t, s, labels=None):
-    from serving.client import _wrap
+    from fewstep.serving.client import _wrap
     from tritonclient.utils import InferenceServerException
 
     inputs = []
@@ -175,7 +175,7 @@ def _jump(url, model, x, t, s, labels=None):
 
 
 def test_jump_refuses_bad_inputs(triton_stack):
-    from serving.client import ServingError
+    from fewstep.serving.client import ServingError
 
     url = triton_stack.url
     x = np.zeros((2, 1, 28, 28), np.float32)
@@ -213,7 +213,7 @@ def test_jump_refuses_bad_inputs(triton_stack):
 
 
 def test_parse_jump_limits():
-    from serving.protocol import InvalidInput, ModelInfo, jump_x_limit, parse_jump
+    from fewstep.serving.protocol import InvalidInput, ModelInfo, jump_x_limit, parse_jump
     from fewstep import sampling
 
     flow = ModelInfo("f", (2,), 0, sampling.flow_spec(), max_batch=4)
@@ -241,7 +241,7 @@ def test_small_soak_with_a_stub_kill(served_model_dirs):
     import importlib.util
 
     from fewstep.errors import UserError
-    from serving.launcher import find_triton
+    from fewstep.serving.launcher import find_triton
 
     try:
         find_triton()

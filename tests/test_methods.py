@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from training.methods.edm import EDM, edm_precond
-from training.methods.rf import RectifiedFlow
+from fewstep.training.methods.edm import EDM, edm_precond
+from fewstep.training.methods.rf import RectifiedFlow
 
 
 class ScaledIdentity(torch.nn.Module):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.launcher import free_port
+from fewstep.serving.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training.networks import MLP, PRESETS_NET, SongUNet, build_net, count_params
+from fewstep.training.networks import MLP, PRESETS_NET, SongUNet, build_net, count_params
 
 
 @pytest.fixture(autouse=True, scope='module')

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewstep.errors import UserError
-from training import precond as P
+from fewstep.training import precond as P
 
 SD = 0.5
 
@@ -17,7 +17,7 @@ def gaussian_denoiser(x, sigma, labels=None):
 
 
 def gmm_denoiser():
-    from training.data import default_gmm
+    from fewstep.training.data import default_gmm
     gmm = default_gmm()
     return (lambda x, s, y=None: gmm.denoiser(x, s)), gmm.sample(2048, torch.Generator().manual_seed(0))
 
@@ -218,8 +218,8 @@ def test_backward_flag_survives_save_and_state(tmp_path, gmm_tables):
 
 
 def test_method_option_picks_the_variant(monkeypatch, tmp_path):
-    from training.build import ExactGMMTeacher, build_method, build_net, resolve_net_config
-    from training.config import make_config
+    from fewstep.training.build import ExactGMMTeacher, build_method, build_net, resolve_net_config
+    from fewstep.training.config import make_config
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path))
     for variant, backward in (("backward", True), ("decay", False)):
         cfg = make_config("ctm", data="gmm", preset="toy", teacher="exact",
@@ -243,7 +243,7 @@ def test_compare_precond_three_arms_end_to_end(tmp_path, monkeypatch):
 
     from safetensors.torch import load_file
 
-    from training import checkpoint as ck
+    from fewstep.training import checkpoint as ck
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     path = Path(__file__).resolve().parents[1] / "scripts" / "compare_precond.py"
     spec = importlib.util.spec_from_file_location("compare_precond", path)

@@ -12,13 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from serving.protocol import Item, ModelInfo
-from serving.scheduler import Scheduler, ShuttingDown
+from fewstep.serving.protocol import Item, ModelInfo
+from fewstep.serving.scheduler import Scheduler, ShuttingDown
 from fewstep import sampling
 
 
 def _runner(model_dir):
-    from export.runner import load_runner
+    from fewstep.export.runner import load_runner
     return load_runner(model_dir, threads=1)
 
 
@@ -187,8 +187,8 @@ def one_scheduler(served_model_dirs, tmp_path_factory):
     """tiny and toyc with ONE sampler instance (the default jump: inline), so every request
     meets one scheduler and its counters tell what it did."""
     from fewstep.errors import UserError
-    from serving.launcher import Server, find_triton
-    from serving.repository import Options, write_repository
+    from fewstep.serving.launcher import Server, find_triton
+    from fewstep.serving.repository import Options, write_repository
 
     try:
         find_triton()
@@ -209,7 +209,7 @@ def one_scheduler(served_model_dirs, tmp_path_factory):
 
 def _counters(server, model="tiny", settle=True):
     """The scheduler's counters once they stop moving (they are flushed when it goes idle)."""
-    from serving.bench import read_jump_counters
+    from fewstep.serving.bench import read_jump_counters
 
     last = None
     for _ in range(100):
@@ -222,7 +222,7 @@ def _counters(server, model="tiny", settle=True):
 
 
 def test_warm_before_ready(one_scheduler):
-    from serving.client import Client
+    from fewstep.serving.client import Client
 
     # the scheduler already ran a request of its own before Triton said ready
     c = _counters(one_scheduler)
@@ -239,7 +239,7 @@ def test_warm_before_ready(one_scheduler):
 
 
 def test_mixed_step_counts_at_once_equal_each_served_alone(one_scheduler):
-    from serving.client import Client
+    from fewstep.serving.client import Client
 
     reqs = [([100 + i], [steps]) for i, steps in enumerate([1, 8, 2, 8, 4, 1, 3, 8])]
     with Client(one_scheduler.grpc_url, timeout=60) as c:
@@ -264,7 +264,7 @@ def test_mixed_step_counts_at_once_equal_each_served_alone(one_scheduler):
 
 
 def test_a_request_joins_a_loop_in_flight(one_scheduler):
-    from serving.client import Client
+    from fewstep.serving.client import Client
 
     with Client(one_scheduler.grpc_url, timeout=60) as c:
         ref_long, ref_short = c.generate("tiny", [7], 64), c.generate("tiny", [8], 1)
@@ -282,7 +282,7 @@ def test_a_request_joins_a_loop_in_flight(one_scheduler):
 
 
 def test_max_batch_is_respected(one_scheduler):
-    from serving.client import Client
+    from fewstep.serving.client import Client
 
     with Client(one_scheduler.grpc_url, timeout=60) as c:
         before = _counters(one_scheduler)
@@ -298,7 +298,7 @@ def test_max_batch_is_respected(one_scheduler):
 
 
 def test_a_bad_request_among_good_ones(one_scheduler):
-    from serving.client import Client, ServingError
+    from fewstep.serving.client import Client, ServingError
 
     good = [([300 + i], [s]) for i, s in enumerate([1, 4, 2, 8])]
     with Client(one_scheduler.grpc_url, timeout=60) as c:
@@ -320,9 +320,9 @@ def test_a_bad_request_among_good_ones(one_scheduler):
 
 
 def test_shutdown_with_requests_in_flight(served_model_dirs, tmp_path):
-    from serving.client import Client, ServingError
-    from serving.launcher import Server, process_group_members
-    from serving.repository import Options, write_repository
+    from fewstep.serving.client import Client, ServingError
+    from fewstep.serving.launcher import Server, process_group_members
+    from fewstep.serving.repository import Options, write_repository
 
     repo = tmp_path / "repo"
     written = write_repository(repo, [str(served_model_dirs["tiny"])], Options(device="cpu", instances=1, threads=1))
@@ -363,7 +363,7 @@ def test_shutdown_with_requests_in_flight(served_model_dirs, tmp_path):
 # --- defaults and the GPU jump's padding (no server) --------------------------------------------------
 
 def test_serving_plan_defaults():
-    from serving.repository import Options, serving_plan
+    from fewstep.serving.repository import Options, serving_plan
 
     cpu2 = serving_plan(Options(), "KIND_CPU", cores=2)
     assert (cpu2.jump, cpu2.instances, cpu2.threads, cpu2.jump_instances, cpu2.sampler_kind) == \
@@ -386,7 +386,7 @@ def test_gpu_jump_pads_to_power_of_two_buckets(served_model_dirs, monkeypatch):
 
     # common.py imports the Triton stub's module at the top; LocalJump itself does not use it
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    from serving.models.common import LocalJump, batch_buckets
+    from fewstep.serving.models.common import LocalJump, batch_buckets
 
     assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64] and batch_buckets(12) == [1, 2, 4, 8, 12]
     jump = LocalJump(served_model_dirs["toyc"], threads=1)  # CPU: no padding

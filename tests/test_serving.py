@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.protocol import InvalidInput, ModelInfo, parse_request, run_group
+from fewstep.serving.protocol import InvalidInput, ModelInfo, parse_request, run_group
 from fewstep import sampling
 
 pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient[grpc] (the serve extra)")
@@ -27,7 +27,7 @@ pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient
 import tritonclient.grpc as grpcclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from serving.client import AsyncClient, Client, ServingError  # noqa: E402
+from fewstep.serving.client import AsyncClient, Client, ServingError  # noqa: E402
 
 FEWSTEP = [sys.executable, "-m", "fewstep.cli"]
 
@@ -37,7 +37,7 @@ def _manifest(model_dir) -> dict:
 
 
 def _runner(model_dir):
-    from export.runner import load_runner
+    from fewstep.export.runner import load_runner
     return load_runner(model_dir, threads=1)
 
 
@@ -47,7 +47,7 @@ def test_repository_configs_are_valid_triton_configs(served_model_dirs, tmp_path
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from serving.repository import Options, write_repository
+    from fewstep.serving.repository import Options, write_repository
 
     written = write_repository(tmp_path, [str(served_model_dirs["tiny"]), f"other={served_model_dirs['toyc']}"],
                                Options(instances=3, device="cpu", jump="bls"))
@@ -140,7 +140,7 @@ def test_one_step_fast_path_equals_the_loop(served_model_dirs):
 
 def test_launcher_reports_a_server_that_fails_to_start(tmp_path):
     from fewstep.errors import UserError
-    from serving.launcher import Server, find_triton, process_group_members
+    from fewstep.serving.launcher import Server, find_triton, process_group_members
 
     try:
         find_triton()
@@ -178,7 +178,7 @@ def test_ready(triton_stack, client):
 def _torch_samples(ckpt_run, steps, seeds, labels=None, gamma=None) -> np.ndarray:
     import torch
 
-    from training.build import load_model
+    from fewstep.training.build import load_model
 
     model = load_model(ckpt_run)
     lab = None if labels is None else torch.tensor(labels)
@@ -230,7 +230,7 @@ def test_64_concurrent_mixed_requests_are_correct_and_deterministic(triton_stack
             return list(pool.map(lambda r: client.infer("tiny", r[0], r[1], outputs=("image", "sample")), reqs))
 
     def jump_stats():
-        from serving.bench import read_jump_counters
+        from fewstep.serving.bench import read_jump_counters
 
         last = None
         while True:  # the samplers flush their counters when they go idle
@@ -378,7 +378,7 @@ def test_generate_cli(triton_stack, client, tmp_path):
 
 
 def test_serve_cli_shuts_down_cleanly_on_sigterm_and_sigint(served_model_dirs, tmp_path):
-    from serving.launcher import free_port, process_group_members
+    from fewstep.serving.launcher import free_port, process_group_members
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         port = free_port()

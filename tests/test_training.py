@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from fewstep.cli import main
 from fewstep.errors import UserError
-from training import checkpoint as ck
-from training.config import apply_override, make_config
+from fewstep.training import checkpoint as ck
+from fewstep.training.config import apply_override, make_config
 
 TOY = ["--data", "gmm", "--preset", "toy", "--no-progress", "net.hidden=32", "net.depth=2",
        "train.batch=64", "train.sample_every=0", "train.log_every=1"]
@@ -75,7 +75,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_ema_warmup(tmp_path):
-    from training.loop import ema_decay
+    from fewstep.training.loop import ema_decay
     assert ema_decay(0.999, 0, True) == pytest.approx(0.1)
     assert ema_decay(0.999, 90, True) == pytest.approx(0.91)
     assert ema_decay(0.999, 20000, True) == 0.999 and ema_decay(0.999, 0, False) == 0.999
@@ -162,7 +162,7 @@ def test_net_preset_must_fit_the_data(tmp_path, capsys):
 def test_progress_follows_the_time_budget():
     import time
 
-    from training.loop import _progress
+    from fewstep.training.loop import _progress
     assert _progress(250, 1000, time.time(), 0) == 0.25
     assert 0.45 < _progress(10, 1000000, time.time() - 30, 1.0) < 0.6   # half of a 1-minute budget
     assert _progress(10, 1000000, time.time() - 600, 1.0) == 1.0
@@ -233,7 +233,7 @@ def test_ddp_two_processes_gloo(tmp_path):
 def test_default_threads_do_not_oversubscribe(tmp_path, monkeypatch, capsys):
     """train.threads=0 (the default): the CPUs we may use, less the busy ones, shared among
     the local processes; torch's own default (every CPU) ran 10x slower on a busy machine."""
-    import training.loop as loop
+    import fewstep.training.loop as loop
     assert loop.auto_threads(cpus=2, load=7.0, machine_cpus=2, procs=1)[0] == 1       # busy 2-core machine
     assert loop.auto_threads(cpus=16, load=0.3, machine_cpus=16, procs=1)[0] == 16    # idle
     assert loop.auto_threads(cpus=8, load=6.0, machine_cpus=8, procs=1)[0] == 2

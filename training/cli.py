@@ -24,8 +24,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def run_train(args) -> int:
     from fewstep.options import check_range
-    from training.config import make_config
-    from training.loop import train
+    from fewstep.training.config import make_config
+    from fewstep.training.loop import train
 
     overrides = list(args.overrides)
     if args.precond is not None:
@@ -64,9 +64,9 @@ def run_sample(args) -> int:
     from fewstep.errors import UserError
     from fewstep.options import check_range
     from fewstep.plots import steps_title
-    from training.build import load_model
-    from training.config import parse_sets
-    from training.sample_png import class_labels, save_samples
+    from fewstep.training.build import load_model
+    from fewstep.training.config import parse_sets
+    from fewstep.training.sample_png import class_labels, save_samples
 
     check_range("--num", args.num, 1)
     check_range("--seed", args.seed, 0)
@@ -93,20 +93,20 @@ def run_sample(args) -> int:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    from training.evaluate import add_args
+    from fewstep.training.evaluate import add_args
     add_args(p)
 
 
 def run_eval(args) -> int:
-    from training.evaluate import run
+    from fewstep.training.evaluate import run
     return run(args)
 
 
 def add_precond_args(p: argparse.ArgumentParser) -> None:
-    from training.precond_cli import add_args
+    from fewstep.training.precond_cli import add_args
     add_args(p)
 
 
 def run_precond(args) -> int:
-    from training.precond_cli import run
+    from fewstep.training.precond_cli import run
     return run(args)

@@ -68,7 +68,7 @@ def net_defaults(preset: str) -> dict:
     """A net preset with every constructor option spelled out, so each can be overridden."""
     import inspect
 
-    from training.networks import MLP, PRESETS_NET, SongUNet
+    from fewstep.training.networks import MLP, PRESETS_NET, SongUNet
     p = copy.deepcopy(PRESETS_NET[preset])
     cls = {"unet": SongUNet, "mlp": MLP}[p["arch"]]
     out = {"arch": p["arch"]}
@@ -83,7 +83,7 @@ def net_defaults(preset: str) -> dict:
 def make_config(method: str, data: str | None = None, preset: str | None = None,
                 data_dir: str | None = None, teacher: str | None = None,
                 overrides: list[str] | None = None) -> dict:
-    from training.methods import method_class
+    from fewstep.training.methods import method_class
 
     mcls = method_class(method)
     if preset is not None and preset not in PRESETS:

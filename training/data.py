@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from fewstep.errors import UserError
-from training.data_2d import NAMES as TWO_D_NAMES
-from training.data_2d import GMM, default_gmm, exact_denoiser, sample_points  # noqa: F401  (part of this API)
+from fewstep.training.data_2d import NAMES as TWO_D_NAMES
+from fewstep.training.data_2d import GMM, default_gmm, exact_denoiser, sample_points  # noqa: F401  (part of this API)
 
 __all__ = [
     "Dataset",

@@ -20,7 +20,7 @@ from torch import nn
 
 from fewstep.errors import UserError
 from fewstep.files import cache_root
-from training.data import load_dataset
+from fewstep.training.data import load_dataset
 
 CLASSIFIER_FORMAT = 1          # bump when the architecture or training recipe changes
 TRUST_ACCURACY = 0.90          # below this test accuracy the classifier FID is not trusted

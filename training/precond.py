@@ -49,9 +49,9 @@ import torch
 
 from fewstep.errors import UserError
 from fewstep.files import cache_root
-from training.checkpoint import derived_file
-from training.methods.base import bcast, ode_step
-from training.methods.edm import pf_ode_velocity
+from fewstep.training.checkpoint import derived_file
+from fewstep.training.methods.base import bcast, ode_step
+from fewstep.training.methods.edm import pf_ode_velocity
 from fewstep.sampling import karras
 
 PRECONDS = ("cm", "ctm", "analytic")
@@ -414,7 +414,7 @@ def teacher_data(teacher, n: int, seed: int = 0):
     d = teacher.config["data"]
     if d.get("name") == "gmm" and getattr(teacher, "gmm", None) is not None:
         return teacher.gmm.sample(int(n), torch.Generator().manual_seed(int(seed))), None
-    from training.data import DataError, load_dataset
+    from fewstep.training.data import DataError, load_dataset
     kw = {"image_size": d["image_size"]} if d.get("image_size") else {}
     try:
         ds = load_dataset(d["name"], "train", data_dir=d.get("data_dir"), limit=d.get("limit"), seed=0, **kw)

@@ -21,7 +21,7 @@ import torch
 
 from fewstep.errors import UserError
 from fewstep.plots import save_figure
-from training import precond as P
+from fewstep.training import precond as P
 
 GAP_NAMES = ("cm", "ctm", "analytic") + tuple(f"analytic-{v}" for v in P.VARIANTS)
 
@@ -55,7 +55,7 @@ def _device():
 
 
 def load_teacher(spec: str):
-    from training.build import load_model, load_teacher_model
+    from fewstep.training.build import load_model, load_teacher_model
     if spec == "exact":
         return load_teacher_model("exact", {"data": {"name": "gmm"}})
     teacher = load_model(spec, device=_device())

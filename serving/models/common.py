@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.protocol import INPUTS, InvalidInput, ModelInfo, chunks
+from fewstep.serving.protocol import INPUTS, InvalidInput, ModelInfo, chunks
 
 
 def params(cfg: dict) -> dict:
@@ -76,7 +76,7 @@ class LocalJump:
     and all of them are run once by warm()."""
 
     def __init__(self, model_dir, threads: int = 0, device: str = "cpu", backend: str = "auto", max_batch: int = 64):
-        from export.runner import load_runner
+        from fewstep.export.runner import load_runner
 
         if device == "cpu":
             backend = "onnxruntime"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.protocol import InvalidInput, ModelInfo, parse_jump
+from fewstep.serving.protocol import InvalidInput, ModelInfo, parse_jump
 
 
 def _params(cfg):
@@ -36,7 +36,7 @@ class TritonPythonModel:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args.get("model_instance_device_id", "0"))
             device = "cuda"
         threads = int(params.get("threads", "0") or 0) or None
-        from export.runner import load_runner
+        from fewstep.export.runner import load_runner
 
         self.runner = load_runner(str(model_dir), backend=params.get("backend", "auto") or "auto",
                                   device=device, threads=threads)

@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.models.common import JumpCounters, LocalJump, internal, invalid, load_info, make_jump, read_inputs
-from serving.protocol import InvalidInput, encode_png, parse_request, to_images
-from serving.scheduler import Scheduler
+from fewstep.serving.models.common import JumpCounters, LocalJump, internal, invalid, load_info, make_jump, read_inputs
+from fewstep.serving.protocol import InvalidInput, encode_png, parse_request, to_images
+from fewstep.serving.scheduler import Scheduler
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.models.common import LocalJump, internal, invalid, load_info, make_jump, read_inputs
-from serving.preview import estimate_previews
-from serving.protocol import InvalidInput, parse_request, run_group, to_images
+from fewstep.serving.models.common import LocalJump, internal, invalid, load_info, make_jump, read_inputs
+from fewstep.serving.preview import estimate_previews
+from fewstep.serving.protocol import InvalidInput, parse_request, run_group, to_images
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -7,12 +7,12 @@ from fewstep.errors import UserError
 
 # name -> "module:Class"; modules are imported on use.
 METHODS = {
-    "rf": "training.methods.rf:RectifiedFlow",
-    "edm": "training.methods.edm:EDM",
-    "cud": "training.methods.cud:CUD",
-    "cud-distill": "training.methods.cud_distill:CUDDistill",
-    "cd": "training.methods.cd:ConsistencyDistillation",
-    "ctm": "training.methods.ctm:CTM",
+    "rf": "fewstep.training.methods.rf:RectifiedFlow",
+    "edm": "fewstep.training.methods.edm:EDM",
+    "cud": "fewstep.training.methods.cud:CUD",
+    "cud-distill": "fewstep.training.methods.cud_distill:CUDDistill",
+    "cd": "fewstep.training.methods.cd:ConsistencyDistillation",
+    "ctm": "fewstep.training.methods.ctm:CTM",
 }
 
 

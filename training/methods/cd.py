@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from fewstep.errors import UserError
-from training import precond as P
+from fewstep.training import precond as P
 from fewstep import sampling
-from training.ema import update_ema
-from training.methods.base import Method, bcast, ode_step
-from training.methods.edm import edm_denoise, pf_ode_velocity
+from fewstep.training.ema import update_ema
+from fewstep.training.methods.base import Method, bcast, ode_step
+from fewstep.training.methods.edm import edm_denoise, pf_ode_velocity
 
 
 class ConsistencyBase(Method):

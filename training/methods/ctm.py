@@ -28,9 +28,9 @@ import torch
 
 from fewstep.errors import UserError
 from fewstep import sampling
-from training.methods.base import bcast
-from training.methods.cd import ConsistencyBase, last_layer_weight
-from training.methods.edm import edm_loss_weight
+from fewstep.training.methods.base import bcast
+from fewstep.training.methods.cd import ConsistencyBase, last_layer_weight
+from fewstep.training.methods.edm import edm_loss_weight
 
 ADAPTIVE_EPS = 1e-4        # sony/ctm calculate_adaptive_weight: |g1| / (|g2| + 1e-4), clamp [0, 1e4]
 ADAPTIVE_MAX = 1e4

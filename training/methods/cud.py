@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from fewstep.errors import UserError
-from training.methods.base import bcast
-from training.methods.rf import RectifiedFlow
+from fewstep.training.methods.base import bcast
+from fewstep.training.methods.rf import RectifiedFlow
 
 DT_SCHEDULES = ("origin", "rule", "uniform")
 COUPLINGS = ("independent", "encoder")

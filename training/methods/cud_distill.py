@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 from fewstep.errors import UserError
 from fewstep.files import cache_root, sha256_file
-from training.checkpoint import weights_file
-from training.ema import update_ema
-from training.methods.cud import mse, net_dims
-from training.methods.rf import RectifiedFlow
+from fewstep.training.checkpoint import weights_file
+from fewstep.training.ema import update_ema
+from fewstep.training.methods.cud import mse, net_dims
+from fewstep.training.methods.rf import RectifiedFlow
 
 FORMAT = 1
 

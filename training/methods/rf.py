@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fewstep import sampling
-from training.methods.base import Method, bcast, ode_step
+from fewstep.training.methods.base import Method, bcast, ode_step
 
 
 class RectifiedFlow(Method):
