@@ -247,6 +247,11 @@ async def soak(args, serve: Serve, model: str, plan: list[dict], refs: dict) -> 
         await client.meta(model)
         await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
     elapsed = time.monotonic() - start
+    # wait (bounded) for every kill's restart line before reading the figures: the requests can
+    # end first, e.g. when another sampler instance answers while the killed one's restart runs
+    deadline = time.monotonic() + 120
+    while sum("ready again" in line for line in serve.lines) < len(kills) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
     watchdog = [float(m.group(1)) for m in
                 (re.search(r"ready again ([0-9.]+) s", line) for line in serve.lines) if m]
     for j, k in enumerate(kills):
