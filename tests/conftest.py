@@ -12,6 +12,7 @@ FEWSTEP_TEST_NO_CACHE=1 always re-exports.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -98,29 +99,45 @@ def served_model_dirs(request, tmp_path_factory) -> dict:
     return {"tiny": dest / "tiny", "toyc": dest / "toyc", "ckpt": dest / "ckpt"}
 
 
+def require_triton() -> dict:
+    """The bundled tritonserver's paths, or a skip naming why it is missing."""
+    from fewstep.errors import UserError
+    from fewstep.serving.launcher import find_triton
+
+    try:
+        return find_triton()
+    except UserError as e:
+        pytest.skip(f"no tritonserver: {e}")
+
+
+@contextlib.contextmanager
+def running_server(repo: Path, written: list, timeout: float = 180, **server_args):
+    """A real tritonserver on free loopback ports serving what `write_repository` wrote to
+    `repo`, its log beside the repository; stopped on exit."""
+    from fewstep.serving.launcher import Server
+
+    server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=[n for w in written for n in w["models"]],
+                    log_file=Path(repo).parent / "tritonserver.log", **server_args)
+    server.start(timeout=timeout)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def triton_stack(served_model_dirs, tmp_path_factory):
     """The running server: SimpleNamespace(server, url, models, dirs, repo)."""
     pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient[grpc] (the serve extra)")
-    from fewstep.errors import UserError
-    from fewstep.serving.launcher import Server, find_triton
     from fewstep.serving.repository import Options, write_repository
 
-    try:
-        find_triton()
-    except UserError as e:
-        pytest.skip(f"no tritonserver: {e}")
+    require_triton()
     repo = tmp_path_factory.mktemp("triton") / "repo"
     written = write_repository(repo, [str(served_model_dirs["tiny"]), str(served_model_dirs["toyc"])],
                                Options(device="cpu", threads=1))
     names = [n for w in written for n in w["models"]]
-    server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=names,
-                    log_file=repo.parent / "tritonserver.log")
-    server.start(timeout=180)
-    try:
+    with running_server(repo, written) as server:
         yield SimpleNamespace(server=server, url=server.grpc_url, models=names, dirs=served_model_dirs, repo=repo)
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import pytest
 
 from fewstep.cli import main
 from fewstep.serving import bench
+from conftest import running_server
 
 STEPS = (1, 2)
 CONC = (1, 2)
@@ -197,7 +198,6 @@ def test_stats_delta_and_summary():
 def bls_server(triton_stack, tmp_path_factory):
     """The tiny model served with `--jump bls` (each step a BLS request to tiny_jump); the
     session server runs the default, the jump inside the sampler (inline)."""
-    from fewstep.serving.launcher import Server
     from fewstep.serving.repository import Options, write_repository
 
     repo = tmp_path_factory.mktemp("bls") / "repo"
@@ -205,13 +205,8 @@ def bls_server(triton_stack, tmp_path_factory):
     cfg = (repo / "tiny_sampler" / "config.pbtxt").read_text()
     assert '"jump_mode" value { string_value: "bls" }' in cfg
     assert '"jump_mode" value { string_value: "inline" }' in (triton_stack.repo / "tiny_sampler" / "config.pbtxt").read_text()
-    server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=written[0]["models"],
-                    log_file=repo.parent / "tritonserver.log")
-    server.start(timeout=180)
-    try:
+    with running_server(repo, written) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_both_jump_modes_give_the_same_images(triton_stack, bls_server):

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from fewstep.serving.launcher import free_port
+from conftest import require_triton, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -349,25 +350,14 @@ def native_stack(served_model_dirs, tmp_path_factory):
     """A real tritonserver on a repository written with --jump-backend onnxruntime, its jumps
     swapped to the Python backend."""
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
-    from fewstep.errors import UserError
-    from fewstep.serving.launcher import Server, find_triton
-    try:
-        find_triton()
-    except UserError as e:
-        pytest.skip(f"no tritonserver: {e}")
+    require_triton()
     repo = tmp_path_factory.mktemp("native") / "repo"
     written = _write(repo, [served_model_dirs["tiny"], served_model_dirs["toyc"]], jump_backend="onnxruntime",
                      device="gpu")
     for w in written:
         _as_python_jump(repo / (w["name"] + "_jump"), served_model_dirs[w["name"]])
-    names = [n for w in written for n in w["models"]]
-    server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=names,
-                    log_file=repo.parent / "tritonserver.log", log_verbose=1)
-    server.start(timeout=240)
-    try:
+    with running_server(repo, written, timeout=240, log_verbose=1) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_native_config_loads_warms_and_serves(native_stack, served_model_dirs):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_triton, running_server
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient[grpc]")
 
@@ -28,23 +29,13 @@ def _ready(client) -> bool:
 
 @pytest.fixture
 def own_server(served_model_dirs, tmp_path):
-    from fewstep.errors import UserError
-    from fewstep.serving.launcher import Server, find_triton
     from fewstep.serving.repository import Options, write_repository
 
-    try:
-        find_triton()
-    except UserError as e:
-        pytest.skip(f"no tritonserver: {e}")
+    require_triton()
     repo = tmp_path / "repo"
     written = write_repository(repo, [str(served_model_dirs["tiny"])], Options(device="cpu", threads=1, instances=1))
-    server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=[n for w in written for n in w["models"]],
-                    log_file=tmp_path / "tritonserver.log")
-    server.start(timeout=180)
-    try:
+    with running_server(repo, written) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_find_stubs_names_every_python_model(own_server):

@@ -15,6 +15,7 @@ import pytest
 from fewstep.serving.protocol import Item, ModelInfo
 from fewstep.serving.scheduler import Scheduler, ShuttingDown
 from fewstep import sampling
+from conftest import require_triton, running_server
 
 
 def _runner(model_dir):
@@ -186,25 +187,15 @@ pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient
 def one_scheduler(served_model_dirs, tmp_path_factory):
     """tiny and toyc with ONE sampler instance (the default jump: inline), so every request
     meets one scheduler and its counters tell what it did."""
-    from fewstep.errors import UserError
-    from fewstep.serving.launcher import Server, find_triton
     from fewstep.serving.repository import Options, write_repository
 
-    try:
-        find_triton()
-    except UserError as e:
-        pytest.skip(f"no tritonserver: {e}")
+    require_triton()
     repo = tmp_path_factory.mktemp("sched") / "repo"
     written = write_repository(repo, [str(served_model_dirs["tiny"]), str(served_model_dirs["toyc"])],
                                Options(device="cpu", instances=1, threads=1))
     assert written[0]["plan"].jump == "inline" and written[0]["plan"].instances == 1
-    server = Server(repo, grpc_port=0, http_port=0, metrics_port=0, models=[n for w in written for n in w["models"]],
-                    log_file=repo.parent / "tritonserver.log")
-    server.start(timeout=180)
-    try:
+    with running_server(repo, written) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _counters(server, model="tiny", settle=True):
