@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv system-deps clean
+.PHONY: test demo venv system-deps image-test image-lock clean
 
 venv: $(STAMP)
 
@@ -28,9 +28,28 @@ system-deps:
 	  fi; \
 	fi
 
+# The serving image built from deploy/Dockerfile and started here (scripts/image_test.py): on a
+# stand-in for NVIDIA's base, with podman and debootstrap, which are installed when we are root
+# with apt; elsewhere it is skipped with one line. Ends with `image ok`.
+image-test: $(STAMP)
+	@if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "apt-get install podman debootstrap"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap >/dev/null; \
+	  fi; \
+	fi
+	$(PY) scripts/image_test.py
+
+# deploy/requirements-image.lock: every package of the image, pinned with hashes, for the
+# image's Python (3.10) and any other (universal markers); uv from PyPI in a throwaway venv.
+image-lock:
+	python3 -m venv .cache/uv && .cache/uv/bin/pip install -q uv==0.13.9
+	.cache/uv/bin/uv pip compile --universal --python-version 3.10 --generate-hashes --no-header \
+	  --quiet deploy/requirements-image.in -o deploy/requirements-image.lock
+
 # One torch thread per process: the suite runs a Triton server beside the tests, and on two
 # cores oversubscribed threads are many times slower than one.
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps image-test
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP) system-deps
