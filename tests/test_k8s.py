@@ -181,6 +181,22 @@ def _check_model_source(objs: dict, pod: dict, c: dict, source: str | None) -> N
     assert init["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+def test_loader_pod_validates_and_writes_the_claim():
+    """components/models-rwx/load-models-pod.yaml, applied on its own to fill the volume."""
+    kv = pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (the test extra)")
+    rwx = K8S / "components" / "models-rwx"
+    pod = yaml.safe_load((rwx / "load-models-pod.yaml").read_text())
+    _validate(kv, pod)
+    claim = yaml.safe_load((rwx / "pvc.yaml").read_text())["metadata"]["name"]
+    (volume,) = pod["spec"]["volumes"]
+    (container,) = pod["spec"]["containers"]
+    assert volume["persistentVolumeClaim"] == {"claimName": claim}  # read-write: it fills the volume
+    assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": "/models"}]
+    # the pod runs as the serving pods' user, so what it writes they can read
+    dep = yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())
+    assert pod["spec"]["securityContext"]["runAsUser"] == dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+
+
 def test_validators_bite():
     """kubernetes-validate refuses an unknown field and a wrong type; the adapter schema a
     misspelt key."""

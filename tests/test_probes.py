@@ -160,7 +160,7 @@ def _has_grpc_health() -> bool:
     return True
 
 
-def test_liveness_fails_without_a_server(probe_stack, tmp_path):
+def test_liveness_fails_without_a_server(probe_stack):
     from fewstep.serving.launcher import free_port
 
     gone = subprocess.run([sys.executable, str(PROBE), "live", "--url", f"127.0.0.1:{free_port()}",
