@@ -114,7 +114,7 @@ class _Load:
 
 
 def test_liveness_tolerates_load_and_sees_a_dead_stub(probe_stack):
-    from fewstep.serving.health import find_stubs
+    from fewstep.serving.health import find_stubs, stub_alive
 
     live = _container_probe("livenessProbe")
     cmd = live["exec"]["command"]
@@ -143,12 +143,23 @@ def test_liveness_tolerates_load_and_sees_a_dead_stub(probe_stack):
     # kill -9 the sampler's stub: Triton 2.51 still says ready and serving; `live` fails, naming it
     (stub,) = [s for s in find_stubs(probe_stack.proc.pid) if s.model == "tiny_sampler"]
     os.kill(stub.pid, signal.SIGKILL)
-    time.sleep(1.0)
-    dead, _ = _probe(probe_stack, "live", call_timeout)
-    assert dead.returncode == 1 and "tiny_sampler" in dead.stderr and "stub" in dead.stderr, dead.stderr
+    deadline = time.monotonic() + 10  # a killed process leaves when the kernel gets to it
+    while stub_alive(stub, probe_stack.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # as the kubelet does, a failure of another kind (a deadline on this shared machine) is
+    # tried again; a pass is not: the model is dead for good
+    tries = []
+    for _ in range(3):
+        dead, _ = _probe(probe_stack, "live", call_timeout)
+        tries.append((dead.returncode, dead.stderr.strip()))
+        assert dead.returncode == 1, tries
+        if "tiny_sampler" in dead.stderr and "stub" in dead.stderr:
+            break
+    else:
+        raise AssertionError(f"live never named the dead stub: {tries}")
     ready, _ = _probe(probe_stack, "ready", call_timeout)
     health = _health_check(probe_stack.grpc_url) if _has_grpc_health() else "n/a"
-    print(f"after the sampler's stub was killed: live: {dead.stderr.strip()}; ready probe exit "
+    print(f"after the sampler's stub was killed: live ({len(tries)} tries): {tries}; ready probe exit "
           f"{ready.returncode}; gRPC health {health}")
 
 
