@@ -21,6 +21,7 @@ system-deps:
 	  missing=""; \
 	  [ -d $(FMNIST) ] || missing="$$missing dataset-fashion-mnist"; \
 	  [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "apt-get install$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \

@@ -3,13 +3,19 @@
 
     probe.py ready  the server and every model of the repository report ready
     probe.py infer  `ready`, then one real 1-image, 1-step request through every ensemble,
-                    which must come back in time with a finite sample
+                    which must come back in time with a finite sample (the startup probe)
+    probe.py live   the server is live, every model ready, and every instance of every
+                    Python model still has its stub process (the liveness probe)
 
 Exit 0 when healthy, 1 (with one line on stderr) when not. Over gRPC on loopback, the
 server's only client protocol (HTTP is off, as in `fewstep serve`).
 
-Why a real request: Triton 2.51 (the 24.10 container) keeps answering "ready" for a Python
-model whose stub process has died (docs/deploy.md), so only a request notices a dead model.
+Why `live` counts stub processes: Triton 2.51 (the 24.10 container) keeps answering "ready"
+for a Python model whose stub process has died, and does not restart the stub; every request
+to that model fails from then on (docs/deploy.md). A request would notice, but it queues
+behind the pod's load, so a busy pod would be restarted for being busy. Counting processes
+under /proc and asking Triton's live, ready and config endpoints (answered outside the
+inference queues) costs the same whatever the load.
 """
 from __future__ import annotations
 
@@ -17,7 +23,10 @@ import argparse
 import math
 import os
 import sys
+from collections import Counter
 from pathlib import Path
+
+from fewstep.serving.health import find_stubs, listening_pid
 
 
 class Unhealthy(Exception):
@@ -35,9 +44,41 @@ def repository_models(repo: Path) -> list[str]:
 def check_ready(client, models: list[str], timeout: float) -> None:
     if not client.is_server_ready(client_timeout=timeout):
         raise Unhealthy("server not ready")
+    check_models_ready(client, models, timeout)
+
+
+def check_models_ready(client, models: list[str], timeout: float) -> None:
     for m in models:
         if not client.is_model_ready(m, client_timeout=timeout):
             raise Unhealthy(f"model {m} not ready")
+
+
+def python_instances(client, models: list[str], timeout: float) -> dict[str, int]:
+    """{model: stub processes Triton starts for it} for the Python-backend models: one per
+    instance (a KIND_GPU group has `count` instances on each of its GPUs)."""
+    out = {}
+    for m in models:
+        cfg = client.get_model_config(m, as_json=True, client_timeout=timeout)["config"]
+        if cfg.get("backend") != "python":
+            continue
+        out[m] = sum(int(g.get("count", 1)) * (max(1, len(g.get("gpus", []))) if g.get("kind") == "KIND_GPU" else 1)
+                     for g in cfg.get("instance_group", []))
+    return out
+
+
+def check_live(client, models: list[str], port: int, timeout: float) -> None:
+    if not client.is_server_live(client_timeout=timeout):
+        raise Unhealthy("server not live")
+    check_models_ready(client, models, timeout)
+    expected = python_instances(client, models, timeout)
+    server = listening_pid(port)
+    if server is None:
+        raise Unhealthy(f"no process of this pod listens on port {port}")
+    alive = Counter(s.model for s in find_stubs(server))
+    for m, n in sorted(expected.items()):
+        if alive[m] < n:
+            raise Unhealthy(f"model {m}: {alive[m]} of its {n} Python backend stub processes alive "
+                            "(Triton 2.51 does not restart a dead one)")
 
 
 def ensembles(client, models: list[str], timeout: float) -> list[dict]:
@@ -77,7 +118,7 @@ def check_infer(client, cfg: dict, timeout: float) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("ready", "infer"))
+    p.add_argument("mode", choices=("ready", "infer", "live"))
     p.add_argument("--url", default=os.environ.get("FEWSTEP_PROBE_URL", "127.0.0.1:8001"),
                    help="Triton's gRPC endpoint (default 127.0.0.1:8001)")
     p.add_argument("--repo", default=os.environ.get("FEWSTEP_REPO", "/srv/repo"),
@@ -90,6 +131,9 @@ def main(argv=None) -> int:
     client = grpc.InferenceServerClient(args.url)
     try:
         models = repository_models(Path(args.repo))
+        if args.mode == "live":
+            check_live(client, models, int(args.url.rsplit(":", 1)[1]), args.timeout)
+            return 0
         check_ready(client, models, args.timeout)
         if args.mode == "infer":
             for cfg in ensembles(client, models, args.timeout):

@@ -72,6 +72,33 @@ def find_stubs(server_pid: int) -> list[Stub]:
     return sorted(out, key=lambda s: s.instance)
 
 
+def listening_pid(port: int) -> int | None:
+    """The process listening on TCP `port` in this network namespace (Linux /proc), None when
+    none is: the socket's inode from /proc/net/tcp{,6}, then the process that holds it (the
+    oldest holder, should a child have inherited the socket)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:  # sl local_address rem_address st ... inode
+            f = row.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    holders = set()
+    for d in Path("/proc").iterdir() if inodes else ():
+        if not d.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (d / "fd").iterdir()):
+                holders.add(int(d.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    roots = [pid for pid in holders if (_stat(pid) or ("", 0))[1] not in holders]
+    return min(roots) if roots else None
+
+
 def stub_alive(stub: Stub, server_pid: int) -> bool:
     st = _stat(stub.pid)
     return st is not None and st[0] != "Z" and st[1] == server_pid

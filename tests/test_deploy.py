@@ -467,8 +467,8 @@ def test_autoscaling_series_exist_and_mean_requests_in_flight(native_stack):
     import yaml
 
     from fewstep.serving.client import Client
-    rules = yaml.safe_load(yaml.safe_load((DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-rules.yaml")
-                                          .read_text())["data"]["config.yaml"])["rules"]
+    rules = yaml.safe_load((DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-values.yaml")
+                           .read_text())["rules"]["custom"]
     used = {n for r in rules for n in re.findall(r"nv_inference_\w+", r["seriesQuery"] + r["metricsQuery"])}
     assert used == {"nv_inference_request_duration_us", "nv_inference_queue_duration_us",
                     "nv_inference_compute_infer_duration_us"}
@@ -528,8 +528,9 @@ def test_probes_see_a_dead_model(native_stack, tmp_path):
     bad = subprocess.run([sys.executable, str(PROBE), "ready", "--url", native_stack.grpc_url, "--repo",
                           str(bad_repo)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "absent not ready" in bad.stderr
-    # kill -9 the sampler's Python stub: the request-level probe must fail (the liveness probe);
-    # the ready endpoints of Triton 2.51 may still say ready (docs/deploy.md)
+    # kill -9 the sampler's Python stub: the request-level probe must fail (the startup probe's check;
+    # the liveness probe, `probe.py live`: tests/test_probes.py); the ready endpoints of Triton 2.51
+    # may still say ready (docs/deploy.md)
     os.kill(_stub_pid(native_stack, "tiny_sampler"), signal.SIGKILL)
     time.sleep(1.0)
     dead = _probe(native_stack, "infer", timeout=5)
