@@ -33,7 +33,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import grpc
 import numpy as np
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +45,7 @@ LOCK = DEPLOY / "requirements-image.lock"
 DEBIAN_IMAGE = "localhost/fewstep-debian:bookworm"
 STANDIN_IMAGE = "localhost/fewstep-standin-base:24.10"
 IMAGE = "localhost/fewstep-serve:image-test"
+DEPLOYMENT = DEPLOY / "k8s" / "base" / "deployment.yaml"  # whose probes the image must pass
 MODEL = "cud_fmnist"  # the shipped model baked into the test image
 # what NVIDIA's image has that a minbase Debian lacks: Python with pip, the stub's libpython,
 # useradd for the triton-server user
@@ -165,8 +169,8 @@ class Chroot:
             os.setuid(self.uid)
         return subprocess.Popen(argv, env={**self.env, **(env or {})}, preexec_fn=enter, **kw)
 
-    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-        proc = self.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def run(self, argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+        proc = self.popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out, _ = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(argv, proc.returncode, out)
 
@@ -239,14 +243,19 @@ def main() -> int:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
         stack.callback(stop)
-        probe = ["python3", "/opt/fewstep/deploy/probe.py"]
-        wait_for(lambda: box.run([*probe, "infer", "--url", url], timeout=120), "the startup probe",
-                 server, server_log, timeout=300)
+        probes = deployment_probes()
+        # the exec probes run inside the image as the kubelet runs them, pointed at the test's port
+        probe_env = {**env, "FEWSTEP_PROBE_URL": url}
+        wait_for(lambda: box.run(probes["startupProbe"]["exec"]["command"], timeout=120, env=probe_env),
+                 "the startup probe", server, server_log, timeout=300)
         log(f"startup probe passed {time.monotonic() - t0:.0f} s in")
-        for mode in probe_modes():
-            result = box.run([*probe, mode, "--url", url], timeout=60)
-            if result.returncode != 0:
-                raise SystemExit(f"image-test: probe {mode} failed: {result.stdout}")
+        status = grpc_health(url)  # the readiness probe is the kubelet's gRPC health check
+        if status != "SERVING":
+            raise SystemExit(f"image-test: readiness: the gRPC health check answers {status}")
+        live = box.run(probes["livenessProbe"]["exec"]["command"], timeout=60, env=probe_env)
+        if live.returncode != 0:
+            raise SystemExit(f"image-test: the liveness probe failed: {live.stdout}")
+        log("readiness (gRPC health: SERVING) and liveness probes passed")
         # two seeds, so both commands write the same grid
         image = work / "generated.png"
         run([sys.executable, "-m", "fewstep", "generate", "--url", url, "--model", MODEL, "--steps", "1",
@@ -270,10 +279,17 @@ def main() -> int:
     return 0
 
 
-def probe_modes() -> list[str]:
-    """The probe modes the Deployment runs besides the startup one (deploy/probe.py's)."""
-    text = (DEPLOY / "probe.py").read_text()
-    return [m for m in ("ready", "live") if f'"{m}"' in text]
+def deployment_probes() -> dict:
+    """The startup, readiness and liveness probes of the Deployment's container."""
+    (container,) = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["spec"]["containers"]
+    return {k: container[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+
+
+def grpc_health(url: str) -> str:
+    """What the kubelet's gRPC probe asks: grpc.health.v1.Health/Check with no service name."""
+    with grpc.insecure_channel(url) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 if __name__ == "__main__":
