@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fewstep.export import runtimes
 from fewstep.export.manifest import recommended_steps, step_quality
 from fewstep.errors import UserError
 from fewstep.serving import native_jump
@@ -42,6 +43,7 @@ class Options:
     png: bool = True              # offer the optional `png` output
     jump: str = "auto"            # the sampler's jump: "inline" (in its process), "bls" (<name>_jump), auto
     jump_backend: str = "python"  # Triton backend of <name>_jump: python | onnxruntime | tensorrt (serving/native_jump.py)
+    triton_container: str = ""    # the container a native jump is written for (export.runtimes.target_container)
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,7 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
     if opts.jump_backend not in native_jump.JUMP_BACKENDS:
         raise UserError(f"--jump-backend must be one of {', '.join(native_jump.JUMP_BACKENDS)}, "
                         f"got {opts.jump_backend!r}")
+    target = runtimes.target_container(opts.triton_container) if opts.jump_backend != "python" else None
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     seen: dict[str, Path] = {}
@@ -399,7 +402,7 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
             shutil.rmtree(repo / n, ignore_errors=True)
         if native:
             native_jump.write_native_jump(repo / names[0], src, info, manifest, opts.jump_backend, kind,
-                                          plan.jump_instances, plan.threads, _copy_file)
+                                          plan.jump_instances, plan.threads, _copy_file, target)
         else:
             _write_python_model(repo / names[0], "jump.py", jump_config(info, opts, kind, plan))
             _copy_model_dir(src, repo / names[0] / "1" / "model", manifest)

@@ -6,6 +6,7 @@ list, GPU presence, the BLS module) and said so; the real runs are scripts/gpu_c
 """
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -77,3 +78,148 @@ def test_bls_jump_request_prefers_cpu_memory(monkeypatch):
         assert kw["model_name"] == "m_jump" and kw["requested_output_names"] == ["x_s"]
         pref = kw["preferred_memory"]
         assert (pref.type, pref.device_id) == (fake.TRITONSERVER_MEMORY_CPU, 0)
+
+
+# --- the versions a model must match -----------------------------------------------------------------
+
+def _copy_export(src, dest, ir_version=None, engines=None):
+    """A copy of an export whose jump.onnx claims another IR version and/or that carries
+    TensorRT engine entries (placeholder plans: serving only copies them), rehashed."""
+    import shutil
+
+    import onnx
+
+    from fewstep.export.manifest import sha256_file
+
+    shutil.copytree(src, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    if ir_version is not None:
+        proto = onnx.load(str(dest / "jump.onnx"))
+        proto.ir_version = ir_version
+        (dest / "jump.onnx").write_bytes(proto.SerializeToString())
+        manifest["files"]["jump.onnx"] = sha256_file(dest / "jump.onnx")
+    for e in engines or []:
+        (dest / e["file"]).write_bytes(b"placeholder, not a TensorRT plan")
+        manifest["files"][e["file"]] = sha256_file(dest / e["file"])
+        manifest["engines"] = manifest["engines"] + [e]
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
+def _engine(tensorrt: str, gpu: str = "nvidia_h100_80gb_hbm3", max_batch: int = 16):
+    return {"file": f"jump.{gpu}.trt{tensorrt}.fp16.plan", "gpu": gpu, "gpu_name": gpu, "tensorrt": tensorrt,
+            "precision": "fp16", "min_batch": 1, "opt_batch": 8, "max_batch": max_batch}
+
+
+@pytest.fixture
+def no_container_env(monkeypatch):
+    from fewstep.export import runtimes
+
+    monkeypatch.delenv(runtimes.CONTAINER_ENV, raising=False)
+    monkeypatch.delenv(runtimes.NVIDIA_RELEASE_ENV, raising=False)
+
+
+def test_target_container_table_env_and_custom(no_container_env):
+    from fewstep.errors import UserError
+    from fewstep.export.runtimes import DEFAULT_CONTAINER, target_container
+
+    default = target_container()
+    assert default.name == DEFAULT_CONTAINER == "24.10"
+    assert (default.tensorrt, default.onnxruntime, default.max_onnx_ir, default.triton) == ("10.5.0", "1.19.2", 10,
+                                                                                          "2.51.0")
+    assert target_container(environ={"NVIDIA_TRITON_SERVER_VERSION": "24.10"}) == default
+    custom = target_container(environ={"FEWSTEP_TRITON_CONTAINER": "tensorrt=10.8.0,onnx-ir=11,name=25.01",
+                                       "NVIDIA_TRITON_SERVER_VERSION": "24.10"})  # ours before NVIDIA's
+    assert (custom.name, custom.tensorrt, custom.max_onnx_ir) == ("25.01", "10.8.0", 11)
+    assert target_container("tensorrt=10.6.0,onnx-ir=10").tensorrt == "10.6.0"  # the option first
+    # NVIDIA's image of a release the table does not know: say how to name its versions
+    with pytest.raises(UserError, match=r"NVIDIA_TRITON_SERVER_VERSION.*'25\.03' is not in fewstep's table.*"
+                                        r"tensorrt=10\.8\.0,onnx-ir=10"):
+        target_container(environ={"NVIDIA_TRITON_SERVER_VERSION": "25.03"})
+    with pytest.raises(UserError, match="--triton-container"):
+        target_container("tensorrt=ten")
+
+
+def test_onnx_ir_version_is_read_without_onnx(served_model_dirs, tmp_path):
+    import onnx
+
+    from fewstep.errors import UserError
+    from fewstep.export.runtimes import onnx_ir_version
+
+    src = served_model_dirs["tiny"] / "jump.onnx"
+    assert onnx_ir_version(src) == onnx.load(str(src)).ir_version
+    # the export records it in the manifest
+    assert json.loads((served_model_dirs["tiny"] / "manifest.json").read_text())["jump"]["ir_version"] == \
+        onnx_ir_version(src)
+    assert onnx_ir_version(_copy_export(served_model_dirs["tiny"], tmp_path / "m", ir_version=11) / "jump.onnx") == 11
+    (tmp_path / "not.onnx").write_bytes(b"\x12\x03abc")  # a string field, no ir_version
+    with pytest.raises(UserError, match="not an ONNX model"):
+        onnx_ir_version(tmp_path / "not.onnx")
+
+
+def _dry_run(capsys, tmp_path, model, backend, *extra):
+    from fewstep.cli import main
+
+    rc = main(["serve", "--dry-run", "--jump-backend", backend, "--repo", str(tmp_path / f"repo-{backend}"),
+               "--model", str(model), *extra])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def test_dry_run_refuses_an_onnx_ir_the_container_cannot_read(served_model_dirs, tmp_path, capsys,
+                                                             no_container_env):
+    rc, err = _dry_run(capsys, tmp_path, served_model_dirs["tiny"], "onnxruntime")  # the export: IR 10
+    assert rc == 0, err
+    new = _copy_export(served_model_dirs["tiny"], tmp_path / "ir11", ir_version=11)
+    rc, err = _dry_run(capsys, tmp_path, new, "onnxruntime")
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert rc == 2 and len(lines) == 1, err
+    assert "IR version 11" in lines[0] and "IR <= 10" in lines[0] and "24.10" in lines[0] and "1.19.2" in lines[0]
+    # another container, named by its versions, reads IR 11
+    rc, err = _dry_run(capsys, tmp_path, new, "onnxruntime", "--triton-container", "tensorrt=10.8.0,onnx-ir=11")
+    assert rc == 0, err
+
+
+def test_dry_run_refuses_a_plan_of_another_tensorrt(served_model_dirs, tmp_path, capsys, no_container_env,
+                                                   monkeypatch):
+    ok = _copy_export(served_model_dirs["tiny"], tmp_path / "ok", engines=[_engine("10.5.0.18")])
+    rc, err = _dry_run(capsys, tmp_path, ok, "tensorrt")  # 24.10 runs 10.5.0: the build number does not matter
+    assert rc == 0, err
+    other = _copy_export(served_model_dirs["tiny"], tmp_path / "other", engines=[_engine("10.6.0")])
+    rc, err = _dry_run(capsys, tmp_path, other, "tensorrt")
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert rc == 2 and len(lines) == 1, err
+    assert "TensorRT 10.6.0" in lines[0] and "TensorRT 10.5.0" in lines[0] and "24.10" in lines[0]
+    assert "tensorrt==10.5.0" in lines[0]
+    monkeypatch.setenv("FEWSTEP_TRITON_CONTAINER", "tensorrt=10.6.0,onnx-ir=10")
+    rc, err = _dry_run(capsys, tmp_path, other, "tensorrt")
+    assert rc == 0, err
+
+
+def test_the_python_jump_refuses_an_ir_its_onnxruntime_cannot_read(served_model_dirs, tmp_path):
+    import onnxruntime as ort
+
+    from fewstep.errors import UserError
+    from fewstep.export.runner import load_runner
+
+    assert load_runner(served_model_dirs["tiny"], threads=1).backend == "onnxruntime"
+    new = _copy_export(served_model_dirs["tiny"], tmp_path / "ir99", ir_version=99)
+    with pytest.raises(UserError) as e:
+        load_runner(new, threads=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "IR version 99" in msg and f"onnxruntime {ort.__version__}" in msg
+    assert "IR <= " in msg
+
+
+def test_the_python_jump_names_both_tensorrt_versions():
+    """The in-process TensorRT runner's choice of plan (TensorRT itself is not installed here:
+    test_export.py's test_tensorrt_engine runs it on a GPU machine, and skips here)."""
+    from fewstep.export.runner import engine_for
+
+    manifest = {"engines": [_engine("10.5.0"), _engine("10.5.0", gpu="nvidia_l4")], "precision": "fp16"}
+    engine, why = engine_for(manifest, "NVIDIA H100 80GB HBM3", "10.5.0.18")
+    assert why is None and engine["gpu"] == "nvidia_h100_80gb_hbm3"
+    engine, why = engine_for(manifest, "NVIDIA H100 80GB HBM3", "10.7.0")
+    assert engine is None and "built with TensorRT 10.5.0" in why and "runs TensorRT 10.7.0" in why
+    engine, why = engine_for(manifest, "NVIDIA A10G", "10.5.0")
+    assert engine is None and "no engine for nvidia_a10g" in why
