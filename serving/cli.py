@@ -130,6 +130,7 @@ def _print_written(written: list[dict]) -> None:
         plan = w["plan"]
         print(f"{w['name']}: {', '.join(w['models'])} ({w['kind']}; jump {plan.jump}, {plan.instances} sampler "
               f"instance(s) x {plan.threads} thread(s)) from {w['source']}", file=sys.stderr)
+        print(f"{w['name']}: the jump runs on {w['runtime']}", file=sys.stderr)
 
 
 # --- generate ----------------------------------------------------------------------------------

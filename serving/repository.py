@@ -324,36 +324,58 @@ def _write_python_model(model_root: Path, source: str, config: str, manifest: di
         (version / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def instance_kind(device: str, manifest: dict) -> str:
+def instance_kind(device: str, manifest: dict) -> tuple[str, str | None]:
+    """(KIND_GPU or KIND_CPU for the jump, why not the GPU or None). `--device gpu` where the
+    jump cannot run on a GPU is refused in one line: never a silent fall-back to the CPU."""
+    if device == "cpu":
+        return "KIND_CPU", None
+    if device not in ("auto", "gpu"):
+        raise UserError(f"unknown device {device!r} (auto, cpu, gpu)")
+    why = gpu_unavailable(manifest)
+    if why is None:
+        return "KIND_GPU", None
+    if device == "gpu":
+        raise UserError(f"--device gpu: {why}")
+    return "KIND_CPU", why
+
+
+def gpu_unavailable(manifest: dict) -> str | None:
+    """Why the jump cannot run on a GPU here (no GPU; no CUDA build of ONNX Runtime and no
+    TensorRT for the model's plans), or None when it can."""
     from fewstep.serving.launcher import gpu_present
 
-    if device == "cpu":
-        return "KIND_CPU"
-    if device == "gpu":
-        if not gpu_present():
-            raise UserError("--device gpu: no GPU is visible on this host")
-        if not _gpu_runtime_available(manifest):
-            raise UserError("--device gpu: no GPU runtime for the jump here (onnxruntime-gpu's "
-                            "CUDAExecutionProvider, or TensorRT with an engine in the model dir)")
-        return "KIND_GPU"
-    if device != "auto":
-        raise UserError(f"unknown device {device!r} (auto, cpu, gpu)")
-    return "KIND_GPU" if gpu_present() and _gpu_runtime_available(manifest) else "KIND_CPU"
-
-
-def _gpu_runtime_available(manifest: dict) -> bool:
-    try:
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return True
-    except ImportError:
-        pass
+    if not gpu_present():
+        return "no NVIDIA GPU is visible on this host"
     if manifest.get("engines"):
         import importlib.util
 
-        return importlib.util.find_spec("tensorrt") is not None
-    return False
+        if importlib.util.find_spec("tensorrt") is not None:
+            return None
+    try:
+        from fewstep.export.runner import cuda_provider_problem
+
+        return cuda_provider_problem()
+    except ImportError as e:
+        return f"onnxruntime cannot be imported ({e})"
+
+
+def jump_runtime(kind: str, opts: Options, manifest: dict, why_not_gpu: str | None) -> str:
+    """What runs the jump, for the start-up line: the runtime and its provider (and, on the
+    CPU beside a GPU, why the GPU is not used)."""
+    if opts.jump_backend != "python":
+        return f"Triton's {opts.jump_backend} backend ({kind}, in NVIDIA's container)"
+    if kind == "KIND_GPU":
+        if opts.backend != "onnxruntime" and manifest.get("engines"):
+            from fewstep.export.runner import _tensorrt_engine_for
+
+            engine, _ = _tensorrt_engine_for(manifest)
+            if engine is not None:
+                return f"TensorRT ({engine['file']}) on the GPU"
+        return "ONNX Runtime's CUDAExecutionProvider on the GPU"
+    text = "ONNX Runtime's CPUExecutionProvider"
+    if why_not_gpu and opts.device == "auto" and not why_not_gpu.startswith("no NVIDIA GPU"):
+        text += f" (a GPU is present, but {why_not_gpu})"
+    return text
 
 
 def write_repository(repo, model_args: list[str], opts: Options | None = None) -> list[dict]:
@@ -392,10 +414,10 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
             if opts.jump == "inline":
                 raise UserError(f"--jump-backend {opts.jump_backend} serves <name>_jump on Triton's own backend, "
                                 f"which the sampler calls by BLS: use --jump bls (or auto)")
-            kind = native_jump.native_kind(opts.device, opts.jump_backend)
+            kind, why_not_gpu = native_jump.native_kind(opts.device, opts.jump_backend), None
             plan = serving_plan(replace(opts, jump="bls"), kind)
         else:
-            kind = instance_kind(opts.device, manifest)
+            kind, why_not_gpu = instance_kind(opts.device, manifest)
             plan = serving_plan(opts, kind)
         names = [name + "_jump", name + "_sampler", name + "_stream", name]
         for n in names:
@@ -412,5 +434,5 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(ensemble_config(info, opts, manifest))
         written.append({"name": name, "models": names, "source": str(src), "kind": kind, "info": info,
-                        "plan": plan})
+                        "plan": plan, "runtime": jump_runtime(kind, opts, manifest, why_not_gpu)})
     return written

@@ -223,3 +223,88 @@ def test_the_python_jump_names_both_tensorrt_versions():
     assert engine is None and "built with TensorRT 10.5.0" in why and "runs TensorRT 10.7.0" in why
     engine, why = engine_for(manifest, "NVIDIA A10G", "10.5.0")
     assert engine is None and "no engine for nvidia_a10g" in why
+
+
+# --- which provider runs the jump (a GPU and onnxruntime-gpu faked) -----------------------------------
+
+@pytest.fixture
+def fake_host(monkeypatch):
+    """Set what this host has: a GPU or not, the providers onnxruntime lists, whether the
+    onnxruntime-gpu distribution is installed."""
+    import onnxruntime as ort
+
+    from fewstep.export import runner
+    from fewstep.serving import launcher
+
+    def set_host(gpu: bool, providers: list[str], gpu_dist: str | None = None):
+        monkeypatch.setattr(launcher, "gpu_present", lambda: gpu)
+        monkeypatch.setattr(ort, "get_available_providers", lambda: list(providers))
+
+        def version(name):
+            if name == "onnxruntime-gpu" and gpu_dist:
+                return gpu_dist
+            raise runner.PackageNotFoundError(name)
+
+        monkeypatch.setattr(runner, "version", version)
+
+    return set_host
+
+
+CPU_ONLY = ["AzureExecutionProvider", "CPUExecutionProvider"]
+WITH_CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _serve_lines(capsys, tmp_path, model, *extra):
+    from fewstep.cli import main
+
+    rc = main(["serve", "--dry-run", "--repo", str(tmp_path / "repo"), "--model", str(model), *extra])
+    err = capsys.readouterr().err
+    return rc, [line for line in err.splitlines() if "runs on" in line or "error" in line]
+
+
+def test_no_gpu_runs_on_the_cpu_provider_and_a_requested_gpu_is_one_line(served_model_dirs, tmp_path, capsys,
+                                                                           fake_host):
+    fake_host(gpu=False, providers=CPU_ONLY)
+    rc, lines = _serve_lines(capsys, tmp_path, served_model_dirs["tiny"])
+    assert rc == 0 and lines == ["tiny: the jump runs on ONNX Runtime's CPUExecutionProvider"]
+    rc, lines = _serve_lines(capsys, tmp_path, served_model_dirs["tiny"], "--device", "gpu")
+    assert rc == 2 and lines == ["fewstep serve: error: --device gpu: no NVIDIA GPU is visible on this host"]
+
+
+def test_a_gpu_without_onnxruntime_gpu_is_said(served_model_dirs, tmp_path, capsys, fake_host):
+    fake_host(gpu=True, providers=CPU_ONLY)
+    rc, lines = _serve_lines(capsys, tmp_path, served_model_dirs["tiny"])  # auto: the CPU, and why
+    assert rc == 0 and len(lines) == 1
+    assert "CPUExecutionProvider (a GPU is present, but this onnxruntime has no CUDA provider" in lines[0]
+    assert "pip install -e '.[gpu]'" in lines[0]
+    assert "KIND_CPU" in (tmp_path / "repo" / "tiny_sampler" / "config.pbtxt").read_text()
+    rc, lines = _serve_lines(capsys, tmp_path, served_model_dirs["tiny"], "--device", "gpu")
+    assert rc == 2 and len(lines) == 1 and "--device gpu: this onnxruntime has no CUDA provider" in lines[0]
+    # both builds installed, the CPU one's files on top: say that, not "install onnxruntime-gpu"
+    fake_host(gpu=True, providers=CPU_ONLY, gpu_dist="1.31.1")
+    rc, lines = _serve_lines(capsys, tmp_path, served_model_dirs["tiny"], "--device", "gpu")
+    assert rc == 2 and len(lines) == 1
+    assert "onnxruntime-gpu 1.31.1 is installed, but the onnxruntime package here is a CPU build" in lines[0]
+
+
+def test_a_gpu_with_the_cuda_provider_runs_the_jump_there(served_model_dirs, tmp_path, capsys, fake_host):
+    fake_host(gpu=True, providers=WITH_CUDA)
+    for extra in ((), ("--device", "gpu")):
+        rc, lines = _serve_lines(capsys, tmp_path, served_model_dirs["tiny"], *extra)
+        assert rc == 0 and lines == ["tiny: the jump runs on ONNX Runtime's CUDAExecutionProvider on the GPU"]
+        assert "kind: KIND_GPU" in (tmp_path / "repo" / "tiny_sampler" / "config.pbtxt").read_text()
+    rc, lines = _serve_lines(capsys, tmp_path, served_model_dirs["tiny"], "--device", "cpu")
+    assert rc == 0 and lines == ["tiny: the jump runs on ONNX Runtime's CPUExecutionProvider"]
+
+
+def test_a_cuda_provider_that_does_not_start_is_refused(served_model_dirs, monkeypatch):
+    """onnxruntime lists CUDA (faked here) but the session runs without it, as when CUDA or cuDNN
+    libraries fail to load: ONNX Runtime would run on the CPU; the runner refuses."""
+    import onnxruntime as ort
+
+    from fewstep.errors import UserError
+    from fewstep.export.runner import ort_session
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(WITH_CUDA))
+    with pytest.raises(UserError, match="could not start its CUDA provider.*not falling back silently"):
+        ort_session(served_model_dirs["tiny"] / "jump.onnx", device="cuda", threads=1)
