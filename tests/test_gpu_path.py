@@ -308,3 +308,47 @@ def test_a_cuda_provider_that_does_not_start_is_refused(served_model_dirs, monke
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(WITH_CUDA))
     with pytest.raises(UserError, match="could not start its CUDA provider.*not falling back silently"):
         ort_session(served_model_dirs["tiny"] / "jump.onnx", device="cuda", threads=1)
+
+
+# --- scripts/gpu_check.py: its CPU dry run (the GPU run is the lent host's) ---------------------------
+
+GPU_CHECK = [sys.executable, "scripts/gpu_check.py"]
+
+
+def test_gpu_check_jump_table_on_the_cpu():
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(GPU_CHECK + ["jump", "--device", "cpu", "--batches", "1,2", "--repeats", "2", "--warmup", "1"],
+                         cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "fmnist" in line]
+    shipped = sorted(p.name for p in (root / "demo" / "models").iterdir() if (p / "ship.json").is_file())
+    assert len(rows) == 2 * len(shipped) >= 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[2]) > 0 and cells[3] == "n/a (CUDA only)"  # eager ms; no CUDA graphs on the CPU
+
+
+def test_gpu_check_triton_bls_on_the_cpu(tmp_path):
+    """The triton step with the bundled tritonserver (the GPU host gets the slimmed one): the
+    product's sampler in BLS mode over a PyTorch jump, against the in-process sampler."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from conftest import require_triton
+
+    require_triton()
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(GPU_CHECK + ["triton", "--device", "cpu", "--json", str(tmp_path / "t.json")], cwd=root,
+                         capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["ok"] and result["kind"] == "KIND_CPU" and result["images"] == 8
+    assert result["max_abs_diff_vs_torch"] < 1e-3
+    assert result["jump_answered_in_gpu_memory"] is False  # on the CPU the jump answers in CPU memory
