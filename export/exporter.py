@@ -81,6 +81,7 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
     tmp.mkdir()
     try:
         info = export_onnx(model, tmp / ONNX_FILE, opset=opset)
+        info["ir_version"] = runtimes.onnx_ir_version(tmp / ONNX_FILE)  # what the file says
         log(f"wrote {ONNX_FILE} (opset {info['opset']}, IR {info['ir_version']}, "
             f"{(tmp / ONNX_FILE).stat().st_size / 1e6:.2f} MB) in {time.time() - t0:.1f}s")
         ort_jump = OrtJump(tmp / ONNX_FILE, "cpu", threads=1)  # small checks: one thread is enough

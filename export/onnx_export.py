@@ -180,7 +180,7 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET) -> dict:
         raise UserError("the model is larger than 2 GB, the limit of a single-file ONNX model")
     Path(path).write_bytes(proto.SerializeToString(deterministic=True))
     opsets = {o.domain: o.version for o in proto.opset_import}
-    return {"opset": int(opsets.get("", opset)), "ir_version": int(proto.ir_version), "inputs": names, "output": "x_s"}
+    return {"opset": int(opsets.get("", opset)), "inputs": names, "output": "x_s"}
 
 
 # --- parity ----------------------------------------------------------------------------------

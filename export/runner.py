@@ -247,7 +247,7 @@ class TensorRTRunner(Runner):
         return out.float().cpu().numpy()
 
 
-def _tensorrt_engine_for(manifest):
+def tensorrt_engine_here(manifest):
     """(engine entry, None) or (None, reason) for this machine."""
     try:
         import tensorrt as trt
@@ -291,7 +291,7 @@ def load_runner(model_dir, backend: str = "auto", device: str = "cpu", threads: 
         raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     manifest = read_manifest(model_dir, verify_files=verify_files)
     if backend == "tensorrt" or (backend == "auto" and device == "cuda"):
-        engine, why = _tensorrt_engine_for(manifest)
+        engine, why = tensorrt_engine_here(manifest)
         if engine is not None:
             return TensorRTRunner(model_dir, manifest, engine)
         if backend == "tensorrt":

@@ -10,7 +10,7 @@
 #    replayed from CUDA graphs: a Markdown table (OUT/jump.md, OUT/jump.json);
 # 2. triton, when a slimmed tritonserver was carried along as $TRITON_SLIM (default
 #    runs/triton-slim.tar.xz; made here by `python scripts/slim_triton.py --out runs/triton-slim.tar.xz`,
-#    33 MiB): the sampler's BLS request to a jump that answers in GPU memory, against the
+#    33.7 MiB): the sampler's BLS request to a jump that answers in GPU memory, against the
 #    in-process PyTorch sampler (OUT/triton.json). Without it, said and skipped.
 # OUT defaults to $OUT (the device runner's folder that comes back) or runs/gpu_check; every
 # command and its output go to OUT/gpu_check.log. The exit code is the number of failed steps.
@@ -38,9 +38,22 @@ step() {  # step CMD...: run under LIMIT_S, log everything, count a failure
   return $rc
 }
 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "no nvidia-smi"
+{ if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  else echo "no nvidia-smi"; fi
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
   git log -1 --oneline 2>/dev/null; } | tee -a "$LOG"
+
+# the slimmed server, and what loading a checkpoint needs beyond torch and numpy, from its wheels (no index)
+TS=""
+if [ -f "$TRITON_SLIM" ]; then
+  TS=$(mktemp -d /tmp/fewstep-triton.XXXXXX)
+  trap 'rm -rf "$TS"' EXIT
+  tar -xJf "$TRITON_SLIM" -C "$TS"
+  if ! "$PY" -c "import safetensors, tqdm" 2>/dev/null; then  # unpacked beside it: no pip, no index
+    for wheel in "$TS"/wheels/*.whl; do step "$PY" -m zipfile -e "$wheel" "$TS/site"; done
+    export PYTHONPATH=$TS/site:$PYTHONPATH  # the Triton stubs inherit it (serving.launcher.server_env)
+  fi
+fi
 
 # 1. the jump in PyTorch ----------------------------------------------------------------------------
 if [ "$DEVICE" = cpu ]; then JUMP_ARGS=${JUMP_ARGS:---batches 1,4 --repeats 5 --warmup 1}; fi
@@ -49,14 +62,7 @@ step "$PY" scripts/gpu_check.py jump --device "$DEVICE" --json "$OUT/jump.json" 
 tee -a "$LOG" < "$OUT/jump.md"
 
 # 2. Triton from the slimmed wheel ------------------------------------------------------------------
-if [ -f "$TRITON_SLIM" ]; then
-  TS=$(mktemp -d /tmp/fewstep-triton.XXXXXX)
-  trap 'rm -rf "$TS"' EXIT
-  tar -xJf "$TRITON_SLIM" -C "$TS"
-  # what loading a checkpoint needs beyond torch and numpy, from the carried wheels (no index)
-  if ! "$PY" -c "import safetensors, tqdm" 2>/dev/null; then
-    step "$PY" -m pip install -q --no-index --no-deps "$TS"/wheels/*.whl
-  fi
+if [ -n "$TS" ]; then
   PYTHONPATH=$TS:$PYTHONPATH step "$PY" scripts/gpu_check.py triton --device "$DEVICE" --json "$OUT/triton.json"
 else
   log "triton: skipped, no $TRITON_SLIM (python scripts/slim_triton.py --out $TRITON_SLIM, then carry it along)"

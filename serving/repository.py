@@ -14,6 +14,7 @@ place, with the same inputs and outputs).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -346,11 +347,8 @@ def gpu_unavailable(manifest: dict) -> str | None:
 
     if not gpu_present():
         return "no NVIDIA GPU is visible on this host"
-    if manifest.get("engines"):
-        import importlib.util
-
-        if importlib.util.find_spec("tensorrt") is not None:
-            return None
+    if manifest.get("engines") and importlib.util.find_spec("tensorrt") is not None:
+        return None
     try:
         from fewstep.export.runner import cuda_provider_problem
 
@@ -366,9 +364,9 @@ def jump_runtime(kind: str, opts: Options, manifest: dict, why_not_gpu: str | No
         return f"Triton's {opts.jump_backend} backend ({kind}, in NVIDIA's container)"
     if kind == "KIND_GPU":
         if opts.backend != "onnxruntime" and manifest.get("engines"):
-            from fewstep.export.runner import _tensorrt_engine_for
+            from fewstep.export.runner import tensorrt_engine_here
 
-            engine, _ = _tensorrt_engine_for(manifest)
+            engine, _ = tensorrt_engine_here(manifest)
             if engine is not None:
                 return f"TensorRT ({engine['file']}) on the GPU"
         return "ONNX Runtime's CUDAExecutionProvider on the GPU"
