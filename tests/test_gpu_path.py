@@ -352,3 +352,16 @@ def test_gpu_check_triton_bls_on_the_cpu(tmp_path):
     assert result["ok"] and result["kind"] == "KIND_CPU" and result["images"] == 8
     assert result["max_abs_diff_vs_torch"] < 1e-3
     assert result["jump_answered_in_gpu_memory"] is False  # on the CPU the jump answers in CPU memory
+
+
+def test_demo_refuses_a_missing_gpu_before_exporting(tmp_path, capsys, fake_host):
+    pytest.importorskip("gradio", reason="the demo needs gradio (demo extra)")
+    from conftest import require_triton
+    from fewstep.cli import main
+
+    require_triton()
+    fake_host(gpu=False, providers=CPU_ONLY)
+    rc = main(["demo", "--device", "gpu", "--cache-dir", str(tmp_path / "cache")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and err == ["fewstep demo: error: --device gpu: no NVIDIA GPU is visible on this host"]
+    assert not (tmp_path / "cache").exists()  # said before any export
