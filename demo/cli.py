@@ -27,6 +27,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--instances", type=int, default=0,
                    help="instances that run the jump (0 = auto: instances x threads = cores on the CPU)")
     g.add_argument("--threads", type=int, default=0, help="intra-op threads per jump instance (0 = default)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="where the jump runs: auto = the GPU when one and a CUDA runtime (pip install -e '.[gpu]') "
+                        "are present; gpu = refuse to start without them")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
     g.add_argument("--log-file", help="tritonserver log (default: a file in a temporary dir)")
     p.add_argument("--concurrency", type=int, default=4, help="requests the page runs at once (its queue's limit)")
@@ -75,8 +78,10 @@ def run_demo(args) -> int:
         raise UserError("the demo needs gradio: pip install -e '.[demo]'") from None
     dirs = None
     if not args.url:
-        from fewstep.serving.launcher import find_triton
+        from fewstep.serving.launcher import find_triton, gpu_present
         find_triton()
+        if args.device == "gpu" and not gpu_present():  # said before any export
+            raise UserError("--device gpu: no NVIDIA GPU is visible on this host")
         dirs = _model_dirs(args)  # before our signal handlers: Ctrl-C stops an export at once
 
     from fewstep.serving.session import StopSignals, served, watch
@@ -91,12 +96,15 @@ def run_demo(args) -> int:
             else:
                 from fewstep.serving.repository import Options, read_manifest
 
-                server, written = served(dirs, Options(instances=args.instances, threads=args.threads), host=args.host,
+                server, written = served(dirs, Options(instances=args.instances, threads=args.threads,
+                                                       device=args.device), host=args.host,
                                          grpc_port=_port(args.host, args.grpc_port, 8001, "grpc-port"),
                                          http_port=_port(args.host, args.http_port, 8000, "http-port"),
                                          metrics_port=_port(args.host, args.metrics_port, 8002, "metrics-port"),
                                          log_file=Path(args.log_file) if args.log_file else None)
                 manifests = {w["name"]: read_manifest(Path(w["source"])) for w in written}
+                for w in written:
+                    _log(f"{w['name']}: the jump runs on {w['runtime']}")
                 server.abort = stop.requested
                 _log(f"starting tritonserver with {', '.join(manifests)} ...")
                 t0 = time.time()

@@ -59,6 +59,7 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
 
     from fewstep.export.manifest import (FORMAT_VERSION, ONNX_FILE, check_recommended_steps, sanitize_name, sha256_file,
                                  write_manifest)
+    from fewstep.export import runtimes
     from fewstep.export.onnx_export import export_onnx, jump_parity, sampler_parity
     from fewstep.export.runner import OrtJump
     from fewstep.training.build import load_model
@@ -80,8 +81,9 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
     tmp.mkdir()
     try:
         info = export_onnx(model, tmp / ONNX_FILE, opset=opset)
-        log(f"wrote {ONNX_FILE} (opset {info['opset']}, {(tmp / ONNX_FILE).stat().st_size / 1e6:.2f} MB) "
-            f"in {time.time() - t0:.1f}s")
+        info["ir_version"] = runtimes.onnx_ir_version(tmp / ONNX_FILE)  # what the file says
+        log(f"wrote {ONNX_FILE} (opset {info['opset']}, IR {info['ir_version']}, "
+            f"{(tmp / ONNX_FILE).stat().st_size / 1e6:.2f} MB) in {time.time() - t0:.1f}s")
         ort_jump = OrtJump(tmp / ONNX_FILE, "cpu", threads=1)  # small checks: one thread is enough
         parity = jump_parity(model, ort_jump)
         parity.update(sampler_parity(model, ort_jump, steps=parity_steps))
@@ -98,6 +100,8 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
             engine.update(_tensorrt_parity(tmp, engine, model, ort_jump))
             engines.append(engine)
             files[engine["file"]] = sha256_file(tmp / engine["file"])
+        for note in runtimes.container_notes(tmp / ONNX_FILE, engines):
+            log(f"note: {note}")
             log(f"wrote {engine['file']}")
 
         cfg = model.config
@@ -112,7 +116,8 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
             "sampler": dict(spec),
             "recommended_steps": recommended,
             "solver": _solver(model.method),
-            "jump": {"file": ONNX_FILE, "opset": info["opset"], "inputs": info["inputs"],
+            "jump": {"file": ONNX_FILE, "opset": info["opset"], "ir_version": info["ir_version"],
+                     "inputs": info["inputs"],
                      "output": info["output"], "dtype": "float32"},
             "max_batch": int(max_batch),
             "opt_batch": int(opt_batch),

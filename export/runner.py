@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
 from fewstep.export.manifest import ManifestError, read_manifest  # noqa: F401  (re-exported)
+from fewstep.export.runtimes import onnx_ir_version, plan_refusal, trt_release
 from fewstep.errors import UserError
 from fewstep.files import cache_root
 
@@ -96,9 +98,11 @@ def ort_session(onnx_path, device: str = "cpu", threads: int | None = None, tens
     if device == "cpu":
         providers = ["CPUExecutionProvider"]
     else:
-        if "CUDAExecutionProvider" not in available:
-            raise UserError("device 'cuda' needs onnxruntime-gpu (CUDAExecutionProvider); this onnxruntime has "
-                            + ", ".join(available))
+        why = cuda_provider_problem(available)
+        if why:
+            raise UserError(f"device 'cuda': {why}")
+        if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn]
+            ort.preload_dlls()
         providers = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
         if tensorrt_ep:
             if "TensorrtExecutionProvider" not in available:
@@ -109,7 +113,39 @@ def ort_session(onnx_path, device: str = "cpu", threads: int | None = None, tens
                 "trt_fp16_enable": bool(fp16), "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": cache, "trt_timing_cache_enable": True,
                 "trt_timing_cache_path": cache}))
-    return ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
+    except Exception as e:  # ONNX Runtime raises its own types; an IR it cannot read gets one line
+        max_ir = re.search(r"max supported IR version: (\d+)", str(e))
+        if max_ir:
+            raise UserError(f"{Path(onnx_path).name} is ONNX IR version {onnx_ir_version(onnx_path)}, onnxruntime "
+                            f"{ort.__version__} here reads IR <= {max_ir.group(1)}: re-export it, or upgrade "
+                            f"onnxruntime") from None
+        raise
+    if device != "cpu" and "CUDAExecutionProvider" not in session.get_providers():
+        # ONNX Runtime drops a provider whose libraries fail to load and runs on the CPU
+        raise UserError("ONNX Runtime could not start its CUDA provider (CUDA or cuDNN libraries missing or "
+                        "mismatched; its log says which) and would run on the CPU: not falling back silently")
+    return session
+
+
+def cuda_provider_problem(available=None) -> str | None:
+    """Why this onnxruntime cannot run a jump on CUDA, or None when it can."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return None
+    have = ", ".join(available)
+    try:
+        gpu_build = version("onnxruntime-gpu")
+    except PackageNotFoundError:
+        gpu_build = None
+    if gpu_build:  # both builds install the `onnxruntime` package: the CPU one's files won
+        return (f"onnxruntime-gpu {gpu_build} is installed, but the onnxruntime package here is a CPU build "
+                f"({have}): pip uninstall -y onnxruntime onnxruntime-gpu, then pip install -e '.[gpu]'")
+    return f"this onnxruntime has no CUDA provider ({have}): pip install -e '.[gpu]' (onnxruntime-gpu)"
 
 
 class OrtJump:
@@ -150,7 +186,8 @@ def gpu_tag(name: str) -> str:
 
 def pick_engine(manifest: dict, gpu: str, trt_version: str, precision: str | None = None):
     """The manifest's engine built for this GPU and TensorRT version (preferring `precision`)."""
-    hits = [e for e in manifest["engines"] if e["gpu"] == gpu_tag(gpu) and e["tensorrt"] == trt_version]
+    hits = [e for e in manifest["engines"]
+            if e["gpu"] == gpu_tag(gpu) and trt_release(e["tensorrt"]) == trt_release(trt_version)]
     if precision is not None:
         hits = [e for e in hits if e["precision"] == precision] or hits
     return hits[0] if hits else None
@@ -210,7 +247,7 @@ class TensorRTRunner(Runner):
         return out.float().cpu().numpy()
 
 
-def _tensorrt_engine_for(manifest):
+def tensorrt_engine_here(manifest):
     """(engine entry, None) or (None, reason) for this machine."""
     try:
         import tensorrt as trt
@@ -223,11 +260,19 @@ def _tensorrt_engine_for(manifest):
         gpu = torch.cuda.get_device_name(0)
     except ImportError:
         return None, "torch is not installed"
-    engine = pick_engine(manifest, gpu, trt.__version__, manifest.get("precision"))
-    if engine is None:
-        have = ", ".join(f"{e['gpu']}/trt{e['tensorrt']}" for e in manifest["engines"]) or "none"
-        return None, f"no engine for {gpu_tag(gpu)} with TensorRT {trt.__version__} (model has: {have})"
-    return engine, None
+    return engine_for(manifest, gpu, trt.__version__)
+
+
+def engine_for(manifest: dict, gpu: str, trt_version: str):
+    """(engine entry, None) or (None, reason): the model's plan for this GPU and TensorRT."""
+    engine = pick_engine(manifest, gpu, trt_version, manifest.get("precision"))
+    if engine is not None:
+        return engine, None
+    same_gpu = [e for e in manifest["engines"] if e["gpu"] == gpu_tag(gpu)]
+    if same_gpu:  # built for this GPU, by another TensorRT: name both versions
+        return None, plan_refusal(same_gpu[0], trt_version, "this machine")
+    have = ", ".join(f"{e['gpu']}/trt{e['tensorrt']}" for e in manifest["engines"]) or "none"
+    return None, f"no engine for {gpu_tag(gpu)} with TensorRT {trt_version} (model has: {have})"
 
 
 def load_runner(model_dir, backend: str = "auto", device: str = "cpu", threads: int | None = None,
@@ -246,7 +291,7 @@ def load_runner(model_dir, backend: str = "auto", device: str = "cpu", threads: 
         raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     manifest = read_manifest(model_dir, verify_files=verify_files)
     if backend == "tensorrt" or (backend == "auto" and device == "cuda"):
-        engine, why = _tensorrt_engine_for(manifest)
+        engine, why = tensorrt_engine_here(manifest)
         if engine is not None:
             return TensorRTRunner(model_dir, manifest, engine)
         if backend == "tensorrt":

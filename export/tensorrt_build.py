@@ -46,7 +46,8 @@ def unavailable_reason() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return "TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU)"
+        return ("TensorRT is not installed (pip install -e '.[tensorrt]', the target container's TensorRT, on a "
+                "machine with an NVIDIA GPU)")
     except Exception as e:  # a broken install (missing CUDA libraries) raises other errors
         return f"TensorRT cannot be imported ({type(e).__name__}: {e})"
     if gpu_name() is None:

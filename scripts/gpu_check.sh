@@ -1,74 +1,72 @@
 #!/usr/bin/env bash
-# The GPU serving check, one prepared run (under 8 minutes on one GPU; docs/PERFORMANCE.md "GPU").
+# The GPU check, sized for a GPU host lent to this project: PyTorch with CUDA, no onnxruntime-gpu,
+# TensorRT or tritonserver, nothing fetchable, at most 64 MiB of files per call (repository
+# included). One command, each step under a time limit (docs/PERFORMANCE.md, "GPU"):
 #
-#   OUT=/some/dir bash scripts/gpu_check.sh          (from anywhere; default OUT=runs/gpu_check)
+#   bash scripts/gpu_check.sh                  # on the GPU host, from the repository root (< 6 min)
+#   DEVICE=cpu bash scripts/gpu_check.sh       # the dry run of the same steps without a GPU
 #
-# 1. a venv over the system Python (its torch stays): onnxruntime-gpu with the CUDA runtime
-#    wheels it needs (the `cuda` and `cudnn` extras), the Triton server wheel, tritonclient,
-#    onnx; from PyPI, or from a folder of wheels with WHEELS=DIR (no index);
-# 2. exports a random-weight `fmnist` net (timings do not depend on the weights);
-# 3. checks ONNX Runtime CUDA against CPU (one jump per batch size, a 4-step sampler);
-# 4. times one jump per batch with run(), IO binding and CUDA graphs;
-# 5. serves on the GPU (KIND_GPU) with --jump inline and --jump bls and benches 1-16 steps at
-#    concurrency 1 and 16, plus a 1:0.5,8:0.5 mix, with the in-process CUDA sampler beside;
-# 6. writes OUT/summary.md. OUT holds 7 files: gpu_check.log (every command and its output),
-#    env.txt, parity.json, ort_modes.json, bench_inline.json, bench_bls.json, summary.md.
-# A step that fails is logged and the others still run; the exit code is the number of failures.
+# 1. jump: the jump of each shipped demo model (demo/models/*) in PyTorch, per batch, eager and
+#    replayed from CUDA graphs: a Markdown table (OUT/jump.md, OUT/jump.json);
+# 2. triton, when a slimmed tritonserver was carried along as $TRITON_SLIM (default
+#    runs/triton-slim.tar.xz; made here by `python scripts/slim_triton.py --out runs/triton-slim.tar.xz`,
+#    33.7 MiB): the sampler's BLS request to a jump that answers in GPU memory, against the
+#    in-process PyTorch sampler (OUT/triton.json). Without it, said and skipped.
+# OUT defaults to $OUT (the device runner's folder that comes back) or runs/gpu_check; every
+# command and its output go to OUT/gpu_check.log. The exit code is the number of failed steps.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-runs/gpu_check}
-WORK=${WORK:-$(mktemp -d /tmp/fewstep-gpu-check.XXXXXX)}
 PY=${PYTHON:-python3}
-REQUESTS=${REQUESTS:-60}
-mkdir -p "$OUT" "$WORK"
+DEVICE=${DEVICE:-cuda}
+LIMIT_S=${LIMIT_S:-240}
+TRITON_SLIM=${TRITON_SLIM:-runs/triton-slim.tar.xz}
+mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/gpu_check.log
 : > "$LOG"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 FAILED=0
 SECONDS=0
 log() { echo "[$(date -u +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
-step() {  # step LIMIT_S CMD...: run with a time limit, log everything, count a failure
-  local limit=$1; shift
+step() {  # step CMD...: run under LIMIT_S, log everything, count a failure
   log "\$ $*"
-  timeout "$limit" "$@" >>"$LOG" 2>&1
+  timeout "$LIMIT_S" "$@" 2>>"$LOG"  # stdout stays the caller's
   local rc=$?
   log "rc=$rc"
   [ $rc -eq 0 ] || FAILED=$((FAILED + 1))
   return $rc
 }
 
-# 1. environment --------------------------------------------------------------------------------
-step 60 "$PY" -m venv --system-site-packages "$WORK/venv" || exit 1
-VPY=$WORK/venv/bin/python
-PIP=("$VPY" -m pip install -q --disable-pip-version-check --no-cache-dir)
-[ -n "${WHEELS:-}" ] && PIP+=(--no-index --find-links "$WHEELS")
-step 300 "${PIP[@]}" "onnxruntime-gpu[cuda,cudnn]" "nvidia-pytriton==0.7.0" "tritonclient[grpc]==2.73.0" \
-    onnx onnxscript jsonschema safetensors pillow matplotlib tqdm || { log "install failed"; exit 1; }
-# ONNX Runtime finds the CUDA runtime wheels' libraries here (the Triton stubs inherit it)
-SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-export LD_LIBRARY_PATH=$(ls -d "$SITE"/nvidia/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}
-export PATH=$WORK/venv/bin:$PATH
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc
-  "$VPY" -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, torch.cuda.is_available())"
-  git log -1 --oneline 2>/dev/null; } > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt" >> "$LOG"
+{ if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  else echo "no nvidia-smi"; fi
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+  git log -1 --oneline 2>/dev/null; } | tee -a "$LOG"
 
-# 2-4. model, parity, ONNX Runtime modes -----------------------------------------------------------
-MODEL=$WORK/fmnist
-step 300 "$VPY" scripts/gpu_check.py model "$MODEL" || { log "no model, nothing to serve"; exit 1; }
-step 120 "$VPY" scripts/gpu_check.py parity "$MODEL" "$OUT/parity.json"
-step 120 "$VPY" scripts/gpu_check.py ort-modes "$MODEL" "$OUT/ort_modes.json"
+# the slimmed server, and what loading a checkpoint needs beyond torch and numpy, from its wheels (no index)
+TS=""
+if [ -f "$TRITON_SLIM" ]; then
+  TS=$(mktemp -d /tmp/fewstep-triton.XXXXXX)
+  trap 'rm -rf "$TS"' EXIT
+  tar -xJf "$TRITON_SLIM" -C "$TS"
+  if ! "$PY" -c "import safetensors, tqdm" 2>/dev/null; then  # unpacked beside it: no pip, no index
+    for wheel in "$TS"/wheels/*.whl; do step "$PY" -m zipfile -e "$wheel" "$TS/site"; done
+    export PYTHONPATH=$TS/site:$PYTHONPATH  # the Triton stubs inherit it (serving.launcher.server_env)
+  fi
+fi
 
-# 5. serve on the GPU in both jump modes, bench ------------------------------------------------------
-for mode in inline bls; do
-  step 180 "$VPY" -m fewstep.cli bench --serve --export "$MODEL" --device gpu --jump "$mode" \
-      --steps 1,2,4,8,16 --concurrency 1,16 --mix 1:0.5,8:0.5 --requests "$REQUESTS" --warmup 10 \
-      --no-progress --out "$WORK/bench-$mode" \
-    && cp "$WORK/bench-$mode/bench.json" "$OUT/bench_$mode.json"
-done
+# 1. the jump in PyTorch ----------------------------------------------------------------------------
+if [ "$DEVICE" = cpu ]; then JUMP_ARGS=${JUMP_ARGS:---batches 1,4 --repeats 5 --warmup 1}; fi
+# shellcheck disable=SC2086  # JUMP_ARGS is a list of options
+step "$PY" scripts/gpu_check.py jump --device "$DEVICE" --json "$OUT/jump.json" ${JUMP_ARGS:-} > "$OUT/jump.md"
+tee -a "$LOG" < "$OUT/jump.md"
 
-# 6. summary ---------------------------------------------------------------------------------------
-step 30 "$VPY" scripts/gpu_check.py summary "$OUT"
+# 2. Triton from the slimmed wheel ------------------------------------------------------------------
+if [ -n "$TS" ]; then
+  PYTHONPATH=$TS:$PYTHONPATH step "$PY" scripts/gpu_check.py triton --device "$DEVICE" --json "$OUT/triton.json"
+else
+  log "triton: skipped, no $TRITON_SLIM (python scripts/slim_triton.py --out $TRITON_SLIM, then carry it along)"
+fi
+
 log "done in ${SECONDS}s, $FAILED step(s) failed; results in $OUT"
 exit $FAILED

@@ -44,6 +44,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="Triton backend of <name>_jump: python (default; the bundled server has only it), "
                         "or Triton's native onnxruntime / tensorrt backend for NVIDIA's container "
                         "(with --dry-run; the sampler then calls it by BLS; docs/deploy.md)")
+    p.add_argument("--triton-container", default="", metavar="RELEASE",
+                   help="with --jump-backend onnxruntime|tensorrt: the NVIDIA Triton container the repository is "
+                        "for; its TensorRT must match the plan and its onnxruntime read the ONNX IR (default: "
+                        "$FEWSTEP_TRITON_CONTAINER, in NVIDIA's container its own release, else 24.10; "
+                        "'tensorrt=X.Y.Z,onnx-ir=N' names another container's versions)")
     p.add_argument("--no-png", action="store_true", help="do not offer the optional png output")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every model to be ready")
     p.add_argument("--log-file", help="tritonserver log (default: a file in a temporary dir)")
@@ -92,7 +97,7 @@ def run_serve(args) -> int:
     hardening = hardening_options(args)
     opts = Options(instances=args.instances, sampler_instances=args.sampler_instances, workers=args.workers,
                    device=args.device, backend=args.backend, threads=args.threads, png=not args.no_png,
-                   jump=args.jump, jump_backend=args.jump_backend)
+                   jump=args.jump, jump_backend=args.jump_backend, triton_container=args.triton_container)
     if args.dry_run:
         repo = Path(args.repo or "model_repository")
         _print_written(write_repository(repo, args.model, opts))
@@ -125,6 +130,7 @@ def _print_written(written: list[dict]) -> None:
         plan = w["plan"]
         print(f"{w['name']}: {', '.join(w['models'])} ({w['kind']}; jump {plan.jump}, {plan.instances} sampler "
               f"instance(s) x {plan.threads} thread(s)) from {w['source']}", file=sys.stderr)
+        print(f"{w['name']}: the jump runs on {w['runtime']}", file=sys.stderr)
 
 
 # --- generate ----------------------------------------------------------------------------------

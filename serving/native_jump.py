@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fewstep.export import runtimes
 from fewstep.export.manifest import model_file
 from fewstep.errors import UserError
 from fewstep.serving.protocol import ModelInfo
@@ -105,8 +106,14 @@ def native_jump_config(info: ModelInfo, jump_backend: str, kind: str, instances:
 
 
 def write_native_jump(model_root: Path, src: Path, info: ModelInfo, manifest: dict, jump_backend: str,
-                      kind: str, instances: int, threads: int, copy_file) -> dict:
-    """Write `<name>_jump` for a native backend into model_root; returns what it wrote."""
+                      kind: str, instances: int, threads: int, copy_file,
+                      target: runtimes.Container | None = None) -> dict:
+    """Write `<name>_jump` for a native backend into model_root; returns what it wrote.
+
+    target: the Triton container it is written for (export.runtimes.target_container): a
+    TensorRT plan built by another TensorRT, or an ONNX IR its onnxruntime cannot read, is
+    refused here, before Triton would fail to load it."""
+    target = target or runtimes.target_container()
     if jump_backend not in NATIVE:
         raise UserError(f"--jump-backend must be one of {', '.join(JUMP_BACKENDS)}, got {jump_backend!r}")
     engine = None
@@ -114,6 +121,7 @@ def write_native_jump(model_root: Path, src: Path, info: ModelInfo, manifest: di
     if jump_backend == "tensorrt":
         engine = pick_plan(manifest, src)
         source = model_file(src, engine["file"])
+        runtimes.check_plan(engine, target)
         # the dynamic batcher and the sampler send any batch in [1, max_batch]: the engine's
         # profile must cover all of them
         if int(engine["min_batch"]) > 1 or int(engine["max_batch"]) < max_batch:
@@ -122,6 +130,7 @@ def write_native_jump(model_root: Path, src: Path, info: ModelInfo, manifest: di
                             f"--max-batch {max_batch}")
     else:
         source = model_file(src, manifest["jump"]["file"])
+        runtimes.check_onnx(source, target)
     filename = NATIVE[jump_backend][2]
     version = model_root / "1"
     version.mkdir(parents=True)

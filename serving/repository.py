@@ -14,6 +14,7 @@ place, with the same inputs and outputs).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fewstep.export import runtimes
 from fewstep.export.manifest import recommended_steps, step_quality
 from fewstep.errors import UserError
 from fewstep.serving import native_jump
@@ -42,6 +44,7 @@ class Options:
     png: bool = True              # offer the optional `png` output
     jump: str = "auto"            # the sampler's jump: "inline" (in its process), "bls" (<name>_jump), auto
     jump_backend: str = "python"  # Triton backend of <name>_jump: python | onnxruntime | tensorrt (serving/native_jump.py)
+    triton_container: str = ""    # the container a native jump is written for (export.runtimes.target_container)
 
 
 @dataclass(frozen=True)
@@ -322,36 +325,55 @@ def _write_python_model(model_root: Path, source: str, config: str, manifest: di
         (version / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def instance_kind(device: str, manifest: dict) -> str:
+def instance_kind(device: str, manifest: dict) -> tuple[str, str | None]:
+    """(KIND_GPU or KIND_CPU for the jump, why not the GPU or None). `--device gpu` where the
+    jump cannot run on a GPU is refused in one line: never a silent fall-back to the CPU."""
+    if device == "cpu":
+        return "KIND_CPU", None
+    if device not in ("auto", "gpu"):
+        raise UserError(f"unknown device {device!r} (auto, cpu, gpu)")
+    why = gpu_unavailable(manifest)
+    if why is None:
+        return "KIND_GPU", None
+    if device == "gpu":
+        raise UserError(f"--device gpu: {why}")
+    return "KIND_CPU", why
+
+
+def gpu_unavailable(manifest: dict) -> str | None:
+    """Why the jump cannot run on a GPU here (no GPU; no CUDA build of ONNX Runtime and no
+    TensorRT for the model's plans), or None when it can."""
     from fewstep.serving.launcher import gpu_present
 
-    if device == "cpu":
-        return "KIND_CPU"
-    if device == "gpu":
-        if not gpu_present():
-            raise UserError("--device gpu: no GPU is visible on this host")
-        if not _gpu_runtime_available(manifest):
-            raise UserError("--device gpu: no GPU runtime for the jump here (onnxruntime-gpu's "
-                            "CUDAExecutionProvider, or TensorRT with an engine in the model dir)")
-        return "KIND_GPU"
-    if device != "auto":
-        raise UserError(f"unknown device {device!r} (auto, cpu, gpu)")
-    return "KIND_GPU" if gpu_present() and _gpu_runtime_available(manifest) else "KIND_CPU"
-
-
-def _gpu_runtime_available(manifest: dict) -> bool:
+    if not gpu_present():
+        return "no NVIDIA GPU is visible on this host"
+    if manifest.get("engines") and importlib.util.find_spec("tensorrt") is not None:
+        return None
     try:
-        import onnxruntime as ort
+        from fewstep.export.runner import cuda_provider_problem
 
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return True
-    except ImportError:
-        pass
-    if manifest.get("engines"):
-        import importlib.util
+        return cuda_provider_problem()
+    except ImportError as e:
+        return f"onnxruntime cannot be imported ({e})"
 
-        return importlib.util.find_spec("tensorrt") is not None
-    return False
+
+def jump_runtime(kind: str, opts: Options, manifest: dict, why_not_gpu: str | None) -> str:
+    """What runs the jump, for the start-up line: the runtime and its provider (and, on the
+    CPU beside a GPU, why the GPU is not used)."""
+    if opts.jump_backend != "python":
+        return f"Triton's {opts.jump_backend} backend ({kind}, in NVIDIA's container)"
+    if kind == "KIND_GPU":
+        if opts.backend != "onnxruntime" and manifest.get("engines"):
+            from fewstep.export.runner import tensorrt_engine_here
+
+            engine, _ = tensorrt_engine_here(manifest)
+            if engine is not None:
+                return f"TensorRT ({engine['file']}) on the GPU"
+        return "ONNX Runtime's CUDAExecutionProvider on the GPU"
+    text = "ONNX Runtime's CPUExecutionProvider"
+    if why_not_gpu and opts.device == "auto" and not why_not_gpu.startswith("no NVIDIA GPU"):
+        text += f" (a GPU is present, but {why_not_gpu})"
+    return text
 
 
 def write_repository(repo, model_args: list[str], opts: Options | None = None) -> list[dict]:
@@ -368,6 +390,7 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
     if opts.jump_backend not in native_jump.JUMP_BACKENDS:
         raise UserError(f"--jump-backend must be one of {', '.join(native_jump.JUMP_BACKENDS)}, "
                         f"got {opts.jump_backend!r}")
+    target = runtimes.target_container(opts.triton_container) if opts.jump_backend != "python" else None
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     seen: dict[str, Path] = {}
@@ -389,17 +412,17 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
             if opts.jump == "inline":
                 raise UserError(f"--jump-backend {opts.jump_backend} serves <name>_jump on Triton's own backend, "
                                 f"which the sampler calls by BLS: use --jump bls (or auto)")
-            kind = native_jump.native_kind(opts.device, opts.jump_backend)
+            kind, why_not_gpu = native_jump.native_kind(opts.device, opts.jump_backend), None
             plan = serving_plan(replace(opts, jump="bls"), kind)
         else:
-            kind = instance_kind(opts.device, manifest)
+            kind, why_not_gpu = instance_kind(opts.device, manifest)
             plan = serving_plan(opts, kind)
         names = [name + "_jump", name + "_sampler", name + "_stream", name]
         for n in names:
             shutil.rmtree(repo / n, ignore_errors=True)
         if native:
             native_jump.write_native_jump(repo / names[0], src, info, manifest, opts.jump_backend, kind,
-                                          plan.jump_instances, plan.threads, _copy_file)
+                                          plan.jump_instances, plan.threads, _copy_file, target)
         else:
             _write_python_model(repo / names[0], "jump.py", jump_config(info, opts, kind, plan))
             _copy_model_dir(src, repo / names[0] / "1" / "model", manifest)
@@ -409,5 +432,5 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(ensemble_config(info, opts, manifest))
         written.append({"name": name, "models": names, "source": str(src), "kind": kind, "info": info,
-                        "plan": plan})
+                        "plan": plan, "runtime": jump_runtime(kind, opts, manifest, why_not_gpu)})
     return written

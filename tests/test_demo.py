@@ -671,6 +671,10 @@ def test_fewstep_demo_cli(served_model_dirs, browser, tmp_path):
             m = re.match(r"fewstep demo: open (http://\S+)", line)
             page_url = m.group(1) if m else None
         assert page_url, f"no URL printed; stderr:\n{(tmp_path / 'demo.err').read_text()[-3000:]}"
+        # the start-up log says what runs the jump (on a host without a GPU: ONNX Runtime's CPU provider)
+        from fewstep.serving.launcher import gpu_present
+        said = re.findall(r"\[demo\] \w+: the jump runs on (.+)", (tmp_path / "demo.err").read_text())
+        assert said and (gpu_present() or all(w == "ONNX Runtime's CPUExecutionProvider" for w in said)), said
         with urllib.request.urlopen(page_url, timeout=30) as r:
             assert r.status == 200
         page = browser.new_page(viewport={"width": 1280, "height": 1000})

@@ -398,6 +398,8 @@ def test_serve_cli_shuts_down_cleanly_on_sigterm_and_sigint(served_model_dirs, t
                     break
             text = "".join(lines)
             assert f"gRPC     127.0.0.1:{port}" in text, text
+            # the start-up line says what runs the jump (this host: no GPU, the CPU build of ONNX Runtime)
+            assert "toyc: the jump runs on ONNX Runtime's CPUExecutionProvider" in text, text
             with Client(f"127.0.0.1:{port}") as c:
                 assert c.generate("toyc", [1], 2, class_labels=[1]).shape == (1, 2)
             server_pid = [p for p in _children(proc.pid) if _comm(p) == "tritonserver"]

@@ -105,11 +105,16 @@ class LocalJump:
 
 
 class JumpClient:
-    """jump(x, t, s, labels) -> x_s as BLS requests to `<name>_jump`, in chunks of its max batch."""
+    """jump(x, t, s, labels) -> x_s as BLS requests to `<name>_jump`, in chunks of its max batch.
+
+    Each request asks for its output in CPU memory (`preferred_memory`): a jump on a GPU
+    instance (native onnxruntime / tensorrt backend, KIND_GPU) would otherwise answer with
+    x_s in GPU memory, which `as_numpy()` cannot read. On a CPU jump it changes nothing."""
 
     def __init__(self, model_name: str, max_batch: int):
         self.model_name = model_name
         self.max_batch = max(1, int(max_batch))
+        self.output_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
 
     def __call__(self, x, t, s, labels=None):
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -121,7 +126,7 @@ class JumpClient:
             if labels is not None:
                 inputs.append(pb_utils.Tensor("class_label", np.asarray(labels[lo:hi], np.int64).reshape(-1, 1)))
             resp = pb_utils.InferenceRequest(model_name=self.model_name, requested_output_names=["x_s"],
-                                             inputs=inputs).exec()
+                                             inputs=inputs, preferred_memory=self.output_memory).exec()
             if resp.has_error():
                 raise RuntimeError(f"{self.model_name}: {resp.error().message()}")
             outs.append(np.array(pb_utils.get_output_tensor_by_name(resp, "x_s").as_numpy(), copy=True))
