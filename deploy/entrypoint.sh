@@ -7,6 +7,8 @@
 #   FEWSTEP_JUMP_BACKEND  <name>_jump on Triton's onnxruntime (default), tensorrt or python backend
 #   FEWSTEP_DEVICE        gpu (default), cpu or auto: where <name>_jump runs
 #   FEWSTEP_SERVE_ARGS    more `fewstep serve` options, e.g. "--instances 2 --workers 16"
+#   FEWSTEP_TRITON_CONTAINER  the Triton release whose TensorRT and onnxruntime the exports are
+#                         checked against (default: NVIDIA_TRITON_SERVER_VERSION, set by the image)
 #   FEWSTEP_ADMIN_KEY     when set, Triton's admin protocols (model repository, shared memory,
 #                         logging, trace) answer only gRPC calls that carry it in the header
 #                         triton-grpc-protocol-fewstep-admin-key (Triton adds the prefix); the

@@ -256,6 +256,14 @@ def main() -> int:
         if live.returncode != 0:
             raise SystemExit(f"image-test: the liveness probe failed: {live.stdout}")
         log("readiness (gRPC health: SERVING) and liveness probes passed")
+        # the image's default (GPU) repository is written too: the native onnxruntime jump on
+        # KIND_GPU, the export checked against the base's Triton release
+        native = box.run(["fewstep", "serve", "--dry-run", "--repo", "/tmp/native", "--model", f"/models/{MODEL}",
+                          "--jump-backend", "onnxruntime", "--device", "gpu", "--jump", "bls"], timeout=120)
+        config = work / "tmp" / "native" / f"{MODEL}_jump" / "config.pbtxt"
+        if native.returncode != 0 or not config.exists() or "KIND_GPU" not in config.read_text():
+            raise SystemExit(f"image-test: the image's default repository was not written: {native.stdout}")
+        log("the default repository (onnxruntime jump, KIND_GPU) is written in the image")
         # two seeds, so both commands write the same grid
         image = work / "generated.png"
         run([sys.executable, "-m", "fewstep", "generate", "--url", url, "--model", MODEL, "--steps", "1",
