@@ -42,7 +42,9 @@ from fewstep.serving.health import find_stubs  # noqa: E402
 from fewstep.serving.launcher import free_port  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only, by design
-KILL_ORDER = ("_sampler", "_jump")
+# fault -> (the stub's model suffix, the signal); "server" is SIGKILL of tritonserver itself
+FAULTS = {"sampler": ("_sampler", signal.SIGKILL), "jump": ("_jump", signal.SIGKILL), "server": (None, signal.SIGKILL),
+          "stop": ("_sampler", signal.SIGSTOP)}
 
 
 def parse_args(argv=None):
@@ -90,6 +92,7 @@ class Serve:
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
         self.lines: list[str] = []
+        self.times: list[float] = []  # time.monotonic() when each line was read
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -99,6 +102,7 @@ class Serve:
 
     def _read(self):
         for line in self.proc.stdout:
+            self.times.append(time.monotonic())
             self.lines.append(line.rstrip("\n"))
             if line.startswith("ready:"):
                 self.ready.set()
@@ -137,14 +141,29 @@ class Serve:
                 pass
         return round(total / 1024, 1)
 
-    def kill_stub(self, suffix: str) -> str | None:
+    def kill_stub(self, suffix: str, sig: int = signal.SIGKILL) -> str | None:
+        """Send `sig` to the first stub of the model whose name ends with `suffix`; its instance."""
         pid = self.triton_pid()
         stubs = [s for s in find_stubs(pid)] if pid else []
         stub = next((s for s in stubs if s.model.endswith(suffix)), None)
         if stub is None:
             return None
-        os.kill(stub.pid, signal.SIGKILL)
+        os.kill(stub.pid, sig)
         return stub.instance
+
+    def inject(self, fault: str) -> str | None:
+        """One fault of FAULTS; what was hit (None: nothing to hit)."""
+        if fault == "server":
+            pid = self.triton_pid()
+            if pid is None:
+                return None
+            os.kill(pid, signal.SIGKILL)
+            return f"tritonserver (pid {pid})"
+        suffix, sig = FAULTS[fault]
+        return self.kill_stub(suffix, sig)
+
+    def lines_since(self, t: float) -> list[tuple[float, str]]:
+        return [(tt, line) for tt, line in zip(list(self.times), list(self.lines)) if tt >= t]
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:
