@@ -32,7 +32,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from fewstep.serving.client import Client, ModelMeta, ServingError  # noqa: E402
+from fewstep.serving.client import DEADLINE_S, Client, ModelMeta, ServingError  # noqa: E402
 from fewstep.serving.protocol import GAMMA_RANGE, MAX_SEED, input_ranges, range_text  # noqa: E402
 
 MAX_IMAGES = 16
@@ -114,6 +114,27 @@ def describe_error(err: Exception, url: str, doing: str = "", markdown: bool = T
     else:
         text = f"⚠️ **The request failed**: {str(err)[:500]}"
     return text if markdown else text.replace("⚠️ ", "").replace("**", "").replace("`", "")
+
+
+# listing the models (page load, ↻) waits for a restarting server (3-7 s measured), not the whole
+# request deadline: a server that is down is said within seconds
+LIST_DEADLINE_S = 15.0
+
+
+def retry_note(retried: list) -> str:
+    """What the page says when a request was sent more than once (serving.client's retries)."""
+    if not retried:
+        return ""
+    codes = ", ".join(sorted({e.code for e in retried}))
+    return (f"↻ retried {len(retried)} time{'s' if len(retried) > 1 else ''} after {codes} (the server was "
+            f"restarting or busy); the same seeds and settings always give the same images")
+
+
+def retrying_note(retried: list, url: str, deadline: float) -> str:
+    """The status while a request is being retried."""
+    last = retried[-1]
+    return (f"⏳ **Triton at `{url}` answered {last.code}; retrying** ({len(retried)} so far) until the "
+            f"{deadline:g} s deadline: a restarting server is back within seconds.")
 
 
 def format_latency(seconds: float) -> str:
@@ -254,7 +275,8 @@ class Backend:
     """Every call the page makes to Triton (through serving.client only)."""
     url: str
     manifests: dict = field(default_factory=dict)  # name -> manifest.json of the models we serve
-    timeout: float = 120.0
+    timeout: float = DEADLINE_S  # retries included: covers a restart of the server
+    list_timeout: float = LIST_DEADLINE_S
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -280,7 +302,7 @@ class Backend:
         self.reset()  # a fresh connection and fresh metadata: the server may have changed
         c = self.client()
         metas, skipped = [], []
-        for name in c.models():
+        for name in c.models(timeout=self.list_timeout):
             m = c.meta(name)
             (metas if m.is_image else skipped).append(m if m.is_image else name)
         return metas, skipped
@@ -288,10 +310,12 @@ class Backend:
     def meta(self, name: str) -> ModelMeta:
         return self.client().meta(name)
 
-    def generate(self, name, seeds, steps, label=None, gamma=None) -> tuple[np.ndarray, float]:
+    def generate(self, name, seeds, steps, label=None, gamma=None, retried: list | None = None
+                 ) -> tuple[np.ndarray, float]:
+        """(images, seconds); `retried` collects the client's retries (serving.client)."""
         c = self.client()
         t0 = time.perf_counter()
-        images = c.generate(name, seeds, steps, label, gamma)
+        images = c.generate(name, seeds, steps, label, gamma, retried=retried)
         return images, time.perf_counter() - t0
 
     def stream(self, name, seed, steps, label=None, gamma=None):
@@ -337,7 +361,7 @@ def compare_table(meta: ModelMeta, rows) -> str:
     return head + "\n".join(lines)
 
 
-def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, timeout: float = 120.0,
+def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, timeout: float = DEADLINE_S,
               title: str = "fewstep: few-step image generation"):
     """The Gradio Blocks app (queued) talking to the Triton server at gRPC `url`."""
     import gradio as gr
@@ -418,10 +442,12 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
             return
         s0, n, steps = req.seeds[0], len(req.seeds), req.steps
         result: dict = {}
+        retried: list = []
 
         def run():
             try:
-                result["images"], result["latency"] = backend.generate(model, req.seeds, steps, req.label, req.gamma)
+                result["images"], result["latency"] = backend.generate(model, req.seeds, steps, req.label, req.gamma,
+                                                                       retried)
             except Exception as e:
                 result["error"] = e
 
@@ -447,7 +473,12 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
                     break
                 step, img = item
                 yield (skip, display_images(img)[0], f"preview: step {step} of {steps} …", "", s0)
-        worker.join()
+        said = 0
+        while worker.is_alive():  # the request may be riding through a restart: say so while it waits
+            worker.join(0.5)
+            if len(retried) > said:
+                said = len(retried)
+                yield skip, skip, "", retrying_note(retried, url, backend.timeout), s0
         if "error" in result:
             yield [], None, "", describe_error(result["error"], url, "generating"), s0
             return
@@ -460,6 +491,8 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
             lat += f"  \n{note}"
         if preview:
             lat += "  \n(the live preview stream ran alongside; untick it for a clean latency)"
+        if retried:
+            lat += "  \n" + retry_note(retried)
         yield gallery, (shown[0] if preview else None), lat, "", s0
 
     def compare(model, seed, randomize, gamma, label):
@@ -480,15 +513,17 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
         q = (meta.quality or {}).get("by_steps") or {}
         gallery, rows = [], []
         for k in compare_steps(meta):
+            retried: list = []
             try:
                 images, dt = backend.generate(model, req.seeds, k, req.label,
-                                              gam if meta.gamma_unused(k) is None else None)
+                                              gam if meta.gamma_unused(k) is None else None, retried)
             except Exception as e:
                 yield gallery, compare_table(meta, rows), describe_error(e, url, "comparing"), s0
                 return
             caption = (f"{steps_text(k)} · {format_latency(dt)}"
                        + (f" · {metric_name(meta)} {_figure(q[k])}" if k in q else "")
-                       + (" · made for" if k in meta.made_for else ""))
+                       + (" · made for" if k in meta.made_for else "")
+                       + (f" · retried {len(retried)}x" if retried else ""))
             gallery.append((display_images(images)[0], caption))
             rows.append((k, dt))
             yield gallery, compare_table(meta, rows), "", s0

@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fewstep.errors import UserError
+from fewstep.serving.client import DEADLINE_S
 from fewstep.serving.launcher import GRACE_S
-
-GENERATE_DEADLINE_S = 120.0  # covers a restart of the server many times over (docs/serving.md, "Clients")
 
 
 # --- serve ------------------------------------------------------------------------------------
@@ -152,9 +151,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="sampler stochasticity in [0, 1] (default: the model's); refused where it would change "
                         "nothing: consistency models (always 1) and 1 step")
     p.add_argument("--out", required=True, help="PNG file: one image, or a grid of --num images")
-    p.add_argument("--timeout", type=float, default=GENERATE_DEADLINE_S,
+    p.add_argument("--timeout", type=float, default=DEADLINE_S,
                    help=f"deadline of each request in seconds, retries included: a server that restarts "
-                        f"(a few seconds) is waited for (default {GENERATE_DEADLINE_S:g})")
+                        f"(a few seconds) is waited for (default {DEADLINE_S:g})")
     p.add_argument("--tls", action="store_true", help="connect over TLS (the system's trusted roots)")
     p.add_argument("--tls-ca", metavar="PEM", help="connect over TLS, checking the server against this "
                                                    "CA (or self-signed) certificate")

@@ -151,6 +151,11 @@ def _stream_step(result, error):
     return (int(step.reshape(-1)[0]), img if img is not None else result.as_numpy("sample")), final
 
 
+# the default deadline of a call, retries included (Client, `fewstep generate`, the page): many
+# times a restart of the server (docs/serving.md, "One restart policy": 3-7 s measured)
+DEADLINE_S = 120.0
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How a call is sent again: waits of base_s * 2^n (at most cap_s), each scaled by a random
@@ -267,10 +272,11 @@ class _Core:
                 return False
             raise
 
-    def models(self):
-        """Names clients can call: the ensembles (each has `<name>_sampler` beside it)."""
+    def models(self, timeout: float | None = -1.0):
+        """Names clients can call: the ensembles (each has `<name>_sampler` beside it); timeout:
+        the deadline of this listing, retries included (-1: the client's)."""
         index = yield from self.call(self.client.get_model_repository_index, headers=self.admin_headers,
-                                     as_json=True)
+                                     as_json=True, timeout=timeout)
         names = {m["name"] for m in index.get("models", [])}
         return sorted(n for n in names if n + "_sampler" in names)
 
@@ -383,7 +389,7 @@ class Client:
     timeout: each call's deadline in s, retries included; channel_args: extra gRPC channel
     arguments (see `channel_options`); retry: a RetryPolicy (NO_RETRY: none)."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, ssl: bool = False,
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = DEADLINE_S, ssl: bool = False,
                  root_certificates=None, channel_args=None, retry: RetryPolicy | None = None):
         import tritonclient.grpc as grpc
 
@@ -407,8 +413,8 @@ class Client:
     def ready(self, model: str | None = None) -> bool:
         return _run(self._core.ready(model))
 
-    def models(self) -> list[str]:
-        return _run(self._core.models())
+    def models(self, timeout: float | None = -1.0) -> list[str]:
+        return _run(self._core.models(timeout))
 
     def meta(self, model: str, retried: list | None = None) -> ModelMeta:
         return _run(self._core.model_meta(model, retried))
@@ -449,7 +455,7 @@ class Client:
 class AsyncClient:
     """asyncio client (tritonclient.grpc.aio): the same calls as `Client`, awaited."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, ssl: bool = False,
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = DEADLINE_S, ssl: bool = False,
                  root_certificates=None, channel_args=None, retry: RetryPolicy | None = None):
         import tritonclient.grpc.aio as aio
 
@@ -472,8 +478,8 @@ class AsyncClient:
     async def ready(self, model: str | None = None) -> bool:
         return await _run_async(self._core.ready(model))
 
-    async def models(self) -> list[str]:
-        return await _run_async(self._core.models())
+    async def models(self, timeout: float | None = -1.0) -> list[str]:
+        return await _run_async(self._core.models(timeout))
 
     async def meta(self, model: str, retried: list | None = None) -> ModelMeta:
         return await _run_async(self._core.model_meta(model, retried))

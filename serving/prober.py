@@ -5,9 +5,9 @@ and Triton keeps saying the model is ready; only a request notices. So every `in
 the prober sends, one after another, a 1-image 1-step request to every model the server
 has (for each name: the ensemble `NAME`, which runs `NAME_sampler` and, with bls,
 `NAME_jump`; `NAME_jump` directly, one jump from t_max to t_end on zeros; `NAME_stream`, one
-step; a class-conditional model class 0), each with a deadline of `deadline_s`. A model misses a probe when the probe fails
-and Triton's statistics show no request of that model answered meanwhile: a busy server
-whose queue makes the probe late is not hung. `misses` misses in a row make the model hung
+step; a class-conditional model class 0), each with a deadline of `deadline_s`. A model
+misses a probe when the probe fails and Triton's statistics show no request of that model
+answered meanwhile: a busy server whose queue makes the probe late is not hung. `misses` misses in a row make the model hung
 (`hung()`), and the watchdog restarts the server.
 
 The probe's cost is three tiny requests per model every interval (docs/serving.md,
@@ -85,10 +85,12 @@ class Prober:
         self._thread.start()
         return self
 
-    def close(self) -> None:
+    def close(self, wait: float = 0.0) -> None:
+        """Stop probing. The thread ends after the probe it may be sending; by default not waited
+        for, so that a SIGTERM's drain starts at once."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.deadline_s * 4 + 5)
+        if self._thread is not None and wait:
+            self._thread.join(wait)
 
     def pause(self) -> None:
         self._paused.set()
@@ -170,7 +172,8 @@ class Prober:
         client.start_stream(callback=lambda result, error: answers.put((result, error)),
                             stream_timeout=self.deadline_s)
         try:
-            client.async_stream_infer(model, build_inputs(self.grpc, [0], 1, self._label(name), batched=False), enable_empty_final_response=True)
+            inputs = build_inputs(self.grpc, [0], 1, self._label(name), batched=False)
+            client.async_stream_infer(model, inputs, enable_empty_final_response=True)
             deadline = time.monotonic() + self.deadline_s
             while True:
                 left = deadline - time.monotonic()

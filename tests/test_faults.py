@@ -109,22 +109,47 @@ def test_generate_rides_through_a_stopped_sampler(serve, tmp_path):
           f"generate took {seconds:.1f} s")
 
 
+def test_page_says_a_request_was_retried(serve):
+    """The page's backend (demo/app.py) rides through a restart with the page's default deadline,
+    and what the page shows says that the request was retried."""
+    from fewstep.demo.app import Backend, retry_note
+
+    backend = Backend(serve.url)
+    try:
+        ref, _ = backend.generate("tiny", [11, 12], 2)
+        assert retry_note([]) == ""
+        assert serve.inject("server") is not None
+        retried: list = []
+        images, seconds = backend.generate("tiny", [11, 12], 2, retried=retried)
+    finally:
+        backend.reset()
+    np.testing.assert_array_equal(images, ref)
+    assert retried and {e.code for e in retried} == {"UNAVAILABLE"}
+    note = retry_note(retried)
+    assert note.startswith(f"↻ retried {len(retried)} time") and "UNAVAILABLE" in note, note
+    assert seconds < backend.timeout
+    _wait_line(serve, "ready again", time.monotonic() - seconds - 1)
+
+
 def test_sigterm_loses_no_request_in_flight(serve):
     """SIGTERM to `fewstep serve` with requests in flight: every one is answered, with the right
     images; a request sent after the signal is refused (UNAVAILABLE); serve exits 0."""
     from fewstep.serving.client import NO_RETRY, Client, ServingError
 
-    requests = [(list(range(16 * k, 16 * k + 16)), 48) for k in range(12)]
+    requests = [(list(range(16 * k, 16 * k + 16)), 24) for k in range(8)]
     with Client(serve.url, timeout=120) as client:
         refs = [client.generate("tiny", seeds, steps) for seeds, steps in requests[:3]]
         results: dict = {}
         started = threading.Barrier(len(requests) + 1)
 
+        retried: dict = {}
+
         def send(k, seeds, steps):
             started.wait()
             t0 = time.monotonic()
+            retried[k] = []
             try:
-                results[k] = (client.generate("tiny", seeds, steps), t0, time.monotonic())
+                results[k] = (client.generate("tiny", seeds, steps, retried=retried[k]), t0, time.monotonic())
             except ServingError as e:
                 results[k] = (e, t0, time.monotonic())
 
@@ -132,7 +157,7 @@ def test_sigterm_loses_no_request_in_flight(serve):
         for t in threads:
             t.start()
         started.wait()
-        time.sleep(0.5)  # every request is sent and in flight (12 x 16 images x 48 steps take seconds)
+        time.sleep(0.5)  # every request is sent and in flight (8 x 16 images x 24 steps take seconds)
         signalled = time.monotonic()
         serve.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -146,10 +171,12 @@ def test_sigterm_loses_no_request_in_flight(serve):
     in_flight = [k for k, (_, t0, t1) in results.items() if t0 < signalled < t1]
     assert len(in_flight) >= len(requests) // 2, "the requests were not in flight at the signal"
     errors = {k: r[0] for k, r in results.items() if isinstance(r[0], Exception)}
-    assert not errors, errors
+    assert not errors, (errors, {k: r[:2] for k, r in retried.items() if r}, serve.lines[-10:])
+    assert not any(retried.values()), retried
     for k, ref in enumerate(refs):
         np.testing.assert_array_equal(results[k][0], ref)
     last = max(t1 for _, _, t1 in results.values())
+    assert last - signalled < 30  # within serve's grace period (--grace, default 30 s)
     print(f"SIGTERM: {len(in_flight)} of {len(requests)} requests in flight, all answered, the last "
           f"{last - signalled:.1f} s after the signal")
 
