@@ -20,7 +20,12 @@ unloaded. So the watchdog restarts the whole server, with one policy for every f
   server is back: a server that cannot answer does not say it is ready;
 - recovery: the server is started again on the same ports with the same repository, and
   `fewstep serve` prints one line when the fault was noticed and one when every model is ready
-  again;
+  again. Only what broke is restarted where that is safe: a `NAME_jump` that no other model
+  calls (the jump inline in the sampler and the stream) is reloaded alone through model control
+  (its stubs killed first); its direct callers in flight fail fast with INTERNAL "not healthy",
+  and the ensemble never notices. A sampler's or stream's requests in flight would hang until
+  their deadline after a reload (their answers were to come from the dead process), so for
+  those, and for tritonserver itself, the whole server is restarted;
 - a crash loop gives up: more than `max_restarts` restarts within `window_s` seconds stop the
   launcher with exit code 1 (a supervisor such as Kubernetes then decides).
 """
@@ -169,43 +174,46 @@ class Watchdog:
                 self._stopped_since.pop(s.pid, None)
         return out
 
-    def fault(self) -> tuple[str, str, list] | None:
-        """(kind, one-line description, stubs) of what failed, or None when all is well."""
+    def fault(self) -> tuple[str, str, list, set] | None:
+        """(kind, one-line description, stubs, models) of what failed, or None when all is well."""
         proc = getattr(self.server, "proc", None)
         if proc is None or self._server_pid is None:
             return None
         if proc.poll() is not None:
-            return "server died", f"tritonserver (pid {proc.pid}) {_exit_text(proc.returncode)}", []
+            return "server died", f"tritonserver (pid {proc.pid}) {_exit_text(proc.returncode)}", [], set()
         dead = self.dead()
         if dead:
-            return "stub died", f"the Python backend stub of {_names(dead)} died", dead
+            return "stub died", f"the Python backend stub of {_names(dead)} died", dead, {s.model for s in dead}
         stopped = self.stopped()
         if stopped:
             return "stub stopped", (f"the Python backend stub of {_names(stopped)} is stopped (SIGSTOP) "
-                                    f"for {self.stopped_s:g} s"), stopped
+                                    f"for {self.stopped_s:g} s"), stopped, {s.model for s in stopped}
         hung = self.prober.hung() if self.prober is not None else []
         if hung:
             what = "; ".join(f"{t.model} ({t.last_error})" for t in hung)
             return "probe", (f"{what}: no answer to {self.probe_misses} probes in a row "
-                             f"({self.probe_deadline_s:g} s deadline each)"), []
+                             f"({self.probe_deadline_s:g} s deadline each)"), [], {t.model for t in hung}
         return None
 
     def check(self) -> bool:
         found = self.fault()
         if found is None:
             return True
-        kind, what, stubs = found
+        kind, what, stubs, models = found
         now = time.time()
         recent = [r for r in self.recoveries if now - r.detected_at < self.window_s]
         if len(recent) >= self.max_restarts:
             self.log(f"watchdog: {what}; {len(recent)} restarts in the last {self.window_s:.0f} s already, "
                      f"giving up")
             return False
-        self.log(f"watchdog: {what}; restarting tritonserver (requests in flight fail with UNAVAILABLE)")
         rec = Recovery(dead=stubs, detected_at=now, fault=what, kind=kind)
         self.recoveries.append(rec)
         if self.prober is not None:
             self.prober.pause()
+        if models and models <= standalone_jumps(self.server):
+            if self._reload(sorted(models), what, rec):
+                return True
+        self.log(f"watchdog: {what}; restarting tritonserver (requests in flight fail with UNAVAILABLE)")
         t0 = time.monotonic()
         self._kill_group()
         try:
@@ -220,6 +228,32 @@ class Watchdog:
         self.arm()
         self.log(f"watchdog: tritonserver restarted, every model ready again {rec.seconds:.1f} s after the "
                  f"fault was noticed (restart {len(self.recoveries)}; log {self.server.log_file})")
+        return True
+
+    def _reload(self, models: list[str], what: str, rec: Recovery) -> bool:
+        """Kill the stubs of `models` (no other model calls them) and load them again; False when
+        that did not bring them back (then the whole server is restarted)."""
+        names = ", ".join(models)
+        self.log(f"watchdog: {what}; reloading {names} only (no other model calls it; its requests in flight "
+                 f"fail with INTERNAL)")
+        t0 = time.monotonic()
+        for stub in find_stubs(self._server_pid):
+            if stub.model in models:
+                try:
+                    os.kill(stub.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            for m in models:
+                self.server.reload_model(m)
+        except Exception as e:  # noqa: BLE001 - the whole-server restart follows
+            self.log(f"watchdog: reloading {names} failed ({e}); restarting tritonserver instead")
+            return False
+        rec.seconds = time.monotonic() - t0
+        rec.kind += ", reloaded"
+        self.arm()
+        self.log(f"watchdog: {names} reloaded, ready again {rec.seconds:.1f} s after the fault was noticed "
+                 f"(restart {len(self.recoveries)}; the other models kept serving)")
         return True
 
     def _kill_group(self) -> None:
@@ -249,6 +283,27 @@ class Watchdog:
             return True
         finally:
             self.close()
+
+
+INLINE = 'key: "jump_mode" value { string_value: "inline" }'  # serving/repository.py's parameter
+
+
+def standalone_jumps(server) -> set[str]:
+    """The `NAME_jump` models that neither `NAME_sampler` nor `NAME_stream` calls (both run the
+    jump inline): reloading one of them cannot leave another model's request hanging."""
+    repo = Path(getattr(server, "repo", "") or "")
+    out = set()
+    for m in getattr(server, "models", []):
+        if not m.endswith("_jump") or not hasattr(server, "reload_model"):
+            continue
+        name = m[:-len("_jump")]
+        users = [repo / f"{name}{sfx}" / "config.pbtxt" for sfx in ("_sampler", "_stream")]
+        try:
+            if all(INLINE in u.read_text() for u in users):
+                out.add(m)
+        except OSError:
+            continue
+    return out
 
 
 def _names(stubs: list[Stub]) -> str:

@@ -308,6 +308,9 @@ class Server:
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             "--strict-readiness=true", "--exit-on-error=true", f"--exit-timeout-secs={int(self.grace_s)}",
+            # every model loaded at start, as without model control; explicit control lets the
+            # watchdog reload one model (behind the admin key, like every model-repository call)
+            "--model-control-mode=explicit", "--load-model=*",
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
         ]
@@ -441,6 +444,11 @@ class Server:
         index = self.grpc_client().get_model_repository_index(headers=self.admin_headers, as_json=True,
                                                               client_timeout=5.0)
         return index.get("models", [])
+
+    def reload_model(self, name: str, timeout: float = 120.0) -> None:
+        """Load `name` again (model control, with the admin key): new instances, then the old
+        ones are unloaded; the other models keep serving."""
+        self.grpc_client().load_model(name, headers=self.admin_headers, client_timeout=timeout)
 
     def pids(self) -> list[int]:
         """The server's process and every process in its group (the Python stubs)."""

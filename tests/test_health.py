@@ -47,10 +47,11 @@ def test_find_stubs_names_every_python_model(own_server):
 
 
 def test_dead_stub_is_noticed_and_recovered(own_server):
-    """kill -9 of the sampler's stub, then the jump's, under load: requests in flight fail
+    """kill -9 of the sampler's stub, then the stream's, under load: requests in flight fail
     fast (no hang until the deadline), readiness says not ready at once, the server comes
-    back by itself with a log line, and then answers with the same images."""
-    from fewstep.serving.client import Client, ServingError
+    back by itself with a log line, and then answers with the same images. (The client does
+    not retry here: what is tested is the server's side; tests/test_faults.py has the retries.)"""
+    from fewstep.serving.client import NO_RETRY, Client, ServingError
     from fewstep.serving.health import Watchdog, find_stubs
 
     server = own_server
@@ -62,9 +63,9 @@ def test_dead_stub_is_noticed_and_recovered(own_server):
     probe = tritonclient_grpc.InferenceServerClient(server.grpc_url)
     seeds = [3, 1, 4, 1]
     try:
-        with Client(server.grpc_url, timeout=60) as client:
+        with Client(server.grpc_url, timeout=60, retry=NO_RETRY) as client:
             ref = client.generate("tiny", seeds, 4)
-            for k, model in enumerate(("tiny_sampler", "tiny_jump"), start=1):
+            for k, model in enumerate(("tiny_sampler", "tiny_stream"), start=1):
                 calls = []  # (start, end, outcome) of every request of the load
                 sending = threading.Event()
                 sending.set()
@@ -119,6 +120,69 @@ def test_dead_stub_is_noticed_and_recovered(own_server):
         done.set()
         watcher.join(60)
         probe.close()
+
+
+def test_dead_standalone_jump_is_reloaded_alone(own_server):
+    """With the jump inline, `tiny_jump` serves only its direct callers: its stub's death reloads
+    that model alone (model control); the ensemble's requests all succeed meanwhile, the server
+    is not restarted, and the jump answers the same values again."""
+    from fewstep.serving.client import NO_RETRY, Client, ServingError
+    from fewstep.serving.health import Watchdog, find_stubs, standalone_jumps
+    from fewstep.serving.prober import Prober
+
+    server = own_server
+    assert standalone_jumps(server) == {"tiny_jump"}
+    lines: list[str] = []
+    watchdog = Watchdog(server, log=lines.append)
+    done = threading.Event()
+    watcher = threading.Thread(target=watchdog.run, args=(done.is_set,), daemon=True)
+    watcher.start()
+    jump_inputs = Prober(server.new_grpc_client, server.repo, ["tiny"])._jump_inputs
+    direct = server.new_grpc_client()
+    server_pid = server.proc.pid
+    try:
+        before = direct.infer("tiny_jump", jump_inputs("tiny_jump"), client_timeout=30).as_numpy("x_s")
+        with Client(server.grpc_url, timeout=60, retry=NO_RETRY) as client:
+            outcomes = []
+            sending = threading.Event()
+            sending.set()
+
+            def load():
+                while sending.is_set():
+                    try:
+                        client.generate("tiny", list(range(8)), 4)
+                        outcomes.append("OK")
+                    except ServingError as e:
+                        outcomes.append(e.code)
+
+            workers = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+            for w in workers:
+                w.start()
+            time.sleep(1.0)
+            stub = next(s for s in find_stubs(server_pid) if s.model == "tiny_jump")
+            killed = time.monotonic()
+            os.kill(stub.pid, signal.SIGKILL)
+            while not (watchdog.recoveries and watchdog.recoveries[-1].seconds):
+                assert time.monotonic() - killed < 60, lines
+                time.sleep(0.1)
+            time.sleep(1.0)
+            sending.clear()
+            for w in workers:
+                w.join(60)
+        rec = watchdog.recoveries[-1]
+        assert rec.kind == "stub died, reloaded", (rec, lines)
+        assert any("reloading tiny_jump only" in line for line in lines), lines
+        assert not any("restarting tritonserver" in line for line in lines), lines
+        assert server.proc.pid == server_pid  # no restart
+        assert outcomes and set(outcomes) == {"OK"}, outcomes  # the ensemble never noticed
+        after = direct.infer("tiny_jump", jump_inputs("tiny_jump"), client_timeout=30).as_numpy("x_s")
+        np.testing.assert_array_equal(after, before)
+        print(f"tiny_jump reloaded alone {rec.seconds:.1f} s after its stub's death was noticed; "
+              f"{len(outcomes)} ensemble requests meanwhile, all OK")
+    finally:
+        done.set()
+        watcher.join(60)
+        direct.close()
 
 
 def test_crash_loop_gives_up(own_server):
