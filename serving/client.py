@@ -163,7 +163,7 @@ class RetryPolicy:
     attempt_s: the deadline of one attempt (None: whatever is left of the call's deadline); a
     shorter one lets a request that a hung server swallowed be sent again in time."""
     base_s: float = 0.1
-    cap_s: float = 2.0
+    cap_s: float = 1.0
     attempt_s: float | None = None
     max_tries: int | None = None  # None: until the deadline (10 tries for a client without one)
 

@@ -272,4 +272,28 @@ def test_retry_rules():
     _, attempts, _ = _core_call([("DEADLINE_EXCEEDED", "late")], timeout=30, retry=RetryPolicy(attempt_s=2.0))
     assert attempts == [2.0, 2.0]
     waits = [RetryPolicy().delay(n, np.random.default_rng(n)) for n in range(8)]
-    assert all(0.05 <= w <= 2.0 for w in waits) and waits[-1] >= 1.0
+    assert all(0.05 <= w <= 1.0 for w in waits) and waits[-1] >= 0.5
+
+
+# --- the soak (scripts/soak.py), short: what CI runs ---------------------------------------------
+
+def test_small_soak_one_fault_of_each_kind(served_model_dirs):
+    """A few hundred mixed requests (5% bad) through `fewstep serve --jump bls` and the project's
+    client, with one fault of each kind in turn: the sampler's stub killed, the jump's stub
+    killed, tritonserver killed, the sampler's stub stopped. No error reaches the client, no image
+    is wrong, every bad request is refused, and each fault is recovered from by itself."""
+    require_triton()
+    soak = _soak_module()
+    args = soak.parse_args(["--model", str(served_model_dirs["tiny"]), "--requests", "400", "--concurrency", "16",
+                            "--seeds", "6", "--max-seconds", "240", "--rng", "1"])
+    report = soak.run(args)
+    print(soak.markdown_table(report))
+    assert report["requests"] == 400 and report["not_sent"] == 0, report
+    assert report["images_checked"] > 400 and report["wrong_images"] == 0, report
+    assert report["bad_sent"] > 0 and report["bad_not_refused"] == 0, report
+    assert report["client_visible_errors"] == 0, (report["codes"], report["messages"])
+    assert [f["fault"] for f in report["faults"]] == ["sampler", "jump", "server", "stop"], report["faults"]
+    for f in report["faults"]:
+        assert f["hit"] is not None and f["recover_s"] is not None and f["recover_s"] < 60, f
+    assert report["retries"] > 0  # the faults did reach the client, which rode through them
+    assert report["serve_exit_code"] == 0
