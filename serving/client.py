@@ -152,7 +152,7 @@ def _stream_step(result, error):
 
 
 # the default deadline of a call, retries included (Client, `fewstep generate`, the page): many
-# times a restart of the server (docs/serving.md, "One restart policy": 3-7 s measured)
+# times a restart of the server (docs/serving.md, "One restart policy": 4-8 s measured under load)
 DEADLINE_S = 120.0
 
 
