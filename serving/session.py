@@ -7,7 +7,7 @@ and wait on it with `StopSignals` and `watch`:
     with StopSignals() as stop:
         server.abort = stop.requested     # a signal during start() gives up waiting
         with server:
-            rc = watch(server, stop)      # until SIGINT/SIGTERM (0) or the server dies (1)
+            rc = watch(server, stop)      # until SIGINT/SIGTERM (0) or it cannot be brought back (1)
 """
 from __future__ import annotations
 

@@ -297,3 +297,22 @@ def test_small_soak_one_fault_of_each_kind(served_model_dirs):
         assert f["hit"] is not None and f["recover_s"] is not None and f["recover_s"] < 60, f
     assert report["retries"] > 0  # the faults did reach the client, which rode through them
     assert report["serve_exit_code"] == 0
+
+
+def test_bench_reports_retries_per_cell():
+    """`fewstep bench` counts the client's retries of each cell: bench.json's `retries`, the
+    console table's `retry` column."""
+    from fewstep.serving.bench_measure import Cell
+    from fewstep.serving.bench_report import console_table
+    from fewstep.serving.client import ServingError
+
+    cell = Cell("triton", 2, 4, 1, latencies_ms=[1.0, 2.0, 30.0])
+    cell.retried.extend([ServingError("UNAVAILABLE", "failed to connect")] * 3)
+    row = cell.row()
+    assert row["retries"] == 3 and row["errors"] == 0
+    report = {"results": [row], "model": "tiny", "summary": {},
+              "machine": {"load_avg_start": [1.0], "load_avg_end": [1.0], "cpus": 2}}
+    text = console_table(report)
+    head, line = text.splitlines()[:2]
+    assert head.split()[5] == "retry" and line.split()[5] == "3"
+    assert "RETRIES: 3 retries" in text
