@@ -2,7 +2,7 @@
 one fault of each kind in turn, a report.
 
     python scripts/soak.py --model models/fmnist                 # 10000 requests, 64 at once, 4 faults
-    python scripts/soak.py --model DIR --requests 400 --concurrency 16 --seeds 6   # what CI runs
+    python scripts/soak.py --model DIR --requests 300 --concurrency 16 --seeds 4   # what CI runs
 
 It starts `fewstep serve` (`--jump bls` by default, so that the sampler calls NAME_jump) on free
 loopback ports (never another address), computes a serial reference image for every (seed,
