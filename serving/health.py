@@ -137,7 +137,7 @@ class Watchdog:
         names = [m for m in getattr(self.server, "models", []) if m + "_sampler" in self.server.models]
         if self.probe_interval_s <= 0 or not names or not hasattr(self.server, "new_grpc_client"):
             return None
-        from fewstep.serving.prober import Prober
+        from fewstep.serving.prober import Prober  # numpy and tritonclient: not needed by the /proc checks
 
         return Prober(self.server.new_grpc_client, self.server.repo, names, self.probe_interval_s,
                       self.probe_deadline_s, self.probe_misses).start()
