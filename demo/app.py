@@ -27,12 +27,12 @@ import math  # noqa: E402
 import queue  # noqa: E402
 import random  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from fewstep.serving.client import Client, ModelMeta, ServingError  # noqa: E402
+from fewstep.demo.backend import Backend, retry_note, retrying_note  # noqa: E402,F401  (retry_note: shown text)
+from fewstep.serving.client import DEADLINE_S, ModelMeta, ServingError  # noqa: E402
 from fewstep.serving.protocol import GAMMA_RANGE, MAX_SEED, input_ranges, range_text  # noqa: E402
 
 MAX_IMAGES = 16
@@ -247,57 +247,6 @@ def check_request(meta: ModelMeta, steps=None, seed=0, num=1, label=None, gamma=
     return Request(steps, list(range(seed, seed + num)), label, gamma)
 
 
-# --- the backend: Triton over gRPC --------------------------------------------------------------
-
-@dataclass
-class Backend:
-    """Every call the page makes to Triton (through serving.client only)."""
-    url: str
-    manifests: dict = field(default_factory=dict)  # name -> manifest.json of the models we serve
-    timeout: float = 120.0
-
-    def __post_init__(self):
-        self._lock = threading.Lock()
-        self._client: Client | None = None
-
-    def client(self) -> Client:
-        with self._lock:
-            if self._client is None:
-                self._client = Client(self.url, timeout=self.timeout)
-            return self._client
-
-    def reset(self) -> None:
-        with self._lock:
-            old, self._client = self._client, None
-        if old is not None:
-            try:
-                old.close()
-            except Exception:
-                pass
-
-    def models(self) -> tuple[list[ModelMeta], list[str]]:
-        """(image models, names left out: 2-D models) from the server's repository index."""
-        self.reset()  # a fresh connection and fresh metadata: the server may have changed
-        c = self.client()
-        metas, skipped = [], []
-        for name in c.models():
-            m = c.meta(name)
-            (metas if m.is_image else skipped).append(m if m.is_image else name)
-        return metas, skipped
-
-    def meta(self, name: str) -> ModelMeta:
-        return self.client().meta(name)
-
-    def generate(self, name, seeds, steps, label=None, gamma=None) -> tuple[np.ndarray, float]:
-        c = self.client()
-        t0 = time.perf_counter()
-        images = c.generate(name, seeds, steps, label, gamma)
-        return images, time.perf_counter() - t0
-
-    def stream(self, name, seed, steps, label=None, gamma=None):
-        return self.client().stream(name, seed, steps, label, gamma)
-
-
 # --- the page -----------------------------------------------------------------------------------
 
 CSS = """
@@ -337,7 +286,7 @@ def compare_table(meta: ModelMeta, rows) -> str:
     return head + "\n".join(lines)
 
 
-def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, timeout: float = 120.0,
+def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, timeout: float = DEADLINE_S,
               title: str = "fewstep: few-step image generation"):
     """The Gradio Blocks app (queued) talking to the Triton server at gRPC `url`."""
     import gradio as gr
@@ -418,10 +367,12 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
             return
         s0, n, steps = req.seeds[0], len(req.seeds), req.steps
         result: dict = {}
+        retried: list = []
 
         def run():
             try:
-                result["images"], result["latency"] = backend.generate(model, req.seeds, steps, req.label, req.gamma)
+                result["images"], result["latency"] = backend.generate(model, req.seeds, steps, req.label, req.gamma,
+                                                                       retried)
             except Exception as e:
                 result["error"] = e
 
@@ -447,7 +398,12 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
                     break
                 step, img = item
                 yield (skip, display_images(img)[0], f"preview: step {step} of {steps} …", "", s0)
-        worker.join()
+        said = 0
+        while worker.is_alive():  # the request may be riding through a restart: say so while it waits
+            worker.join(0.5)
+            if len(retried) > said:
+                said = len(retried)
+                yield skip, skip, "", retrying_note(retried, url, backend.timeout), s0
         if "error" in result:
             yield [], None, "", describe_error(result["error"], url, "generating"), s0
             return
@@ -460,6 +416,8 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
             lat += f"  \n{note}"
         if preview:
             lat += "  \n(the live preview stream ran alongside; untick it for a clean latency)"
+        if retried:
+            lat += "  \n" + retry_note(retried)
         yield gallery, (shown[0] if preview else None), lat, "", s0
 
     def compare(model, seed, randomize, gamma, label):
@@ -480,15 +438,17 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
         q = (meta.quality or {}).get("by_steps") or {}
         gallery, rows = [], []
         for k in compare_steps(meta):
+            retried: list = []
             try:
                 images, dt = backend.generate(model, req.seeds, k, req.label,
-                                              gam if meta.gamma_unused(k) is None else None)
+                                              gam if meta.gamma_unused(k) is None else None, retried)
             except Exception as e:
                 yield gallery, compare_table(meta, rows), describe_error(e, url, "comparing"), s0
                 return
             caption = (f"{steps_text(k)} · {format_latency(dt)}"
                        + (f" · {metric_name(meta)} {_figure(q[k])}" if k in q else "")
-                       + (" · made for" if k in meta.made_for else ""))
+                       + (" · made for" if k in meta.made_for else "")
+                       + (f" · retried {len(retried)}x" if retried else ""))
             gallery.append((display_images(images)[0], caption))
             rows.append((k, dt))
             yield gallery, compare_table(meta, rows), "", s0

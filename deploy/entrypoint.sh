@@ -9,6 +9,9 @@
 #   FEWSTEP_SERVE_ARGS    more `fewstep serve` options, e.g. "--instances 2 --workers 16"
 #   FEWSTEP_TRITON_CONTAINER  the Triton release whose TensorRT and onnxruntime the exports are
 #                         checked against (default: NVIDIA_TRITON_SERVER_VERSION, set by the image)
+#   FEWSTEP_GRACE         seconds SIGTERM lets the requests in flight finish (default 30, as
+#                         `fewstep serve --grace`; the Deployment's terminationGracePeriodSeconds
+#                         covers it and its preStop)
 #   FEWSTEP_ADMIN_KEY     when set, Triton's admin protocols (model repository, shared memory,
 #                         logging, trace) answer only gRPC calls that carry it in the header
 #                         triton-grpc-protocol-fewstep-admin-key (Triton adds the prefix); the
@@ -47,6 +50,6 @@ exec tritonserver \
   --grpc-address=0.0.0.0 --grpc-port=8001 \
   --allow-http=false \
   --metrics-address=0.0.0.0 --metrics-port=8002 \
-  --strict-readiness=true --exit-on-error=true --exit-timeout-secs=10 \
+  --strict-readiness=true --exit-on-error=true --exit-timeout-secs="${FEWSTEP_GRACE:-30}" \
   --model-control-mode=none \
   "${admin[@]}" "$@"

@@ -1,22 +1,26 @@
-"""A bounded soak of `fewstep serve`: mixed requests under load, two stub kills, a report.
+"""A bounded soak of `fewstep serve` with the project's own client: mixed requests under load,
+one fault of each kind in turn, a report.
 
-    python scripts/soak.py --model models/fmnist                      # 10000 requests, 64 at once
-    python scripts/soak.py --model DIR --requests 300 --kills 1 --concurrency 16   # what CI runs
+    python scripts/soak.py --model models/fmnist                 # 10000 requests, 64 at once, 4 faults
+    python scripts/soak.py --model DIR --requests 300 --concurrency 16 --seeds 4   # what CI runs
 
-It starts `fewstep serve` on free loopback ports (never another address), computes a serial
-reference image for every (seed, steps) it will use (one request alone each), then sends
-`--requests` requests from `--concurrency` clients: steps 1-8, 1-4 images each, and
+It starts `fewstep serve` (`--jump bls` by default, so that the sampler calls NAME_jump) on free
+loopback ports (never another address), computes a serial reference image for every (seed,
+steps) it will use (one request alone each), then sends `--requests` requests from
+`--concurrency` workers through `serving.client.AsyncClient`, which retries UNAVAILABLE and
+missed deadlines within each request's deadline (`--timeout`): steps 1-8, 1-4 images each, and
 `--bad-fraction` bad requests (steps out of range, gamma NaN or > 1, a negative seed, a class
-label for an unconditional model). At evenly spaced points it kills a Python backend stub
-with SIGKILL (the sampler's, then the jump's, ...) and measures the time until a request
-sent after the kill succeeds again. A client whose request fails with UNAVAILABLE waits for
-readiness before sending its next one, as a client behind a load balancer would.
+label for an unconditional model). At evenly spaced points, each after the previous fault's
+recovery, it injects the `--faults` in turn: SIGKILL of the sampler's stub (`sampler`), of the
+jump's (`jump`), of tritonserver itself (`server`), and SIGSTOP of the sampler's stub (`stop`).
 
-Reported: requests, answers by status code, wrong images (any byte different from the serial
-reference), bad requests not refused with INVALID_ARGUMENT, per kill the stub, the time to
-recover (client-side and the watchdog's own figure) and the requests lost, and the RSS of
-tritonserver plus its stubs before the load, before each kill and at the end.
-The run stops by itself: after `--requests` requests or `--max-seconds`, whichever is first.
+Reported, per fault (the requests that ended between it and the next one): client-visible errors
+(a good request not answered, a bad one not refused with INVALID_ARGUMENT), wrong images (any
+byte different from the serial reference), when serve noticed the fault and when every model
+was ready again (from serve's watchdog lines), the p99 latency of the requests in flight during
+the recovery, the retries, and the RSS of tritonserver plus its stubs before the fault and
+before the next one (or at the end). The run stops by itself: after `--requests` requests or
+`--max-seconds`, whichever is first. Exit 0 when no error was visible and no image was wrong.
 """
 from __future__ import annotations
 
@@ -25,7 +29,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -42,7 +45,9 @@ from fewstep.serving.health import find_stubs  # noqa: E402
 from fewstep.serving.launcher import free_port  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only, by design
-KILL_ORDER = ("_sampler", "_jump")
+# fault -> (the stub's model suffix, the signal); "server" is SIGKILL of tritonserver itself
+FAULTS = {"sampler": ("_sampler", signal.SIGKILL), "jump": ("_jump", signal.SIGKILL), "server": (None, signal.SIGKILL),
+          "stop": ("_sampler", signal.SIGSTOP)}
 
 
 def parse_args(argv=None):
@@ -50,19 +55,27 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="an exported model dir (an unconditional image model)")
     p.add_argument("--requests", type=int, default=10000)
     p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--kills", type=int, default=2, help="stub kills, evenly spaced over the run")
+    p.add_argument("--faults", type=lambda v: [f for f in v.split(",") if f], default=list(FAULTS),
+                   help="faults to inject in turn, evenly spaced (each after the previous one's recovery): "
+                        f"comma-separated of {', '.join(FAULTS)} (default: all; '' = none)")
+    p.add_argument("--jump", default="bls", choices=("inline", "bls", "auto"),
+                   help="serve's --jump (default bls: the sampler then calls NAME_jump, so its stub's death matters)")
     p.add_argument("--bad-fraction", type=float, default=0.05)
     p.add_argument("--max-steps", type=int, default=8)
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--seeds", type=int, default=32, help="distinct seeds (each gets serial references)")
     p.add_argument("--max-seconds", type=float, default=3600.0, help="stop sending after this long")
-    p.add_argument("--timeout", type=float, default=120.0, help="client deadline per request (s)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="client deadline per request, retries included (s; the client's default)")
     p.add_argument("--rng", type=int, default=0, help="seed of the request mix")
     p.add_argument("--json", help="also write the report here")
     p.add_argument("--serve-arg", action="append", default=[], help="an extra `fewstep serve` argument")
     args = p.parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1 or args.kills < 0 or not 0 <= args.bad_fraction < 1:
-        p.error("--requests and --concurrency must be >= 1, --kills >= 0, --bad-fraction in [0, 1)")
+    if args.requests < 1 or args.concurrency < 1 or not 0 <= args.bad_fraction < 1:
+        p.error("--requests and --concurrency must be >= 1, --bad-fraction in [0, 1)")
+    unknown = [f for f in args.faults if f not in FAULTS]
+    if unknown:
+        p.error(f"--faults: unknown {', '.join(unknown)} (known: {', '.join(FAULTS)})")
     return args
 
 
@@ -90,6 +103,7 @@ class Serve:
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
         self.lines: list[str] = []
+        self.times: list[float] = []  # time.monotonic() when each line was read
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -99,6 +113,7 @@ class Serve:
 
     def _read(self):
         for line in self.proc.stdout:
+            self.times.append(time.monotonic())
             self.lines.append(line.rstrip("\n"))
             if line.startswith("ready:"):
                 self.ready.set()
@@ -137,14 +152,29 @@ class Serve:
                 pass
         return round(total / 1024, 1)
 
-    def kill_stub(self, suffix: str) -> str | None:
+    def kill_stub(self, suffix: str, sig: int = signal.SIGKILL) -> str | None:
+        """Send `sig` to the first stub of the model whose name ends with `suffix`; its instance."""
         pid = self.triton_pid()
         stubs = [s for s in find_stubs(pid)] if pid else []
         stub = next((s for s in stubs if s.model.endswith(suffix)), None)
         if stub is None:
             return None
-        os.kill(stub.pid, signal.SIGKILL)
+        os.kill(stub.pid, sig)
         return stub.instance
+
+    def inject(self, fault: str) -> str | None:
+        """One fault of FAULTS; what was hit (None: nothing to hit)."""
+        if fault == "server":
+            pid = self.triton_pid()
+            if pid is None:
+                return None
+            os.kill(pid, signal.SIGKILL)
+            return f"tritonserver (pid {pid})"
+        suffix, sig = FAULTS[fault]
+        return self.kill_stub(suffix, sig)
+
+    def lines_since(self, t: float) -> list[tuple[float, str]]:
+        return [(tt, line) for tt, line in zip(list(self.times), list(self.lines)) if tt >= t]
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:
@@ -187,85 +217,130 @@ def plan_requests(args, model_max_steps: int) -> list[dict]:
     return out
 
 
+def _p99(values: list[float]) -> float | None:
+    return round(float(sorted(values)[max(0, int(round(0.99 * len(values))) - 1)]), 3) if values else None
+
+
 async def soak(args, serve: Serve, model: str, plan: list[dict], refs: dict) -> dict:
+    """Send the plan from `concurrency` workers through the project's AsyncClient (which retries
+    transient failures within each request's deadline), injecting the faults in turn."""
     from fewstep.serving.client import AsyncClient, ServingError
 
-    codes: Counter = Counter()
-    messages: dict = {}  # the first message of every error code
-    wrong, checked, bad_not_refused = 0, 0, []
-    done = 0
-    kills: list[dict] = []
-    kill_at = [int(len(plan) * (j + 1) / (args.kills + 1)) for j in range(args.kills)]
-    failures: list[tuple[float, str]] = []  # (when, code) of every non-OK, non-INVALID_ARGUMENT answer
-    successes_after: dict[int, float] = {}  # kill index -> first success of a request sent after it
+    records: list[dict] = []   # per request: sent, done, code, retries, wrong, bad
+    messages: dict = {}        # the first message of every error code
+    faults: list[dict] = []
+    fault_at = [int(len(plan) * (j + 1) / (len(args.faults) + 1)) for j in range(len(args.faults))]
     start = time.monotonic()
     queue = iter(plan)
     lock = asyncio.Lock()
 
-    async def maybe_kill():
-        while kill_at and done >= kill_at[0]:
-            kill_at.pop(0)
-            j = len(kills)
-            rss = serve.rss_mb()
-            instance = serve.kill_stub(KILL_ORDER[j % len(KILL_ORDER)])
-            kills.append({"stub": instance, "at": time.monotonic(), "rss_mb_before": rss})
+    def recovered(j: int) -> float | None:
+        """When serve said the fault j's restart (or reload) was done."""
+        f = faults[j]
+        return next((t for t, line in serve.lines_since(f["at"]) if "ready again" in line), None)
+
+    def maybe_inject():
+        j = len(faults)
+        if j >= len(fault_at) or len(records) < fault_at[j] or (j and recovered(j - 1) is None):
+            return
+        kind = args.faults[j]
+        rss = serve.rss_mb()
+        at = time.monotonic()
+        faults.append({"fault": kind, "hit": serve.inject(kind), "at": at, "rss_mb_before": rss})
 
     async def worker(client):
-        nonlocal done, wrong, checked
         while time.monotonic() - start < args.max_seconds:
             async with lock:
                 req = next(queue, None)
             if req is None:
                 return
+            retried: list = []
             sent = time.monotonic()
             try:
-                out = await client.generate(model, req["seeds"], req["steps"], req["labels"], req["gamma"])
+                out = await client.generate(model, req["seeds"], req["steps"], req["labels"], req["gamma"],
+                                            retried=retried)
                 code = "OK"
             except ServingError as e:
                 code, out = e.code, None
                 messages.setdefault(code, e.message[:200])
-            codes[code] += 1
-            done += 1
-            if req["bad"] is not None:
-                if code not in ("INVALID_ARGUMENT", "UNAVAILABLE"):
-                    bad_not_refused.append((req["bad"], code))
-            elif code == "OK":
-                for seed, img in zip(req["seeds"], out):
-                    checked += 1
-                    wrong += int(not (img == refs[(seed, req["steps"])]).all())
-                for j, k in enumerate(kills):
-                    if sent > k["at"] and j not in successes_after:
-                        successes_after[j] = time.monotonic()
-            if code not in ("OK", "INVALID_ARGUMENT"):
-                failures.append((time.monotonic(), code))
-                # like a client behind a load balancer: wait for readiness before the next one
-                while not await client.ready() and time.monotonic() - start < args.max_seconds:
-                    await asyncio.sleep(0.1)
-            await maybe_kill()
+            wrong = 0
+            if code == "OK" and req["bad"] is None:
+                wrong = sum(int(not (img == refs[(seed, req["steps"])]).all()) for seed, img in zip(req["seeds"], out))
+            records.append({"sent": sent, "done": time.monotonic(), "code": code, "retries": len(retried),
+                            "retry_codes": sorted({e.code for e in retried}),
+                            "bad": req["bad"], "images": len(req["seeds"]) if code == "OK" else 0, "wrong": wrong})
+            maybe_inject()
 
     async with AsyncClient(serve.url, timeout=args.timeout) as client:
         await client.meta(model)
         await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
     elapsed = time.monotonic() - start
-    # wait (bounded) for every kill's restart line before reading the figures: the requests can
-    # end first, e.g. when another sampler instance answers while the killed one's restart runs
+    # every fault's recovery line before the figures (the requests can end first)
     deadline = time.monotonic() + 120
-    while sum("ready again" in line for line in serve.lines) < len(kills) and time.monotonic() < deadline:
+    while faults and recovered(len(faults) - 1) is None and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    watchdog = [float(m.group(1)) for m in
-                (re.search(r"ready again ([0-9.]+) s", line) for line in serve.lines) if m]
-    for j, k in enumerate(kills):
-        end = kills[j + 1]["at"] if j + 1 < len(kills) else float("inf")
-        k["lost"] = sum(1 for t, _ in failures if k["at"] <= t < end)
-        k["recover_s"] = round(successes_after[j] - k["at"], 2) if j in successes_after else None
-        k["watchdog_restart_s"] = watchdog[j] if j < len(watchdog) else None
-        k["at_s"] = round(k.pop("at") - start, 2)
-    return {"requests": done, "not_sent": len(plan) - done, "seconds": round(elapsed, 1),
-            "requests_per_s": round(done / elapsed, 1), "codes": dict(codes), "messages": messages,
-            "images_checked": checked,
-            "wrong_images": wrong, "bad_sent": sum(1 for r in plan[:done] if r["bad"]),
-            "bad_not_refused": bad_not_refused, "kills": kills, "lost_unattributed": sum(
-                1 for t, _ in failures if not kills or t < start + kills[0]["at_s"])}
+    rss_end = serve.rss_mb()
+    return {"records": records, "faults": faults, "messages": messages, "elapsed": elapsed, "start": start,
+            "rss_end": rss_end, "recovered": [recovered(j) for j in range(len(faults))]}
+
+
+def visible_error(r: dict) -> bool:
+    """What a user would see as a failure: a good request not answered, or a bad one not refused."""
+    return r["code"] != "OK" if r["bad"] is None else r["code"] != "INVALID_ARGUMENT"
+
+
+def summarise(run: dict, serve: Serve) -> dict:
+    """The report: totals, and per fault the figures of the window from it to the next one."""
+    records, faults, start = run["records"], run["faults"], run["start"]
+    codes = Counter(r["code"] for r in records)
+    table = []
+    for j, f in enumerate(faults):
+        end = faults[j + 1]["at"] if j + 1 < len(faults) else float("inf")
+        window = [r for r in records if f["at"] <= r["done"] < end]
+        ready = run["recovered"][j]
+        lines = serve.lines_since(f["at"])
+        noticed = next((t for t, line in lines if "watchdog:" in line and ("restarting" in line or "reloading" in line)),
+                       None)
+        during = [r["done"] - r["sent"] for r in records
+                  if ready is not None and r["sent"] <= ready and r["done"] >= f["at"] and r["bad"] is None]
+        table.append({
+            "fault": f["fault"], "hit": f["hit"], "at_s": round(f["at"] - start, 2),
+            "noticed_s": None if noticed is None else round(noticed - f["at"], 2),
+            "recover_s": None if ready is None else round(ready - f["at"], 2),
+            "requests": len(window), "client_visible_errors": sum(visible_error(r) for r in window),
+            "wrong_images": sum(r["wrong"] for r in window), "retried_requests": sum(r["retries"] > 0 for r in window),
+            "retries": sum(r["retries"] for r in window),
+            "requests_during_recovery": len(during), "p99_during_recovery_s": _p99(during),
+            "rss_mb_before": f["rss_mb_before"],
+            "rss_mb_after": faults[j + 1]["rss_mb_before"] if j + 1 < len(faults) else run["rss_end"],
+            "watchdog": [line for _, line in lines if "watchdog:" in line][:2],
+            "slowest": [{"sent_s": round(r["sent"] - f["at"], 2), "seconds": round(r["done"] - r["sent"], 2),
+                         "retries": r["retries"], "retry_codes": r["retry_codes"]}
+                        for r in sorted(window, key=lambda r: r["sent"] - r["done"])[:3]],
+        })
+    first = faults[0]["at"] if faults else float("inf")
+    calm = [r["done"] - r["sent"] for r in records if r["done"] < first and r["bad"] is None]
+    return {"requests": len(records), "seconds": round(run["elapsed"], 1),
+            "requests_per_s": round(len(records) / run["elapsed"], 1), "codes": dict(codes),
+            "messages": run["messages"], "images_checked": sum(r["images"] for r in records if r["bad"] is None),
+            "wrong_images": sum(r["wrong"] for r in records),
+            "client_visible_errors": sum(visible_error(r) for r in records),
+            "bad_sent": sum(1 for r in records if r["bad"]),
+            "bad_not_refused": sum(1 for r in records if r["bad"] and r["code"] != "INVALID_ARGUMENT"),
+            "retries": sum(r["retries"] for r in records), "p99_before_faults_s": _p99(calm),
+            "errors_before_faults": sum(visible_error(r) for r in records if r["done"] < first),
+            "faults": table}
+
+
+def markdown_table(report: dict) -> str:
+    """The per-fault table of docs/serving.md."""
+    head = ("| fault | client-visible errors | wrong images | noticed | recovered | p99 during recovery | "
+            "retried requests | RSS before → after |\n|---|---|---|---|---|---|---|---|")
+    rows = [f"| {f['fault']} ({f['hit']}) | {f['client_visible_errors']} of {f['requests']} | {f['wrong_images']} | "
+            f"{f['noticed_s']} s | {f['recover_s']} s | {f['p99_during_recovery_s']} s "
+            f"({f['requests_during_recovery']} requests) | {f['retried_requests']} | "
+            f"{f['rss_mb_before']} → {f['rss_mb_after']} MiB |" for f in report["faults"]]
+    return "\n".join([head, *rows])
 
 
 def references(url: str, model: str, seeds: int, max_steps: int) -> dict:
@@ -289,7 +364,7 @@ def run(args) -> dict:
         raise SystemExit("soak: give an unconditional image model")
     model = manifest.get("name") or Path(args.model).name
     with tempfile.TemporaryDirectory(prefix="fewstep-soak-") as tmp:
-        serve = Serve(args.model, Path(tmp), args.serve_arg)
+        serve = Serve(args.model, Path(tmp), ["--jump", args.jump, *args.serve_arg])
         try:
             serve.wait_ready(600)
             t0 = time.monotonic()
@@ -297,7 +372,8 @@ def run(args) -> dict:
             ref_s = time.monotonic() - t0
             rss_before = serve.rss_mb()
             plan = plan_requests(args, int(manifest["sampler"]["max_steps"]))
-            report = asyncio.run(soak(args, serve, model, plan, refs))
+            report = summarise(asyncio.run(soak(args, serve, model, plan, refs)), serve)
+            report["not_sent"] = len(plan) - report["requests"]
             report["rss_mb"] = {"before": rss_before, "after": serve.rss_mb()}
             report["references"] = {"count": len(refs), "seconds": round(ref_s, 1)}
             report["watchdog_lines"] = [line for line in serve.lines if "watchdog" in line]
@@ -305,8 +381,8 @@ def run(args) -> dict:
             report_rc = serve.stop()
     report["serve_exit_code"] = report_rc
     report["load_average"] = os.getloadavg()
-    report["settings"] = {k: getattr(args, k) for k in ("requests", "concurrency", "kills", "bad_fraction",
-                                                        "max_steps", "max_batch", "seeds", "max_seconds")}
+    report["settings"] = {k: getattr(args, k) for k in ("requests", "concurrency", "faults", "jump", "bad_fraction",
+                                                        "max_steps", "max_batch", "seeds", "max_seconds", "timeout")}
     return report
 
 
@@ -315,10 +391,11 @@ def main(argv=None) -> int:
     report = run(args)
     text = json.dumps(report, indent=2, default=str)
     print(text)
+    print(markdown_table(report))
     if args.json:
         Path(args.json).write_text(text + "\n")
-    ok = report["wrong_images"] == 0 and not report["bad_not_refused"] and all(
-        k["recover_s"] is not None for k in report["kills"])
+    ok = report["wrong_images"] == 0 and report["client_visible_errors"] == 0 and all(
+        f["recover_s"] is not None for f in report["faults"])
     return 0 if ok else 1
 
 

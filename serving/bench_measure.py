@@ -36,6 +36,7 @@ class Cell:
     server: dict | None = None                       # composing model -> stats delta
     mix: str | None = None                           # the --mix this row is a part of
     jump_calls: dict | None = None                   # jump_calls(): of the whole cell
+    retried: list = field(default_factory=list)      # the client's retries (serving.client): ServingErrors
 
     def error(self, code: str, message: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -48,7 +49,7 @@ class Cell:
         n = int(lat.size)
         r = {"source": self.source, "steps": self.steps, "concurrency": self.concurrency, "batch": self.batch,
              "requests": n, "errors": int(sum(self.errors.values())), "error_codes": dict(self.errors),
-             "images": n * self.batch, "wall_s": self.wall_s}
+             "images": n * self.batch, "wall_s": self.wall_s, "retries": len(self.retried)}
         for p in PERCENTILES:
             r[f"p{p}_ms"] = float(np.percentile(lat, p)) if n else None
         r["avg_ms"] = float(lat.mean()) if n else None
@@ -126,7 +127,8 @@ class Bench:
         self.sent_total += 1
         t0 = time.perf_counter()
         try:
-            await client.infer(self.model, seeds, steps, labels, self.args.gamma, outputs=(self.output,))
+            await client.infer(self.model, seeds, steps, labels, self.args.gamma, outputs=(self.output,),
+                               retried=None if cell is None else cell.retried)
         except ServingError as e:
             if cell is not None:
                 cell.error(e.code, e.message)

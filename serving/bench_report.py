@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 # bench.csv: perf_analyzer's column names where one exists (its latencies are in usec)
 CSV_COLUMNS = [
-    "Source", "Steps", "Concurrency", "Batch", "Requests", "Errors", "Inferences/Second", "Requests/Second",
+    "Source", "Steps", "Concurrency", "Batch", "Requests", "Errors", "Retries", "Inferences/Second", "Requests/Second",
     "Avg latency", "p50 latency", "p90 latency", "p95 latency", "p99 latency", "Min latency", "Max latency",
     "Server Queue", "Server Compute Input", "Server Compute Infer", "Server Compute Output",
     "Sampler Queue", "Sampler Compute", "Jump Queue", "Jump Compute", "Jump Executions", "Jump Avg Batch",
@@ -210,7 +210,7 @@ def csv_rows(report: dict) -> list[dict]:
         jmp = srv.get(report["model"] + "_jump") or {}
         out.append({
             "Source": r["source"], "Steps": r["steps"], "Concurrency": r["concurrency"], "Batch": r["batch"],
-            "Requests": r["requests"], "Errors": r["errors"],
+            "Requests": r["requests"], "Errors": r["errors"], "Retries": r.get("retries", 0),
             "Inferences/Second": "" if r["images_per_s"] is None else round(r["images_per_s"], 3),
             "Requests/Second": "" if r["requests_per_s"] is None else round(r["requests_per_s"], 3),
             "Avg latency": _us(r["avg_ms"]), "p50 latency": _us(r["p50_ms"]), "p90 latency": _us(r["p90_ms"]),
@@ -341,7 +341,7 @@ def _f(v, nd=2):
 
 
 def console_table(report: dict) -> str:
-    head = ["source", "steps", "conc", "ok", "err", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "img/s",
+    head = ["source", "steps", "conc", "ok", "err", "retry", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "img/s",
             "jump q ms", "jump c ms", "jump batch", "calls/img-step", "cpu ms/req"]
     if report.get("quality"):
         head.append(report["quality"]["key"])
@@ -350,7 +350,7 @@ def console_table(report: dict) -> str:
         jmp = (r.get("server") or {}).get(report["model"] + "_jump") or {}
         jc = r.get("jump_calls") or {}
         cells = [r["source"] + (" mix" if r.get("mix") else ""), str(r["steps"]), str(r["concurrency"]),
-                 str(r["requests"]), str(r["errors"]),
+                 str(r["requests"]), str(r["errors"]), str(r.get("retries", 0)),
                  _f(r["p50_ms"]), _f(r["p90_ms"]), _f(r["p95_ms"]), _f(r["p99_ms"]), _f(r["images_per_s"], 1),
                  _f(jmp.get("queue_ms")), _f(jmp.get("compute_ms")), _f(jc.get("avg_batch")),
                  _f(jc.get("calls_per_image_step"), 3), _f(r.get("cpu_ms_per_request"))]
@@ -396,6 +396,10 @@ def console_table(report: dict) -> str:
                      f"average jump batch {_f(mx['avg_jump_batch'])}")
     m = report["machine"]
     notes.append(f"load average {m['load_avg_start'][0]:.2f} -> {m['load_avg_end'][0]:.2f} on {m['cpus']} CPUs")
+    retries = sum(r.get("retries", 0) for r in report["results"])
+    if retries:
+        notes.append(f"RETRIES: {retries} retries after transient errors (UNAVAILABLE, a missed deadline; "
+                     f"the Retries column); the latencies of those requests include them")
     if sm.get("errors"):
         notes.append(f"ERRORS: {sm['errors']} requests failed (see bench.json error_codes / error_messages)")
     return "\n".join(text + [""] + notes)

@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fewstep.errors import UserError
+from fewstep.serving.client import DEADLINE_S
+from fewstep.serving.launcher import GRACE_S
 
 
 # --- serve ------------------------------------------------------------------------------------
@@ -51,6 +54,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "'tensorrt=X.Y.Z,onnx-ir=N' names another container's versions)")
     p.add_argument("--no-png", action="store_true", help="do not offer the optional png output")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every model to be ready")
+    p.add_argument("--grace", type=float, default=GRACE_S,
+                   help=f"on SIGTERM/SIGINT, seconds the requests in flight get to finish (default {GRACE_S})")
+    p.add_argument("--probe-interval", type=float, default=2.0,
+                   help="seconds between the watchdog's 1-step probes of every model (a hung stub is "
+                        "restarted after two missed probes; 0 = no probe; default 2)")
     p.add_argument("--log-file", help="tritonserver log (default: a file in a temporary dir)")
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--dry-run", action="store_true",
@@ -90,6 +98,8 @@ def run_serve(args) -> int:
             raise UserError(f"--{port.replace('_', '-')} must be in [0, 65535]")
     if args.threads < 0 or args.workers < 1:
         raise UserError("--threads must be >= 0 and --workers >= 1")
+    if args.grace < 0 or args.probe_interval < 0:
+        raise UserError("--grace and --probe-interval must be >= 0")
     if args.jump_backend != "python" and not args.dry_run:
         raise UserError(f"--jump-backend {args.jump_backend}: the bundled tritonserver has only the Python "
                         f"backend; write the repository with --dry-run and serve it with NVIDIA's Triton "
@@ -108,7 +118,7 @@ def run_serve(args) -> int:
     server, written = served(args.model, opts, Path(args.repo) if args.repo else None, host=args.host,
                              grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
                              log_file=Path(args.log_file) if args.log_file else None, log_verbose=args.log_verbose,
-                             **hardening)
+                             grace_s=args.grace, **hardening)
     _print_written(written)
     server.ready_timeout = args.timeout
 
@@ -120,7 +130,7 @@ def run_serve(args) -> int:
         print(f"  log      {s.log_file}", flush=True)
         print("Ctrl-C (SIGINT) or SIGTERM stops the server.", flush=True)
 
-    rc = serve_forever(server, on_ready=ready)
+    rc = serve_forever(server, on_ready=ready, probe_interval_s=args.probe_interval)
     print("stopped", file=sys.stderr)
     return rc
 
@@ -147,10 +157,27 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="sampler stochasticity in [0, 1] (default: the model's); refused where it would change "
                         "nothing: consistency models (always 1) and 1 step")
     p.add_argument("--out", required=True, help="PNG file: one image, or a grid of --num images")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--timeout", type=float, default=DEADLINE_S,
+                   help=f"deadline of each request in seconds, retries included: a server that restarts "
+                        f"(a few seconds) is waited for (default {DEADLINE_S:g})")
     p.add_argument("--tls", action="store_true", help="connect over TLS (the system's trusted roots)")
     p.add_argument("--tls-ca", metavar="PEM", help="connect over TLS, checking the server against this "
                                                    "CA (or self-signed) certificate")
+
+
+class RetryNotice(list):
+    """The retries of `fewstep generate` (serving.client's `retried`): the first one is said on
+    stderr at once, so that a wait for a restarting server is not silent."""
+
+    def __init__(self, url: str, timeout: float):
+        super().__init__()
+        self.url, self.timeout = url, timeout
+
+    def append(self, err) -> None:
+        if not self:
+            print(f"the server at {self.url} answered {err.code} ({err.message[:100]}); retrying within the "
+                  f"{self.timeout:g} s deadline (--timeout)", file=sys.stderr, flush=True)
+        super().append(err)
 
 
 def run_generate(args) -> int:
@@ -163,11 +190,11 @@ def run_generate(args) -> int:
     if args.seed < 0:
         raise UserError("--seed must be >= 0")
     out = Path(args.out)
+    retried = RetryNotice(args.url, args.timeout)
     try:
+        # no readiness check first: a server that is restarting is waited for, within the deadline
         with Client(args.url, timeout=args.timeout, ssl=args.tls, root_certificates=args.tls_ca) as client:
-            if not client.ready():
-                raise UserError(f"no ready server at {args.url}")
-            meta = client.meta(args.model)
+            meta = client.meta(args.model, retried=retried)
             steps = meta.default_steps if args.steps is None else args.steps
             why = meta.gamma_unused(steps) if args.gamma is not None else None
             if why:
@@ -178,10 +205,13 @@ def run_generate(args) -> int:
             labels = None if args.class_label is None else args.class_label
             t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=min(8, len(parts))) as pool:
-                results = list(pool.map(lambda s: client.generate(args.model, s, steps, labels, args.gamma),
-                                        parts))
+                results = list(pool.map(lambda s: client.generate(args.model, s, steps, labels, args.gamma,
+                                                                  retried=retried), parts))
             latency = time.perf_counter() - t0
     except ServingError as e:
+        if e.code == "UNAVAILABLE":
+            raise UserError(f"no ready server at {args.url} within the {args.timeout:g} s deadline "
+                            f"(--timeout): {e.message}") from None
         raise UserError(f"{args.model}: {e.message} ({e.code})") from None
     data = np.concatenate(results)
     if meta.is_image:
@@ -191,6 +221,9 @@ def run_generate(args) -> int:
         from fewstep.plots import save_scatter, steps_title
         save_scatter(data, out, steps_title(meta.method or args.model, steps))
     print(generate_summary(meta, steps, seeds, args.class_label, args.gamma, latency, len(parts), args.url, out))
+    if retried:
+        codes = ", ".join(f"{c} x{n}" for c, n in Counter(e.code for e in retried).items())
+        print(f"retried {len(retried)} time{'s' if len(retried) > 1 else ''} ({codes})", file=sys.stderr)
     return 0
 
 

@@ -16,10 +16,21 @@ without it, the system's trusted roots).
 
 Every failure is a `ServingError` with the gRPC status (`code`, e.g. "INVALID_ARGUMENT")
 and the server's message, which names the bad field and its allowed range.
+
+Retries: generation is deterministic per (model, seed, steps, gamma, class label), so a call
+that failed with UNAVAILABLE (a server restarting, a connection lost), with INTERNAL "stub
+process is not healthy" (a dead Python stub, before the server's watchdog restarts it) or
+with a missed attempt deadline is sent again, with jittered exponential backoff, until the
+call's deadline (`timeout`) is spent. INVALID_ARGUMENT, NOT_FOUND and every other error are
+final at once. `retried=[]` given to a call collects one `ServingError` per retry.
 """
 from __future__ import annotations
 
+import asyncio
 import queue
+import random
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -99,14 +110,12 @@ def build_inputs(grpc, seeds, steps=None, class_labels=None, gamma=None, batched
     return inputs
 
 
-def channel_options(extra) -> list | None:
-    """gRPC channel arguments: tritonclient's defaults with `extra` ({key: value} or (key, value)
-    pairs) on top, or None (tritonclient's own defaults) when there is nothing extra.
+def channel_options(extra=None) -> list:
+    """gRPC channel arguments: tritonclient's defaults, a short reconnect backoff
+    (RECONNECT_ARGS), and `extra` ({key: value} or (key, value) pairs) on top.
     tritonclient drops its defaults (message size limits, keepalive) as soon as any argument
     is given, hence the merge. Example: {"grpc.lb_policy_name": "round_robin"} with a
     `dns:///<headless service>:8001` url spreads requests over every pod (docs/deploy.md)."""
-    if not extra:
-        return None
     import tritonclient.grpc as grpc
 
     ka = grpc.KeepAliveOptions()
@@ -115,8 +124,8 @@ def channel_options(extra) -> list | None:
             "grpc.keepalive_time_ms": ka.keepalive_time_ms,
             "grpc.keepalive_timeout_ms": ka.keepalive_timeout_ms,
             "grpc.keepalive_permit_without_calls": ka.keepalive_permit_without_calls,
-            "grpc.http2.max_pings_without_data": ka.http2_max_pings_without_data}
-    opts.update(dict(extra))
+            "grpc.http2.max_pings_without_data": ka.http2_max_pings_without_data, **RECONNECT_ARGS}
+    opts.update(dict(extra or {}))
     return list(opts.items())
 
 
@@ -142,6 +151,47 @@ def _stream_step(result, error):
     return (int(step.reshape(-1)[0]), img if img is not None else result.as_numpy("sample")), final
 
 
+# the default deadline of a call, retries included (Client, `fewstep generate`, the page): many
+# times a restart of the server (docs/serving.md, "One restart policy": 4-8 s measured under load)
+DEADLINE_S = 120.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a call is sent again: waits of base_s * 2^n (at most cap_s), each scaled by a random
+    factor in [0.5, 1] so that many clients do not come back in step, until the call's deadline.
+    attempt_s: the deadline of one attempt (None: whatever is left of the call's deadline); a
+    shorter one lets a request that a hung server swallowed be sent again in time."""
+    base_s: float = 0.1
+    cap_s: float = 1.0
+    attempt_s: float | None = None
+    max_tries: int | None = None  # None: until the deadline (10 tries for a client without one)
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        return min(self.cap_s, self.base_s * 2 ** retry) * rng.uniform(0.5, 1.0)
+
+
+NO_RETRY = RetryPolicy(max_tries=1)
+
+
+def retryable(err: ServingError) -> bool:
+    """Transient failures, safe to send again (the answer is deterministic)."""
+    if err.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return True
+    return err.code == "INTERNAL" and "is not healthy" in err.message  # a dead stub, restart pending
+
+
+# gRPC's channel reconnects after a lost server with its own backoff (1 s growing to 120 s by
+# default): kept short, a restarted server is found again within a second
+RECONNECT_ARGS = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 1000}
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    """What an operation yields to wait (time.sleep in Client, asyncio.sleep in AsyncClient)."""
+    seconds: float
+
+
 def _unreachable(err: ServingError) -> bool:
     text = f"{err.code} {err.message}".lower()
     return any(k in text for k in ("unavailable", "failed to connect", "deadline"))
@@ -149,49 +199,84 @@ def _unreachable(err: ServingError) -> bool:
 
 # --- the core: every call once, as a generator of server calls ------------------------------------
 # An operation yields zero-argument callables (one call of tritonclient's client each) and gets
-# back their values, or their exception thrown in; `Client` runs them in order, `AsyncClient`
-# awaits them. Error handling, metadata and defaults live here only.
+# back their values, or their exception thrown in, and `_Sleep`s; `Client` runs them in order,
+# `AsyncClient` awaits them. Error handling, retries, metadata and defaults live here only.
 
 class _Core:
-    def __init__(self, grpc, url: str, timeout: float | None, ssl: bool, root_certificates, channel_args):
+    def __init__(self, grpc, url: str, timeout: float | None, ssl: bool, root_certificates, channel_args,
+                 retry: RetryPolicy | None = None):
         from tritonclient.utils import InferenceServerException
 
         self.grpc = grpc
         self.error = InferenceServerException
         self.url = url
         self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.rng = random.Random()
         self.tls = _tls_kwargs(ssl, root_certificates)
         self.admin_headers = admin_headers_for(url)
         self.channel_args = channel_options(channel_args)
         self.client = self.new_client()
         self.meta: dict[str, ModelMeta] = {}
+        self.retries = 0  # every retry of this client, all calls together
 
     def new_client(self):
         return self.grpc.InferenceServerClient(self.url, channel_args=self.channel_args, **self.tls)
 
-    def call(self, fn, *args, **kw):
+    def call_once(self, fn, *args, **kw):
         """A server call whose InferenceServerException comes back as a ServingError."""
         try:
             return (yield lambda: fn(*args, **kw))
         except self.error as e:
             raise _wrap(e) from None
 
+    def call(self, fn, *args, timeout: float | None = -1.0, retried: list | None = None, **kw):
+        """A server call, sent again after a transient failure (`retryable`) until its deadline
+        (`timeout` s from now; -1: the client's): each attempt gets the time that is left (or
+        the policy's attempt_s, if shorter), and between attempts a jittered backoff."""
+        timeout = self.timeout if timeout == -1.0 else timeout
+        policy = self.retry
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tries = 0
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            attempt = left
+            if policy.attempt_s is not None:
+                attempt = policy.attempt_s if left is None else min(policy.attempt_s, left)
+            tries += 1
+            try:
+                return (yield from self.call_once(fn, *args, client_timeout=attempt, **kw))
+            except ServingError as err:
+                wait = policy.delay(tries - 1, self.rng)
+                limit = policy.max_tries or (10 if deadline is None else None)
+                if not retryable(err) or (limit is not None and tries >= limit):
+                    raise
+                if deadline is not None and time.monotonic() + wait >= deadline - 0.05:
+                    raise ServingError(err.code, f"{err.message} (deadline of {timeout:g} s spent after "
+                                                 f"{tries} attempt{'s' if tries > 1 else ''})") from None
+                self.retries += 1
+                if retried is not None:
+                    retried.append(err)
+                yield _Sleep(wait)
+
     def ready(self, model: str | None):
-        """Whether the server (or a model) is ready; False also when it cannot be reached."""
+        """Whether the server (or a model) is ready; False also when it cannot be reached (asked
+        once: the answer is about now)."""
         c = self.client
         try:
             if model is None:
-                return bool((yield from self.call(c.is_server_ready, client_timeout=self.timeout)))
-            return bool((yield from self.call(c.is_model_ready, model, client_timeout=self.timeout)))
+                return bool((yield from self.call_once(c.is_server_ready, client_timeout=self.timeout)))
+            return bool((yield from self.call_once(c.is_model_ready, model, client_timeout=self.timeout)))
         except ServingError as err:
             if _unreachable(err):
                 return False
             raise
 
-    def models(self):
-        """Names clients can call: the ensembles (each has `<name>_sampler` beside it)."""
+    def models(self, timeout: float | None = -1.0):
+        """Names clients can call: the ensembles (each has `<name>_sampler` beside it); timeout:
+        the deadline of this listing, retries included (-1: the client's)."""
         index = yield from self.call(self.client.get_model_repository_index, headers=self.admin_headers,
-                                     as_json=True, client_timeout=self.timeout)
+                                     as_json=True, timeout=timeout)
         names = {m["name"] for m in index.get("models", [])}
         return sorted(n for n in names if n + "_sampler" in names)
 
@@ -202,30 +287,30 @@ class _Core:
         names = yield from self.models()
         return ServingError(err.code, f"model: unknown model '{model}' (this server has: {', '.join(names) or 'none'})")
 
-    def config(self, model: str):
+    def config(self, model: str, retried: list | None = None):
         """A model's configuration (GetModelConfig, as JSON)."""
         try:
             return (yield from self.call(self.client.get_model_config, model, as_json=True,
-                                         client_timeout=self.timeout))["config"]
+                                         retried=retried))["config"]
         except ServingError as err:
             raise (yield from self.unknown(model, err)) from None
 
-    def model_meta(self, model: str):
+    def model_meta(self, model: str, retried: list | None = None):
         if model not in self.meta:
-            cfg = yield from self.config(model)
+            cfg = yield from self.config(model, retried)
             try:
                 self.meta[model] = ModelMeta.from_config(cfg)
             except InvalidInput as e:
                 raise ServingError("INVALID_ARGUMENT", str(e)) from None
         return self.meta[model]
 
-    def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",)):
+    def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",),
+              retried: list | None = None):
         """One request of len(seeds) images; {output name: array} (png: a list of bytes)."""
         inputs = build_inputs(self.grpc, seeds, steps, class_labels, gamma)
         wanted = [self.grpc.InferRequestedOutput(n) for n in outputs]
         try:
-            result = yield from self.call(self.client.infer, model, inputs, outputs=wanted,
-                                          client_timeout=self.timeout)
+            result = yield from self.call(self.client.infer, model, inputs, outputs=wanted, retried=retried)
         except ServingError as err:
             raise (yield from self.unknown(model, err)) from None
         out = {}
@@ -235,19 +320,19 @@ class _Core:
                 out[n] = [bytes(b) for b in arr.reshape(-1)] if n == "png" else arr
         return out
 
-    def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None, png: bool = False):
+    def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None, png: bool = False,
+                 retried: list | None = None):
         """uint8 images [K, H, W, C] (float samples [K, D] for 2-D models), or K PNGs."""
-        meta = yield from self.model_meta(model)
+        meta = yield from self.model_meta(model, retried)
         out = "png" if png else "image" if meta.is_image else "sample"
-        return (yield from self.infer(model, seeds, steps, class_labels, gamma, outputs=(out,)))[out]
+        return (yield from self.infer(model, seeds, steps, class_labels, gamma, (out,), retried))[out]
 
     def statistics(self):
         """GetInferenceStatistics of every model, as JSON."""
-        return (yield from self.call(self.client.get_inference_statistics, "", as_json=True, client_timeout=30))
+        return (yield from self.call(self.client.get_inference_statistics, "", as_json=True, timeout=30))
 
     def server_version(self):
-        return (yield from self.call(self.client.get_server_metadata, as_json=True,
-                                     client_timeout=self.timeout)).get("version")
+        return (yield from self.call(self.client.get_server_metadata, as_json=True)).get("version")
 
     def stream_inputs(self, model: str, seed: int, steps, class_label, gamma) -> tuple:
         return model + "_stream", build_inputs(self.grpc, [seed], steps, None if class_label is None else [class_label],
@@ -275,6 +360,9 @@ def _run(op):
     """Run a core operation with blocking calls."""
     steps = _Steps(op)
     while (fn := steps.next_call()) is not None:
+        if isinstance(fn, _Sleep):
+            time.sleep(fn.seconds)
+            continue
         try:
             steps.value = fn()
         except Exception as e:  # noqa: BLE001 - thrown into the operation, which decides
@@ -286,6 +374,9 @@ async def _run_async(op):
     """Run a core operation with awaited calls."""
     steps = _Steps(op)
     while (fn := steps.next_call()) is not None:
+        if isinstance(fn, _Sleep):
+            await asyncio.sleep(fn.seconds)
+            continue
         try:
             steps.value = await fn()
         except Exception as e:  # noqa: BLE001 - thrown into the operation, which decides
@@ -295,14 +386,20 @@ async def _run_async(op):
 
 class Client:
     """Synchronous client (thread-safe for generate(); stream() opens its own connection).
-    channel_args: extra gRPC channel arguments (see `channel_options`)."""
+    timeout: each call's deadline in s, retries included; channel_args: extra gRPC channel
+    arguments (see `channel_options`); retry: a RetryPolicy (NO_RETRY: none)."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, ssl: bool = False,
-                 root_certificates=None, channel_args=None):
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = DEADLINE_S, ssl: bool = False,
+                 root_certificates=None, channel_args=None, retry: RetryPolicy | None = None):
         import tritonclient.grpc as grpc
 
-        self._core = _Core(grpc, url, timeout, ssl, root_certificates, channel_args)
+        self._core = _Core(grpc, url, timeout, ssl, root_certificates, channel_args, retry)
         self.url, self.timeout = url, timeout
+
+    @property
+    def retries(self) -> int:
+        """Retries of this client so far, every call together."""
+        return self._core.retries
 
     def close(self) -> None:
         self._core.client.close()
@@ -316,20 +413,23 @@ class Client:
     def ready(self, model: str | None = None) -> bool:
         return _run(self._core.ready(model))
 
-    def models(self) -> list[str]:
-        return _run(self._core.models())
+    def models(self, timeout: float | None = -1.0) -> list[str]:
+        return _run(self._core.models(timeout))
 
-    def meta(self, model: str) -> ModelMeta:
-        return _run(self._core.model_meta(model))
+    def meta(self, model: str, retried: list | None = None) -> ModelMeta:
+        return _run(self._core.model_meta(model, retried))
 
-    def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",)) -> dict:
-        return _run(self._core.infer(model, seeds, steps, class_labels, gamma, outputs))
+    def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",),
+              retried: list | None = None) -> dict:
+        return _run(self._core.infer(model, seeds, steps, class_labels, gamma, outputs, retried))
 
-    def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None) -> np.ndarray:
-        return _run(self._core.generate(model, seeds, steps, class_labels, gamma))
+    def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
+                 retried: list | None = None) -> np.ndarray:
+        return _run(self._core.generate(model, seeds, steps, class_labels, gamma, retried=retried))
 
-    def generate_png(self, model: str, seeds, steps=None, class_labels=None, gamma=None) -> list[bytes]:
-        return _run(self._core.generate(model, seeds, steps, class_labels, gamma, png=True))
+    def generate_png(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
+                     retried: list | None = None) -> list[bytes]:
+        return _run(self._core.generate(model, seeds, steps, class_labels, gamma, png=True, retried=retried))
 
     def stream(self, model: str, seed: int, steps=None, class_label=None, gamma=None):
         """Yields (step, preview) after every sampler step; the last one is the final image."""
@@ -355,12 +455,16 @@ class Client:
 class AsyncClient:
     """asyncio client (tritonclient.grpc.aio): the same calls as `Client`, awaited."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 120.0, ssl: bool = False,
-                 root_certificates=None, channel_args=None):
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = DEADLINE_S, ssl: bool = False,
+                 root_certificates=None, channel_args=None, retry: RetryPolicy | None = None):
         import tritonclient.grpc.aio as aio
 
-        self._core = _Core(aio, url, timeout, ssl, root_certificates, channel_args)
+        self._core = _Core(aio, url, timeout, ssl, root_certificates, channel_args, retry)
         self.url, self.timeout = url, timeout
+
+    @property
+    def retries(self) -> int:
+        return self._core.retries
 
     async def close(self) -> None:
         await self._core.client.close()
@@ -374,11 +478,11 @@ class AsyncClient:
     async def ready(self, model: str | None = None) -> bool:
         return await _run_async(self._core.ready(model))
 
-    async def models(self) -> list[str]:
-        return await _run_async(self._core.models())
+    async def models(self, timeout: float | None = -1.0) -> list[str]:
+        return await _run_async(self._core.models(timeout))
 
-    async def meta(self, model: str) -> ModelMeta:
-        return await _run_async(self._core.model_meta(model))
+    async def meta(self, model: str, retried: list | None = None) -> ModelMeta:
+        return await _run_async(self._core.model_meta(model, retried))
 
     async def config(self, model: str) -> dict:
         return await _run_async(self._core.config(model))
@@ -389,14 +493,18 @@ class AsyncClient:
     async def server_version(self) -> str | None:
         return await _run_async(self._core.server_version())
 
-    async def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",)) -> dict:
-        return await _run_async(self._core.infer(model, seeds, steps, class_labels, gamma, outputs))
+    async def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",),
+              retried: list | None = None) -> dict:
+        return await _run_async(self._core.infer(model, seeds, steps, class_labels, gamma, outputs, retried))
 
-    async def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None) -> np.ndarray:
-        return await _run_async(self._core.generate(model, seeds, steps, class_labels, gamma))
+    async def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
+                 retried: list | None = None) -> np.ndarray:
+        return await _run_async(self._core.generate(model, seeds, steps, class_labels, gamma, retried=retried))
 
-    async def generate_png(self, model: str, seeds, steps=None, class_labels=None, gamma=None) -> list[bytes]:
-        return await _run_async(self._core.generate(model, seeds, steps, class_labels, gamma, png=True))
+    async def generate_png(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
+                     retried: list | None = None) -> list[bytes]:
+        return await _run_async(self._core.generate(model, seeds, steps, class_labels, gamma, png=True,
+                                                    retried=retried))
 
     async def stream(self, model: str, seed: int, steps=None, class_label=None, gamma=None):
         """Async iterator of (step, preview); the last one is the final image."""

@@ -48,6 +48,9 @@ PACKAGE_DIR = Path(fewstep.__file__).resolve().parent
 RESTRICTED = ("shared-memory", "model-repository", "logging", "trace")
 ADMIN_HEADER = "fewstep-admin-key"
 GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # Triton prefixes gRPC restriction keys
+# SIGTERM drains: requests in flight get this long to finish (tritonserver's --exit-timeout-secs);
+# deploy/k8s/deployment.yaml's terminationGracePeriodSeconds covers it plus the preStop sleep
+GRACE_S = 30
 
 
 def _pytriton_root() -> Path:
@@ -253,6 +256,7 @@ class Server:
     tls: TLS | None = None  # gRPC TLS
     cleanup: list = field(default_factory=list)  # the server's own paths: removed by close() (or the watchdog)
     http_max_body: int = 1 << 20  # the HTTP guard's request-size limit (serving/http_guard.py)
+    grace_s: float = GRACE_S  # stop(): how long requests in flight may take to finish
 
     def __post_init__(self):
         self.repo = Path(self.repo)
@@ -303,7 +307,10 @@ class Server:
             *self.protocol_args(),
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
-            "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=10",
+            "--strict-readiness=true", "--exit-on-error=true", f"--exit-timeout-secs={int(self.grace_s)}",
+            # every model loaded at start, as without model control; explicit control lets the
+            # watchdog reload one model (behind the admin key, like every model-repository call)
+            "--model-control-mode=explicit", "--load-model=*",
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
         ]
@@ -379,20 +386,26 @@ class Server:
         """One tritonclient gRPC client (one channel, so readiness polls open no new
         connections), with the server's TLS settings."""
         if self._grpc is None:
-            import tritonclient.grpc as grpc
-
-            host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
-            url = f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
-            if self.tls is None:
-                self._grpc = grpc.InferenceServerClient(url)
-            else:
-                name = _cert_name(self.tls.cert)
-                args = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-                if name:
-                    args.append(("grpc.ssl_target_name_override", name))
-                self._grpc = grpc.InferenceServerClient(url, ssl=True, root_certificates=str(self.tls.cert),
-                                                        channel_args=args)
+            self._grpc = self.new_grpc_client()
         return self._grpc
+
+    def new_grpc_client(self):
+        """A new tritonclient gRPC client of this server (loopback when bound to every address),
+        with its TLS settings and a short reconnect backoff (it outlives restarts)."""
+        import tritonclient.grpc as grpc
+
+        from fewstep.serving.client import RECONNECT_ARGS
+
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
+        url = f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+        if self.tls is None:
+            return grpc.InferenceServerClient(url, channel_args=list(RECONNECT_ARGS.items()))
+        name = _cert_name(self.tls.cert)
+        args = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                *RECONNECT_ARGS.items()]
+        if name:
+            args.append(("grpc.ssl_target_name_override", name))
+        return grpc.InferenceServerClient(url, ssl=True, root_certificates=str(self.tls.cert), channel_args=args)
 
     def server_ready(self) -> bool:
         from tritonclient.utils import InferenceServerException
@@ -432,14 +445,21 @@ class Server:
                                                               client_timeout=5.0)
         return index.get("models", [])
 
+    def reload_model(self, name: str, timeout: float = 120.0) -> None:
+        """Load `name` again (model control, with the admin key): new instances, then the old
+        ones are unloaded; the other models keep serving."""
+        self.grpc_client().load_model(name, headers=self.admin_headers, client_timeout=timeout)
+
     def pids(self) -> list[int]:
         """The server's process and every process in its group (the Python stubs)."""
         if self.proc is None:
             return []
         return process_group_members(self.proc.pid)
 
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (Triton unloads models, the stubs exit), then SIGKILL the group."""
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM: Triton refuses new requests, lets those in flight finish (up to `grace_s`),
+        unloads the models (the stubs exit); then SIGKILL to whatever is left of the group."""
+        timeout = self.grace_s + 10.0 if timeout is None else timeout
         proc, self.proc = self.proc, None
         rc = None
         if self._http_guard is not None:

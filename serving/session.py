@@ -7,7 +7,7 @@ and wait on it with `StopSignals` and `watch`:
     with StopSignals() as stop:
         server.abort = stop.requested     # a signal during start() gives up waiting
         with server:
-            rc = watch(server, stop)      # until SIGINT/SIGTERM (0) or the server dies (1)
+            rc = watch(server, stop)      # until SIGINT/SIGTERM (0) or it cannot be brought back (1)
 """
 from __future__ import annotations
 
@@ -60,25 +60,28 @@ class StopSignals:
             signal.signal(s, h)
 
 
-def watch(server: Server | None, stop: StopSignals, who: str = "") -> int:
-    """Wait until a stop is asked for (0) or the server dies (1, its log's tail printed); a dead
-    Python backend stub restarts the server (serving/health.py). server None: only the signal."""
+def watch(server: Server | None, stop: StopSignals, who: str = "", **watchdog_kw) -> int:
+    """Wait until a stop is asked for (0), restarting the server after any fault (serving/health.py:
+    a dead or stopped stub, a dead tritonserver, a model that misses its probes); 1 when it cannot
+    be brought back or restarts too often (its log's tail printed). server None: only the signal."""
     from fewstep.serving.health import Watchdog
 
-    watchdog = Watchdog(server) if server is not None else None
-    while not stop.requested():
-        if server is not None and server.proc is not None and server.proc.poll() is not None:
-            print(f"{who}tritonserver exited with code {server.proc.returncode}; last lines of its log:\n"
-                  f"{server.log_tail()}", file=sys.stderr)
-            return 1
-        if watchdog is not None and not watchdog.check():
-            return 1
-        time.sleep(0.2)
-    return 0
+    watchdog = Watchdog(server, **watchdog_kw) if server is not None else None
+    try:
+        while not stop.requested():
+            if watchdog is not None and not watchdog.check():
+                print(f"{who}last lines of the tritonserver log:\n{server.log_tail()}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        if watchdog is not None:
+            watchdog.close()
 
 
-def serve_forever(server: Server, on_ready=None) -> int:
-    """Start the server and run until SIGINT/SIGTERM (or until it dies); always stops it."""
+def serve_forever(server: Server, on_ready=None, **watchdog_kw) -> int:
+    """Start the server and run until SIGINT/SIGTERM (or until it cannot be brought back); always
+    stops it, letting the requests in flight finish (`server.grace_s`)."""
     with StopSignals() as stop:
         server.abort = stop.requested
         try:
@@ -88,6 +91,6 @@ def serve_forever(server: Server, on_ready=None) -> int:
                 return 130
             if on_ready:
                 on_ready(server)
-            return watch(server, stop)
+            return watch(server, stop, **watchdog_kw)
         finally:
             server.close()

@@ -26,7 +26,7 @@ def test_generate_help_shows_defaults():
     assert r.returncode == 0
     text = " ".join(r.stdout.split())  # argparse wraps lines
     for said in ("(default 127.0.0.1:8001)", "(default: the model's default", "image i uses seed + i (default 0)",
-                 "number of images (default 1)", "seconds per request (default 120)",
+                 "number of images (default 1)", "deadline of each request in seconds, retries included",
                  "refused where it would change nothing"):
         assert said in text, said
 

@@ -437,7 +437,8 @@ def test_round_robin_channel_spreads_requests(triton_stack, native_stack):
     # the merge keeps tritonclient's defaults (message size) under the extra arguments
     opts = dict(channel_options({"grpc.lb_policy_name": "round_robin"}))
     assert opts["grpc.lb_policy_name"] == "round_robin" and opts["grpc.max_receive_message_length"] > 2 ** 30
-    assert channel_options(None) is None
+    # and a short reconnect backoff, so that a restarted server is found again within a second
+    assert dict(channel_options(None))["grpc.max_reconnect_backoff_ms"] == 1000
 
 
 # --- Triton's metrics behind the autoscaler ----------------------------------------------------------

@@ -259,6 +259,15 @@ def test_manifests_agree_with_each_other_and_the_image():
     assert repo in mounts and not mounts[repo].get("readOnly")
     assert "/dev/shm" in mounts
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # SIGTERM's drain fits the pod's grace period: the preStop's sleep, then tritonserver's
+    # exit timeout (the entrypoint's default, which is `fewstep serve --grace`'s)
+    from fewstep.serving.launcher import GRACE_S
+    entry_grace = re.search(r'--exit-timeout-secs="\$\{FEWSTEP_GRACE:-(\d+)\}"',
+                            (DEPLOY / "entrypoint.sh").read_text()).group(1)
+    assert float(entry_grace) == GRACE_S
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert pod["spec"]["terminationGracePeriodSeconds"] > float(pre_stop[1]) + GRACE_S
     # the HPA scales this Deployment on the metrics the adapter rules define
     hpa = docs[("HorizontalPodAutoscaler", "fewstep")]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "fewstep"}
