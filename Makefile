@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv system-deps image-test image-lock clean
+.PHONY: test test-fast demo venv system-deps image-test image-lock clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,11 @@ image-lock:
 # cores oversubscribed threads are many times slower than one.
 test: $(STAMP) system-deps image-test
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The fast lane while working: the unit tests and one real-server smoke test (the tests marked
+# `slow` -- real servers, training runs, subprocesses -- are left to `make test`, which CI runs).
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP) system-deps
 	$(VENV)/bin/fewstep demo

@@ -23,6 +23,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVED_MAX_BATCH = 16
+# Tests that start a real tritonserver (through these fixtures) are the long end-to-end lane:
+# `make test-fast` (-m "not slow") keeps only the one marked `smoke` among them.
+SERVER_FIXTURES = {"served_model_dirs", "triton_stack", "triton_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("smoke"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op torch thread: the nets under test are tiny, and on a small shared CPU a
+    second thread only adds contention (several times slower), beside a Triton server too."""
+    import torch  # here, not at the top: collecting the torch-free tests should not load it
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _sources_key() -> str:

@@ -22,15 +22,6 @@ from fewstep.training.methods.cud_distill import CUDDistill, generate_trajectori
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a small, busy CPU a second intra-op thread only adds contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class FakeNet(torch.nn.Module):
     """v(x, t) = a x + b t (+ c); extra heads return k-th constants. Records every call."""
 

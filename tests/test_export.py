@@ -73,15 +73,6 @@ def make_checkpoint(root: Path, method: str, conditional: bool = False, override
     return ck.save_checkpoint(root, 1, cfg, sd, emas, m.state_tensors())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny nets: one thread is fastest, and spares the shared CPU from spinning OpenMP threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("export")

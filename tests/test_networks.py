@@ -6,15 +6,6 @@ import torch
 from fewstep.training.networks import MLP, PRESETS_NET, SongUNet, build_net, count_params
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """These nets are tiny: one intra-op thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def wake(net):
     """Scale up the ~1e-5-initialised layers (EDM's init_zero) so that the conditioning
     inputs visibly change the output; at init they only enter through those layers."""

@@ -201,6 +201,7 @@ def test_image_parity_with_pytorch(triton_stack, client, steps, gamma):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), got["image"][b, :, :, 0])
 
 
+@pytest.mark.smoke  # the fast lane's real-server test: gRPC, class labels, the re-noising loop
 def test_conditional_consistency_2d_parity_with_pytorch(triton_stack, client):
     # toyc is a consistency model: every jump lands at t_end and the loop re-noises from the seed
     assert client.meta("toyc").gamma == 1.0
