@@ -145,9 +145,10 @@ def class_names(meta: ModelMeta, manifest: dict | None) -> list[str]:
 
 
 def gamma_applies(meta: ModelMeta) -> bool:
-    """Show the gamma control for stochastic samplers: CTM's gamma-sampling, or a model whose
-    default gamma is not 0. Consistency models (jump lands at the end) always re-noise."""
-    return meta.jump_lands != "end" and (meta.method == "ctm" or meta.gamma > 0)
+    """Show the gamma control for stochastic samplers: a method whose sampler takes a gamma
+    (the manifest's `gamma_sampling`: CTM), or a model whose default gamma is not 0.
+    Consistency models (jump lands at the end) always re-noise."""
+    return meta.jump_lands != "end" and (meta.gamma_sampling or meta.gamma > 0)
 
 
 def steps_text(k: int) -> str:

@@ -78,12 +78,7 @@ def jump_module(model) -> JumpModule:
 
 def _time_at(spec: dict, u: np.ndarray) -> np.ndarray:
     """Times along the model's range: u = 0 -> t_max, u = 1 -> t_end (karras or uniform spacing)."""
-    t_max, t_end = float(spec["t_max"]), float(spec["t_end"])
-    if spec["grid"] == "karras":
-        t = sampling.karras(u, spec["t_min"], t_max, spec["rho"])
-    else:
-        t = t_max + u * (t_end - t_max)
-    return np.where(u >= 1.0, t_end, t)
+    return np.where(u >= 1.0, float(spec["t_end"]), sampling.times_at(spec, u))
 
 
 def random_inputs(spec: dict, shape, num_classes: int, batch: int, seed: int = 0) -> dict:

@@ -21,7 +21,10 @@ from fewstep.export.runtimes import onnx_ir_version, plan_refusal, trt_release
 from fewstep.errors import UserError
 from fewstep.files import cache_root
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+# The runtimes a jump runs in: the one list of backend names. `load_runner` picks among them
+# ("auto"), and serving's native Triton backends are these same two (serving/native_jump.py).
+RUNTIMES = ("onnxruntime", "tensorrt")
+BACKENDS = ("auto",) + RUNTIMES
 DEVICES = ("cpu", "cuda")
 
 

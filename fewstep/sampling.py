@@ -31,6 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# EDM's noise range, Karras spacing and data scale (Karras et al. 2022), used by the VE
+# sampler spec, the EDM and consistency methods and Analytic-Precond: here only.
+EDM_T_MIN = 0.002
+EDM_T_MAX = 80.0
+EDM_RHO = 7.0
+EDM_SIGMA_DATA = 0.5
+
 SPEC_KEYS = ("process", "grid", "t_max", "t_min", "t_end", "rho", "jump_lands",
              "gamma", "max_steps", "default_steps")
 
@@ -43,7 +50,7 @@ def flow_spec(**kw) -> dict:
 
 
 def ve_spec(**kw) -> dict:
-    spec = dict(process="ve", grid="karras", t_max=80.0, t_min=0.002, t_end=0.0, rho=7.0,
+    spec = dict(process="ve", grid="karras", t_max=EDM_T_MAX, t_min=EDM_T_MIN, t_end=0.0, rho=EDM_RHO,
                 jump_lands="s", gamma=0.0, max_steps=64, default_steps=8)
     spec.update(kw)
     return spec
@@ -88,6 +95,18 @@ def karras(u, t_min: float, t_max: float, rho: float):
     return (hi + u * (lo - hi)) ** float(rho)
 
 
+def times_at(spec: dict, u):
+    """The spec's times at fractions u of the way from t_max (u = 0) to t_end (u = 1): the
+    uniform-or-Karras choice, made here only (the sampler's grid, the exporter's random times).
+    A karras grid reaches t_min at u = 1; `time_grid` and the callers put t_end there."""
+    t_max, t_end = float(spec["t_max"]), float(spec["t_end"])
+    if spec["grid"] == "uniform":
+        return t_max + u * (t_end - t_max)
+    if spec["grid"] == "karras":
+        return karras(u, spec["t_min"], t_max, spec["rho"])
+    raise ValueError(f"unknown grid {spec['grid']!r}")
+
+
 def time_grid(spec: dict, steps: int) -> np.ndarray:
     """Descending times t_0 = t_max > ... > t_steps = t_end (float64, steps + 1 points).
 
@@ -99,15 +118,9 @@ def time_grid(spec: dict, steps: int) -> np.ndarray:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     steps = int(steps)
     u = np.arange(steps + 1, dtype=np.float64) / steps
-    t_max, t_end = float(spec["t_max"]), float(spec["t_end"])
-    if spec["grid"] == "uniform":
-        grid = t_max + u * (t_end - t_max)
-    elif spec["grid"] == "karras":
-        grid = karras(u, spec["t_min"], t_max, spec["rho"])
-    else:
-        raise ValueError(f"unknown grid {spec['grid']!r}")
+    grid = times_at(spec, u)
     # the ends exactly: (t_max ** (1/rho)) ** rho can round one ulp off t_max
-    grid[0], grid[-1] = t_max, t_end
+    grid[0], grid[-1] = float(spec["t_max"]), float(spec["t_end"])
     return grid
 
 

@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fewstep.errors import UserError
+from fewstep.export.runner import BACKENDS
 from fewstep.serving.client import DEADLINE_S
 from fewstep.serving.launcher import GRACE_S
+from fewstep.serving.native_jump import JUMP_BACKENDS
 
 
 # --- serve ------------------------------------------------------------------------------------
@@ -35,7 +37,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=8, help="streams run at once per <name>_stream instance")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                    help="where the jump runs: auto = GPU instances only when a GPU (and a GPU runtime) is present")
-    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="jump runtime (export.runner); auto = a TensorRT engine on GPU when one fits")
     p.add_argument("--threads", type=int, default=0,
                    help="intra-op threads per jump session (0 = auto: cores / instances on the CPU)")
@@ -43,7 +45,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="how the sampler runs each step: inline = the jump in the sampler's own process "
                         "(ONNX Runtime, CPU or CUDA; no per-step hop); bls = a request to <name>_jump "
                         "(for a jump on its own backend); auto = inline (docs/PERFORMANCE.md)")
-    p.add_argument("--jump-backend", default="python", choices=("python", "onnxruntime", "tensorrt"),
+    p.add_argument("--jump-backend", default="python", choices=JUMP_BACKENDS,
                    help="Triton backend of <name>_jump: python (default; the bundled server has only it), "
                         "or Triton's native onnxruntime / tensorrt backend for NVIDIA's container "
                         "(with --dry-run; the sampler then calls it by BLS; docs/deploy.md)")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fewstep.export import runtimes
 from fewstep.export.manifest import model_file
+from fewstep.export.runner import RUNTIMES
 from fewstep.errors import UserError
 from fewstep.serving.protocol import ModelInfo
 
@@ -29,7 +30,8 @@ NATIVE = {
     "onnxruntime": ("onnxruntime_onnx", "onnxruntime", "model.onnx"),
     "tensorrt": ("tensorrt_plan", "tensorrt", "model.plan"),
 }
-JUMP_BACKENDS = ("python",) + tuple(NATIVE)
+assert tuple(NATIVE) == RUNTIMES, "a native backend per jump runtime"
+JUMP_BACKENDS = ("python",) + RUNTIMES
 
 
 def native_kind(device: str, jump_backend: str) -> str:

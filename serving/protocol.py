@@ -88,6 +88,7 @@ class ModelInfo:
     spec: dict              # fewstep.sampling sampler spec
     max_batch: int
     value_range: tuple = (-1.0, 1.0)
+    gamma_sampling: bool = False   # the method's sampler is meant to take a gamma (manifest)
 
     @classmethod
     def from_manifest(cls, manifest: dict, name: str | None = None) -> "ModelInfo":
@@ -137,14 +138,17 @@ class ModelMeta:
     # config parameter -> field; the config itself carries name, max_batch_size and the outputs
     PARAMS = {"image_shape": "shape", "num_classes": "num_classes", "max_steps": "max_steps",
               "default_steps": "default_steps", "gamma": "gamma", "method": "method", "jump_lands": "jump_lands",
-              "value_range": "value_range", "recommended_steps": "recommended_steps", "quality": "quality"}
+              "value_range": "value_range", "recommended_steps": "recommended_steps", "quality": "quality",
+              "gamma_sampling": "gamma_sampling"}
     TEXT = ("method", "jump_lands")  # plain strings; every other parameter is JSON
 
     @classmethod
-    def from_info(cls, info: ModelInfo, outputs, method: str = "", recommended_steps=(), quality=None):
+    def from_info(cls, info: ModelInfo, outputs, method: str = "", recommended_steps=(), quality=None,
+                  gamma_sampling: bool = False):
         return cls(info.name, tuple(info.shape), info.num_classes, info.max_steps, info.default_steps,
                    info.max_batch, float(info.spec.get("gamma", 0.0)), tuple(outputs), method,
-                   str(info.spec.get("jump_lands", "s")), tuple(recommended_steps), quality, tuple(info.value_range))
+                   str(info.spec.get("jump_lands", "s")), tuple(recommended_steps), quality, tuple(info.value_range),
+                   bool(gamma_sampling))
 
     def to_params(self) -> dict:
         out = {}
@@ -166,7 +170,8 @@ class ModelMeta:
                    outputs=tuple(o["name"] for o in cfg.get("output", [])), method=v.get("method", ""),
                    jump_lands=v.get("jump_lands", "s"),
                    recommended_steps=tuple(int(k) for k in v.get("recommended_steps") or ()),
-                   quality=_quality(v.get("quality")), value_range=tuple(v.get("value_range", (-1.0, 1.0))))
+                   quality=_quality(v.get("quality")), value_range=tuple(v.get("value_range", (-1.0, 1.0))),
+                   gamma_sampling=bool(v.get("gamma_sampling", False)))
 
     @property
     def is_image(self) -> bool:

@@ -278,7 +278,8 @@ def ensemble_config(info: ModelInfo, opts: Options, manifest: dict) -> str:
     step.append("    }")
     # what the model was made for and how good it is at each step count (for the page)
     meta = ModelMeta.from_info(info, outputs, method=manifest.get("method", ""),
-                               recommended_steps=recommended_steps(manifest), quality=step_quality(manifest))
+                               recommended_steps=recommended_steps(manifest), quality=step_quality(manifest),
+                               gamma_sampling=manifest.get("gamma_sampling", False))
     return "\n".join([
         f"# {info.name}: what clients call. seed[/steps/class_label/gamma] -> image (+ png, sample)",
         f"# {len(INPUTS)} inputs of one value per image; up to {info.max_batch} images per request",

@@ -8,6 +8,8 @@ goes to the test's tmp dir only.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 import os
@@ -53,8 +55,9 @@ def test_display_images_scale_and_grey():
 
 def _meta(name="m", classes=0, max_steps=64, default=2, gamma=0.0, method="rf", lands="s", made=(), quality=None):
     from fewstep.serving.client import ModelMeta
+    from fewstep.training.methods import method_class
     return ModelMeta(name, (1, 28, 28), classes, max_steps, default, 16, gamma, ("image",), method, lands,
-                     tuple(made), quality)
+                     tuple(made), quality, gamma_sampling=method_class(method).gamma_sampling)
 
 
 QUALITY = {"metric": "fid-classifier", "num": 1000, "by_steps": {1: 192.58, 2: 153.72, 4: 170.3, 8: 8.25}}
@@ -73,6 +76,8 @@ def test_messages_and_controls():
     assert gamma_applies(meta)
     assert not gamma_applies(_meta(gamma=1.0, method="cd", lands="end"))
     assert not gamma_applies(_meta(method="cud"))
+    # the method's flag, not its name: a gamma-sampling method under another name shows the control
+    assert gamma_applies(dataclasses.replace(_meta(method="cud"), gamma_sampling=True))
     manifest = {"training": {"config": {"data": {"name": "fmnist"}}}}
     assert class_names(meta, manifest)[9] == "Ankle boot"
     assert class_names(meta, None)[3] == "class 3"

@@ -5,9 +5,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from fewstep.training.methods import METHODS
+
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, help="rf, edm, cud, cud-distill, cd, ctm")
+    p.add_argument("--method", required=True, choices=tuple(METHODS), help="the training method")
     p.add_argument("--preset", help="tiny, toy, fmnist-cpu, fmnist, cifar10 (default: fmnist-cpu; toy for 2-D data)")
     p.add_argument("--data", help="fmnist (default), mnist, cifar10, gmm, moons, checkerboard, or a folder of images")
     p.add_argument("--data-dir", help="where the dataset files are")

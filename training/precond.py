@@ -52,12 +52,9 @@ from fewstep.files import cache_root
 from fewstep.training.checkpoint import derived_file
 from fewstep.training.methods.base import bcast, ode_step
 from fewstep.training.methods.edm import pf_ode_velocity
-from fewstep.sampling import karras
+from fewstep.sampling import EDM_RHO, EDM_SIGMA_DATA, EDM_T_MAX, EDM_T_MIN, karras
 
 PRECONDS = ("cm", "ctm", "analytic")
-SIGMA_DATA = 0.5
-T_MIN = 0.002
-T_MAX = 80.0
 DEFAULT_POINTS = 120
 DEFAULT_SAMPLES = 4096
 RATE_CLIP = 20.0          # |r_lambda| is clipped here (it never is on the teachers we measured)
@@ -95,7 +92,7 @@ class CTMPrecond(Precond):
 class CMPrecond(Precond):
     name = "cm"
 
-    def __init__(self, sigma_data: float = SIGMA_DATA):
+    def __init__(self, sigma_data: float = EDM_SIGMA_DATA):
         self.sigma_data = float(sigma_data)
 
     def coeffs(self, t, s):
@@ -184,7 +181,7 @@ class AnalyticPrecond(Precond):
         return cls(tabs) if tabs else None
 
 
-def make_precond(name: str, sigma_data: float = SIGMA_DATA, tables: dict | None = None) -> Precond:
+def make_precond(name: str, sigma_data: float = EDM_SIGMA_DATA, tables: dict | None = None) -> Precond:
     if name == "ctm":
         return CTMPrecond()
     if name == "cm":
@@ -198,7 +195,7 @@ def make_precond(name: str, sigma_data: float = SIGMA_DATA, tables: dict | None 
 
 # --- tables from statistics ---------------------------------------------------------------------
 
-def lambda_grid(points: int = DEFAULT_POINTS, t_min: float = T_MIN, t_max: float = T_MAX) -> np.ndarray:
+def lambda_grid(points: int = DEFAULT_POINTS, t_min: float = EDM_T_MIN, t_max: float = EDM_T_MAX) -> np.ndarray:
     """Uniform grid in lambda = -log t, ascending (t descending from t_max to t_min)."""
     if points < 3:
         raise UserError(f"--points must be >= 3, got {points}")
@@ -271,7 +268,7 @@ def _progress(total, desc, enabled):
 
 
 def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, *, points: int = DEFAULT_POINTS, samples: int = DEFAULT_SAMPLES,
-                 t_min: float = T_MIN, t_max: float = T_MAX, batch: int = 512, seed: int = 0,
+                 t_min: float = EDM_T_MIN, t_max: float = EDM_T_MAX, batch: int = 512, seed: int = 0,
                  progress: bool = True, variant: str = "decay") -> dict:
     """Estimate l_lambda and r_lambda of a teacher denoiser and tabulate f, g.
 
@@ -455,7 +452,7 @@ def teacher_tables(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, p
 
 # --- the consistency gap ---------------------------------------------------------------------------
 
-def gap_times(n: int = 8, t_min: float = T_MIN, t_max: float = T_MAX, rho: float = 7.0) -> np.ndarray:
+def gap_times(n: int = 8, t_min: float = EDM_T_MIN, t_max: float = EDM_T_MAX, rho: float = EDM_RHO) -> np.ndarray:
     """n descending Karras times from t_max to t_min."""
     return karras(np.arange(n) / (n - 1), t_min, t_max, rho)
 

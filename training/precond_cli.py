@@ -21,6 +21,7 @@ import torch
 
 from fewstep.errors import UserError
 from fewstep.plots import save_figure
+from fewstep.sampling import EDM_SIGMA_DATA
 from fewstep.training import precond as P
 
 GAP_NAMES = ("cm", "ctm", "analytic") + tuple(f"analytic-{v}" for v in P.VARIANTS)
@@ -100,7 +101,7 @@ def run_fit(args) -> int:
     return 0
 
 
-def gap_preconds(names, teacher, sigma_data=0.5, progress=True) -> dict:
+def gap_preconds(names, teacher, sigma_data=EDM_SIGMA_DATA, progress=True) -> dict:
     out = {}
     tabs = None
     for name in names:

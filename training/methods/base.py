@@ -43,6 +43,9 @@ class Method:
     # options that may change after training (how the net is stepped, not the net itself):
     # `fewstep sample --set KEY=VALUE` accepts these
     sample_options: tuple = ()
+    # its sampler is meant to take a gamma (CTM's gamma-sampling): the manifest says so, and the
+    # page shows the gamma control for it even where the default gamma is 0
+    gamma_sampling = False
     # samples the run draws (train.iters x train.batch), set by the training loop before
     # init_student: a method that precomputes data (cud-distill) makes no more than that
     run_samples: int | None = None

@@ -33,10 +33,10 @@ class ConsistencyBase(Method):
     needs_teacher = True
     two_times = False
     common_defaults = {
-        "sigma_data": 0.5,
-        "sigma_min": 0.002,        # eps: where every trajectory ends (the boundary condition)
-        "sigma_max": 80.0,
-        "rho": 7.0,
+        "sigma_data": sampling.EDM_SIGMA_DATA,
+        "sigma_min": sampling.EDM_T_MIN,  # eps: where every trajectory ends (the boundary condition)
+        "sigma_max": sampling.EDM_T_MAX,
+        "rho": sampling.EDM_RHO,
         "N": 18,                   # Karras training grid points
         "precond": "cm",           # cm | ctm | analytic
         "distance": "l2",          # l2 | huber | lpips
@@ -77,7 +77,7 @@ class ConsistencyBase(Method):
             tm = t.config["method"]
             if tm.get("name") != "edm":
                 raise UserError(f"the teacher must be an edm checkpoint, got method {tm.get('name')!r}")
-            if float(tm.get("sigma_data", 0.5)) != float(self.opts["sigma_data"]):
+            if float(tm.get("sigma_data", sampling.EDM_SIGMA_DATA)) != float(self.opts["sigma_data"]):
                 raise UserError(f"teacher sigma_data {tm.get('sigma_data')} differs from method.sigma_data "
                                 f"{self.opts['sigma_data']}")
             copy_teacher_weights(t.net, net)

@@ -38,6 +38,7 @@ ADAPTIVE_MAX = 1e4
 
 class CTM(ConsistencyBase):
     name = "ctm"
+    gamma_sampling = True
     jump_lands = "s"
     two_times = True
     defaults = {

@@ -39,12 +39,12 @@ class EDM(Method):
     name = "edm"
     sample_options = ("solver",)
     defaults = {
-        "sigma_data": 0.5,
+        "sigma_data": sampling.EDM_SIGMA_DATA,
         "p_mean": -1.2,
         "p_std": 1.2,
-        "sigma_min": 0.002,
-        "sigma_max": 80.0,
-        "rho": 7.0,
+        "sigma_min": sampling.EDM_T_MIN,
+        "sigma_max": sampling.EDM_T_MAX,
+        "rho": sampling.EDM_RHO,
         "solver": "heun",  # heun | euler; Heun's last step (to sigma = 0) is Euler
         "max_steps": 64,
         "default_steps": 8,
