@@ -88,7 +88,6 @@ class ModelInfo:
     spec: dict              # fewstep.sampling sampler spec
     max_batch: int
     value_range: tuple = (-1.0, 1.0)
-    gamma_sampling: bool = False   # the method's sampler is meant to take a gamma (manifest)
 
     @classmethod
     def from_manifest(cls, manifest: dict, name: str | None = None) -> "ModelInfo":
@@ -134,6 +133,7 @@ class ModelMeta:
     recommended_steps: tuple = ()  # the step counts it was made for (manifest); () = (default_steps,)
     quality: dict | None = None    # {"metric", "num", "by_steps": {steps: value}}: eval figures, lower is better
     value_range: tuple = (-1.0, 1.0)
+    gamma_sampling: bool = False   # the method's sampler is meant to take a gamma (manifest)
 
     # config parameter -> field; the config itself carries name, max_batch_size and the outputs
     PARAMS = {"image_shape": "shape", "num_classes": "num_classes", "max_steps": "max_steps",
