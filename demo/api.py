@@ -7,7 +7,7 @@
     r["images"][0]["png_base64"]                         # the image as PNG bytes, base64
     c.predict("cd_fmnist", seed=7, api_name="/compare")  # one seed at the counts the page compares
 
-Arguments are checked before anything is sent (`demo.app.check_request`): a class label only
+Arguments are checked before anything is sent (`demo.checks.check_request`): a class label only
 for class-conditional models, a gamma only where the sampler uses it, nothing rounded or
 clamped. A refused or failed request raises `gradio_client.exceptions.AppError` with a
 one-line message; the page's log gets no traceback for it.
@@ -18,8 +18,9 @@ annotations to type the endpoints.
 import base64
 import time
 
-from fewstep.demo.app import (MAX_IMAGES, Backend, BadInput, check_request, class_names, compare_steps, describe_error,
-                      gamma_applies, gamma_value, steps_note)
+from fewstep.demo.backend import Backend
+from fewstep.demo.checks import (MAX_IMAGES, BadInput, check_request, class_names, compare_steps, describe_error,
+                                 gamma_applies, gamma_value, steps_note)
 from fewstep.serving.client import ModelMeta
 from fewstep.serving.protocol import encode_png
 

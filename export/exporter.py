@@ -11,8 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from fewstep import jump
 from fewstep.errors import UserError
 from fewstep.options import check_range
+from fewstep.export import runtimes
+from fewstep.export.manifest import (FORMAT_VERSION, ONNX_FILE, check_recommended_steps, sanitize_name, sha256_file,
+                                     write_manifest)
+from fewstep.export.onnx_export import export_onnx, jump_parity, random_inputs, sampler_parity
+from fewstep.export.runner import OrtJump, TensorRTRunner
+from fewstep.export.tensorrt_build import build_engine, unavailable_reason
+from fewstep.training.build import load_model
 
 
 def _read_eval(ckpt: Path):
@@ -52,17 +62,9 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
     if (out.exists() or out.is_symlink()) and not force:
         raise UserError(f"{out} exists (use --force to replace it)")
     if "tensorrt" in formats:
-        from fewstep.export.tensorrt_build import unavailable_reason
         why = unavailable_reason()
         if why:
             raise UserError(f"--format tensorrt: {why}; nothing written")
-
-    from fewstep.export.manifest import (FORMAT_VERSION, ONNX_FILE, check_recommended_steps, sanitize_name, sha256_file,
-                                 write_manifest)
-    from fewstep.export import runtimes
-    from fewstep.export.onnx_export import export_onnx, jump_parity, sampler_parity
-    from fewstep.export.runner import OrtJump
-    from fewstep.training.build import load_model
 
     t0 = time.time()
     model = load_model(ckpt, ema=None if ema == "none" else ema, device="cpu", method_opts=method_opts)
@@ -93,8 +95,7 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
         files = {ONNX_FILE: sha256_file(tmp / ONNX_FILE)}
         engines = []
         if "tensorrt" in formats:
-            from fewstep.export.tensorrt_build import build_engine
-            per_sample = {"x": tuple(model.shape), "t": (), "s": (), "class_label": ()}
+            per_sample = {i.name: i.shape(model.shape) for i in jump.inputs(model.num_classes)}
             engine = build_engine(tmp / ONNX_FILE, tmp, per_sample, precision=precision, min_batch=1,
                                   opt_batch=opt_batch, max_batch=max_batch, timing_cache=timing_cache)
             engine.update(_tensorrt_parity(tmp, engine, model, ort_jump))
@@ -141,10 +142,6 @@ def export_model(ckpt, out, formats=("onnx",), ema="default", precision="fp32", 
 
 def _tensorrt_parity(tmp: Path, engine: dict, model, ort_jump) -> dict:
     """TensorRT vs ONNX Runtime on random inputs, where this process can run the engine."""
-    import numpy as np
-
-    from fewstep.export.onnx_export import random_inputs
-    from fewstep.export.runner import TensorRTRunner
     try:
         manifest = {"image": {"shape": list(model.shape)}, "num_classes": model.num_classes}
         runner = TensorRTRunner(tmp, manifest, engine)
@@ -153,8 +150,8 @@ def _tensorrt_parity(tmp: Path, engine: dict, model, ort_jump) -> dict:
     worst = 0.0
     b = min(7, engine["max_batch"])
     feeds = random_inputs(model.method.sampler_spec(), model.shape, model.num_classes, b)
-    ref = ort_jump(feeds["x"], feeds["t"], feeds["s"], feeds.get("class_label"))
-    got = runner(feeds["x"], feeds["t"], feeds["s"], feeds.get("class_label"))
+    ref = ort_jump(*jump.args(feeds))
+    got = runner(*jump.args(feeds))
     worst = float(np.max(np.abs(got - ref)))
     return {"parity": {"tensorrt_vs_onnx_max_abs": worst, "batch": b}}
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fewstep.errors import UserError
-from fewstep import sampling
+from fewstep import jump, sampling
 
 DEFAULT_OPSET = 18
 EXAMPLE_BATCH = 3          # the batch torch.export traces with (dynamic afterwards)
@@ -65,8 +65,7 @@ class ConditionalJumpModule(JumpModule):
         return self.method.jump(self.net, x, t, s, class_label)
 
 
-def input_names(num_classes: int) -> list[str]:
-    return ["x", "t", "s"] + (["class_label"] if num_classes > 0 else [])
+input_names = jump.input_names  # the graph's inputs are the jump contract's (fewstep.jump)
 
 
 def jump_module(model) -> JumpModule:
@@ -93,10 +92,8 @@ def random_inputs(spec: dict, shape, num_classes: int, batch: int, seed: int = 0
     z = rng.standard_normal((batch,) + tuple(shape))
     tb = t.astype(np.float64).reshape((-1,) + (1,) * len(shape))
     x = sampling.alpha(spec["process"], tb) * x0 + sampling.sigma(spec["process"], tb) * z
-    feeds = {"x": x.astype(np.float32), "t": t, "s": s}
-    if num_classes > 0:
-        feeds["class_label"] = rng.integers(0, num_classes, batch).astype(np.int64)
-    return feeds
+    labels = rng.integers(0, num_classes, batch) if num_classes > 0 else None
+    return jump.feeds(x, t, s, labels)
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -160,7 +157,7 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET) -> dict:
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
-                module, args, dynamo=True, input_names=names, output_names=["x_s"],
+                module, args, dynamo=True, input_names=names, output_names=[jump.OUTPUT.name],
                 dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True,
                 external_data=False, verbose=False)
     except Exception as e:  # the exporter raises many types; one line for the user
@@ -175,7 +172,7 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET) -> dict:
         raise UserError("the model is larger than 2 GB, the limit of a single-file ONNX model")
     Path(path).write_bytes(proto.SerializeToString(deterministic=True))
     opsets = {o.domain: o.version for o in proto.opset_import}
-    return {"opset": int(opsets.get("", opset)), "inputs": names, "output": "x_s"}
+    return {"opset": int(opsets.get("", opset)), "inputs": names, "output": jump.OUTPUT.name}
 
 
 # --- parity ----------------------------------------------------------------------------------
@@ -194,7 +191,7 @@ def jump_parity(model, onnx_jump, batches=PARITY_BATCHES, rtol: float = PARITY_R
         feeds = random_inputs(spec, model.shape, model.num_classes, b)
         with torch.no_grad():
             ref = module(*(torch.from_numpy(feeds[n]) for n in names)).numpy()
-        got = onnx_jump(feeds["x"], feeds["t"], feeds["s"], feeds.get("class_label"))
+        got = onnx_jump(*jump.args(feeds))
         if got.shape != ref.shape:
             raise ParityError(f"ONNX output shape {got.shape} != PyTorch {ref.shape} at batch {b}")
         if not np.all(np.isfinite(got)) or not np.all(np.isfinite(ref)):

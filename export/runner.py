@@ -18,6 +18,7 @@ import numpy as np
 
 from fewstep.export.manifest import ManifestError, read_manifest  # noqa: F401  (re-exported)
 from fewstep.export.runtimes import onnx_ir_version, plan_refusal, trt_release
+from fewstep import jump
 from fewstep.errors import UserError
 from fewstep.files import cache_root
 
@@ -160,10 +161,7 @@ class OrtJump:
         self.output = self.session.get_outputs()[0].name
 
     def __call__(self, x, t, s, labels=None) -> np.ndarray:
-        feeds = {"x": np.ascontiguousarray(x, np.float32), "t": np.ascontiguousarray(t, np.float32),
-                 "s": np.ascontiguousarray(s, np.float32)}
-        if "class_label" in self.names:
-            feeds["class_label"] = np.ascontiguousarray(labels, np.int64)
+        feeds = jump.feeds(x, t, s, labels if jump.CLASS_LABEL.name in self.names else None)
         return self.session.run([self.output], feeds)[0]
 
 
@@ -231,9 +229,7 @@ class TensorRTRunner(Runner):
                                              s[i:i + self.max_batch],
                                              None if labels is None else labels[i:i + self.max_batch])
                                    for i in range(0, b, self.max_batch)])
-        feeds = {"x": x, "t": t, "s": s}
-        if labels is not None:
-            feeds["class_label"] = labels
+        feeds = jump.feeds(x, t, s, labels)
         keep = []
         with torch.cuda.stream(self.stream):
             for name, arr in feeds.items():
@@ -241,9 +237,10 @@ class TensorRTRunner(Runner):
                 keep.append(dev)
                 self.context.set_input_shape(name, tuple(arr.shape))
                 self.context.set_tensor_address(name, dev.data_ptr())
-            out_shape = tuple(self.context.get_tensor_shape("x_s"))
-            out = torch.empty(out_shape, dtype=getattr(torch, str(self.dtypes["x_s"])), device="cuda")
-            self.context.set_tensor_address("x_s", out.data_ptr())
+            name = jump.OUTPUT.name
+            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=getattr(torch, str(self.dtypes[name])),
+                              device="cuda")
+            self.context.set_tensor_address(name, out.data_ptr())
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
             self.stream.synchronize()

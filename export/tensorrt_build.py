@@ -68,8 +68,8 @@ def build_engine(onnx_path, out_dir, input_shapes: dict, precision: str = "fp32"
                  workspace: int = WORKSPACE_BYTES) -> dict:
     """Build and write the plan into out_dir; returns its manifest `engines` entry.
 
-    input_shapes: input name -> per-sample shape (without the batch), e.g. {"x": (1, 28, 28),
-    "t": (), "s": (), "class_label": ()}.
+    input_shapes: input name -> per-sample shape (without the batch), of the jump contract's
+    inputs (fewstep.jump: `{i.name: i.shape(sample_shape) for i in inputs(num_classes)}`).
     """
     why = unavailable_reason()
     if why:

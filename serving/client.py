@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fewstep.serving.admin_key import GRPC_ADMIN_HEADER, read_admin_key
 from fewstep.serving.protocol import INPUTS, InvalidInput, ModelMeta, is_input_error  # noqa: F401  (ModelMeta: part of this API)
 
 STATUS_PREFIX = "StatusCode."
@@ -71,8 +72,6 @@ def _tls_kwargs(ssl: bool, root_certificates) -> dict:
 def admin_headers_for(url: str) -> dict:
     """The admin key of a server this user launched on this host (serving.launcher keeps it
     in a 0600 file): it unlocks the restricted model-repository protocol for models()."""
-    from fewstep.serving.launcher import GRPC_ADMIN_HEADER, read_admin_key
-
     host, _, port = url.rpartition(":")
     if not port.isdigit() or host.strip("[]") not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", ""):
         return {}

@@ -39,6 +39,9 @@ from pathlib import Path
 
 import fewstep
 from fewstep.errors import UserError
+from fewstep.serving.admin_key import (ADMIN_HEADER, GRPC_ADMIN_HEADER, admin_key_file,  # noqa: F401  (tests read them here)
+                                       read_admin_key, write_admin_key)
+from fewstep.serving.client import RECONNECT_ARGS
 from fewstep.serving.reaper import process_group_members  # noqa: F401  (part of this API)
 
 # the `fewstep` package: in a checkout its folder, which finds the layers beside it; installed,
@@ -46,8 +49,6 @@ from fewstep.serving.reaper import process_group_members  # noqa: F401  (part of
 PACKAGE_DIR = Path(fewstep.__file__).resolve().parent
 # the protocols only our own tools may use; the key travels as this gRPC metadata / HTTP header
 RESTRICTED = ("shared-memory", "model-repository", "logging", "trace")
-ADMIN_HEADER = "fewstep-admin-key"
-GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # Triton prefixes gRPC restriction keys
 # SIGTERM drains: requests in flight get this long to finish (tritonserver's --exit-timeout-secs);
 # deploy/k8s/deployment.yaml's terminationGracePeriodSeconds covers it plus the preStop sleep
 GRACE_S = 30
@@ -144,27 +145,6 @@ def server_env(base: dict | None = None) -> dict:
     env["PYTHONPATH"] = ":".join(dict.fromkeys(pp))
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
-
-
-def admin_key_file(grpc_port: int) -> Path:
-    """Where a server's admin key is kept for our own tools of the same user (0600, in a
-    0700 dir): serving.client reads it to list the models of a server on this host."""
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "fewstep" / "admin"
-    return base / f"grpc-{grpc_port}.key"
-
-
-def read_admin_key(grpc_port: int) -> str | None:
-    try:
-        return admin_key_file(grpc_port).read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _write_admin_key(path: Path, key: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key)
 
 
 def check_port_free(host: str, port: int, flag: str = "") -> None:
@@ -344,7 +324,7 @@ class Server:
             print(warning, file=sys.stderr, flush=True)
         self._workdir = Path(tempfile.mkdtemp(prefix="fewstep-triton-"))
         self._key_file = admin_key_file(self.grpc_port)
-        _write_admin_key(self._key_file, self.admin_key)
+        write_admin_key(self._key_file, self.admin_key)
         backend_dir = make_backend_dir(self._workdir / "backends")
         link_packages(self._workdir)
         if self.log_file is None:
@@ -393,8 +373,6 @@ class Server:
         """A new tritonclient gRPC client of this server (loopback when bound to every address),
         with its TLS settings and a short reconnect backoff (it outlives restarts)."""
         import tritonclient.grpc as grpc
-
-        from fewstep.serving.client import RECONNECT_ARGS
 
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
         url = f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"

@@ -23,7 +23,6 @@ from fewstep.export import runtimes
 from fewstep.export.manifest import model_file
 from fewstep.export.runner import RUNTIMES
 from fewstep.errors import UserError
-from fewstep.serving.protocol import ModelInfo
 
 # --jump-backend value -> (Triton platform, Triton backend, file in the version dir)
 NATIVE = {
@@ -60,13 +59,6 @@ def pick_plan(manifest: dict, src: Path) -> dict:
     return engines[0]
 
 
-def _tensor(name: str, dtype: str, dims, per_sample_scalar: bool = False) -> str:
-    body = f'name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ]'
-    if per_sample_scalar:  # [B, 1] on the wire, [B] in the graph
-        body += " reshape: { shape: [ ] }"
-    return "  { " + body + " }"
-
-
 def warmup_batches(max_batch: int) -> list[int]:
     """Warm-up batch sizes of a native jump: 1, 2, 4, ... and the max batch, so the first
     requests at those sizes do not pay for kernel selection (a GPU runtime picks kernels per
@@ -74,69 +66,27 @@ def warmup_batches(max_batch: int) -> list[int]:
     return sorted({1, max_batch} | {b for b in (2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch})
 
 
-def native_jump_config(info: ModelInfo, jump_backend: str, kind: str, instances: int, max_batch: int,
-                       threads: int = 0, engine: dict | None = None) -> str:
-    platform, backend, filename = NATIVE[jump_backend]
-    inputs = [_tensor("x", "TYPE_FP32", info.shape),
-              _tensor("t", "TYPE_FP32", [1], per_sample_scalar=True),
-              _tensor("s", "TYPE_FP32", [1], per_sample_scalar=True)]
-    if info.num_classes:
-        inputs.append(_tensor("class_label", "TYPE_INT64", [1], per_sample_scalar=True))
-    lines = [
-        f"# {info.name}_jump: x_s = jump(x_t, t, s) on Triton's {backend} backend ({filename})",
-    ]
-    if engine is not None:
-        lines.append(f"# TensorRT engine {engine['file']}: built for {engine['gpu']} with TensorRT "
-                     f"{engine['tensorrt']} ({engine['precision']}); it loads only on that GPU and TensorRT")
-    lines += [
-        f'name: "{info.name}_jump"',
-        f'platform: "{platform}"',
-        f'backend: "{backend}"',
-        f"max_batch_size: {max_batch}",
-        "# a queue delay would be paid on every sampler step: none",
-        "dynamic_batching { max_queue_delay_microseconds: 0 }",
-        "input [\n" + ",\n".join(inputs) + "\n]",
-        "output [\n" + _tensor("x_s", "TYPE_FP32", info.shape) + "\n]",
-        f"instance_group [ {{ count: {int(instances)} kind: {kind} }} ]",
-    ]
-    if jump_backend == "onnxruntime" and kind == "KIND_CPU" and threads:
-        lines.append(f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{int(threads)}" }} }}')
-    from fewstep.serving.repository import jump_warmup  # the Python jump's warm-up, at more batch sizes
-
-    lines += [jump_warmup(info, warmup_batches(max_batch)), ""]
-    return "\n".join(lines)
-
-
-def write_native_jump(model_root: Path, src: Path, info: ModelInfo, manifest: dict, jump_backend: str,
-                      kind: str, instances: int, threads: int, copy_file,
-                      target: runtimes.Container | None = None) -> dict:
-    """Write `<name>_jump` for a native backend into model_root; returns what it wrote.
+def native_source(src: Path, manifest: dict, jump_backend: str, max_batch: int,
+                  target: runtimes.Container | None = None) -> tuple[Path, dict | None]:
+    """(the file of the export a native `<name>_jump` serves, its TensorRT engine entry or None).
 
     target: the Triton container it is written for (export.runtimes.target_container): a
     TensorRT plan built by another TensorRT, or an ONNX IR its onnxruntime cannot read, is
-    refused here, before Triton would fail to load it."""
+    refused here, before Triton would fail to load it. The config is serving.repository's
+    `jump_config`, the same writer as the Python jump's."""
     target = target or runtimes.target_container()
     if jump_backend not in NATIVE:
         raise UserError(f"--jump-backend must be one of {', '.join(JUMP_BACKENDS)}, got {jump_backend!r}")
-    engine = None
-    max_batch = info.max_batch
-    if jump_backend == "tensorrt":
-        engine = pick_plan(manifest, src)
-        source = model_file(src, engine["file"])
-        runtimes.check_plan(engine, target)
-        # the dynamic batcher and the sampler send any batch in [1, max_batch]: the engine's
-        # profile must cover all of them
-        if int(engine["min_batch"]) > 1 or int(engine["max_batch"]) < max_batch:
-            raise UserError(f"{src}: engine {engine['file']} covers batches {engine['min_batch']}-"
-                            f"{engine['max_batch']}, the model serves 1-{max_batch}: export with "
-                            f"--max-batch {max_batch}")
-    else:
+    if jump_backend != "tensorrt":
         source = model_file(src, manifest["jump"]["file"])
         runtimes.check_onnx(source, target)
-    filename = NATIVE[jump_backend][2]
-    version = model_root / "1"
-    version.mkdir(parents=True)
-    copy_file(source, version / filename)
-    (model_root / "config.pbtxt").write_text(
-        native_jump_config(info, jump_backend, kind, instances, max_batch, threads, engine))
-    return {"file": str(version / filename), "max_batch": max_batch, "engine": engine}
+        return source, None
+    engine = pick_plan(manifest, src)
+    runtimes.check_plan(engine, target)
+    # the dynamic batcher and the sampler send any batch in [1, max_batch]: the engine's
+    # profile must cover all of them
+    if int(engine["min_batch"]) > 1 or int(engine["max_batch"]) < max_batch:
+        raise UserError(f"{src}: engine {engine['file']} covers batches {engine['min_batch']}-"
+                        f"{engine['max_batch']}, the model serves 1-{max_batch}: export with "
+                        f"--max-batch {max_batch}")
+    return model_file(src, engine["file"]), engine

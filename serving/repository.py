@@ -22,11 +22,14 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fewstep import jump
 from fewstep.export import runtimes
-from fewstep.export.manifest import recommended_steps, step_quality
+from fewstep.export.manifest import MANIFEST, model_file, read_manifest, recommended_steps, step_quality
 from fewstep.errors import UserError
 from fewstep.serving import native_jump
 from fewstep.serving.protocol import INPUTS, ModelInfo, ModelMeta, input_ranges, range_text
+from fewstep.export.runner import cuda_provider_problem, tensorrt_engine_here
+from fewstep.serving.launcher import gpu_present
 
 MODELS_DIR = Path(__file__).with_name("models")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -68,9 +71,7 @@ def serving_plan(opts: Options, kind: str, cores: int | None = None) -> ServingP
       fmnist image against 20.6 for one 2-thread session; on a GPU, one instance per GPU.
     """
     cores = cores or os.cpu_count() or 1
-    jump = opts.jump
-    if jump == "auto":
-        jump = "inline"
+    mode = "inline" if opts.jump == "auto" else opts.jump
     gpu = kind == "KIND_GPU"
     if gpu:
         instances = opts.instances or 1
@@ -79,17 +80,9 @@ def serving_plan(opts: Options, kind: str, cores: int | None = None) -> ServingP
         instances = opts.instances or (max(1, cores // opts.threads) if opts.threads else min(cores, 8))
         threads = opts.threads or max(1, cores // instances)
     sampler_instances = opts.sampler_instances or instances
-    return ServingPlan(jump=jump, instances=sampler_instances,
-                       jump_instances=instances if jump == "bls" else 1, threads=threads,
-                       sampler_kind=kind if (jump == "inline" and gpu) else "KIND_CPU")
-
-
-def read_manifest(model_dir: Path) -> dict:
-    try:
-        from fewstep.export.runner import read_manifest as _read
-    except ImportError:
-        from fewstep.export.manifest import read_manifest as _read
-    return _read(model_dir)
+    return ServingPlan(jump=mode, instances=sampler_instances,
+                       jump_instances=instances if mode == "bls" else 1, threads=threads,
+                       sampler_kind=kind if (mode == "inline" and gpu) else "KIND_CPU")
 
 
 def parse_model_arg(text: str) -> tuple[str | None, Path]:
@@ -106,11 +99,13 @@ def _q(s: str) -> str:
     return json.dumps(str(s))
 
 
-def _tensor(name: str, dtype: str, dims, optional: bool = False, comment: str = "") -> str:
+def _tensor(name: str, dtype: str, dims, optional: bool = False, comment: str = "", reshape=None) -> str:
     lines = ["  {"]
     if comment:
         lines.append(f"    # {comment}")
     lines += [f"    name: {_q(name)}", f"    data_type: {dtype}", f"    dims: [ {', '.join(str(d) for d in dims)} ]"]
+    if reshape is not None:
+        lines.append(f"    reshape: {{ shape: [ {', '.join(str(d) for d in reshape)} ] }}")
     if optional:
         lines.append("    optional: true")
     lines.append("  }")
@@ -155,26 +150,45 @@ def result_outputs(info: ModelInfo, png: bool, stream: bool = False) -> dict:
     return outs
 
 
-def jump_config(info: ModelInfo, opts: Options, kind: str, plan: ServingPlan) -> str:
-    inputs = [
-        _tensor("x", "TYPE_FP32", list(info.shape), comment="x_t"),
-        _tensor("t", "TYPE_FP32", [1], comment="the time of x (per sample)"),
-        _tensor("s", "TYPE_FP32", [1], comment="the time to jump to, s <= t (per sample)"),
-    ]
-    if info.num_classes:
-        inputs.append(_tensor("class_label", "TYPE_INT64", [1], comment=f"in [0, {info.num_classes - 1}]"))
-    return "\n".join([
-        f"# {info.name}_jump: x_s = jump(x_t, t, s) of the exported model (export.runner)",
-        f"name: {_q(info.name + '_jump')}",
-        'backend: "python"',
+def _jump_tensor(tensor: jump.JumpTensor, info: ModelInfo, native: bool) -> str:
+    """One tensor of the jump contract (fewstep.jump) in `<name>_jump`'s config: [B, 1] for a
+    per-sample value, which a native backend's graph takes as [B] (`reshape`)."""
+    what = tensor.what
+    if tensor is jump.CLASS_LABEL:
+        what += f"; in [0, {info.num_classes - 1}]"
+    return _tensor(tensor.name, tensor.config_type, tensor.dims(info.shape), comment=what,
+                   reshape=[] if native and tensor.per_sample else None)
+
+
+def jump_config(info: ModelInfo, opts: Options, kind: str, plan: ServingPlan, engine: dict | None = None) -> str:
+    """`<name>_jump`'s config on the Python backend (serving/models/jump.py over export.runner)
+    or on a native one (opts.jump_backend: Triton runs the export's file itself): one writer,
+    so the two declare the same inputs and outputs and the sampler's BLS calls fit either."""
+    native = opts.jump_backend != "python"
+    if native:
+        platform, backend, filename = native_jump.NATIVE[opts.jump_backend]
+        head = [f"# {info.name}_jump: x_s = jump(x_t, t, s) on Triton's {backend} backend ({filename})"]
+        if engine is not None:
+            head.append(f"# TensorRT engine {engine['file']}: built for {engine['gpu']} with TensorRT "
+                        f"{engine['tensorrt']} ({engine['precision']}); it loads only on that GPU and TensorRT")
+        head += [f"name: {_q(info.name + '_jump')}", f"platform: {_q(platform)}", f"backend: {_q(backend)}"]
+        threads = opts.jump_backend == "onnxruntime" and kind == "KIND_CPU" and plan.threads
+        params = {"intra_op_thread_count": str(plan.threads)} if threads else {}
+        warmup = jump_warmup(info, native_jump.warmup_batches(info.max_batch))
+    else:
+        head = [f"# {info.name}_jump: x_s = jump(x_t, t, s) of the exported model (export.runner)",
+                f"name: {_q(info.name + '_jump')}", 'backend: "python"']
+        params = {"model_dir": "model", "backend": opts.backend, "threads": str(plan.threads)}
+        warmup = jump_warmup(info)
+    return "\n".join(head + [
         f"max_batch_size: {info.max_batch}",
         "# a queue delay would be paid on every sampler step: none",
         "dynamic_batching { max_queue_delay_microseconds: 0 }",
-        _block("input", inputs),
-        _block("output", [_tensor("x_s", "TYPE_FP32", list(info.shape), comment="the sample at time s")]),
+        _block("input", [_jump_tensor(i, info, native) for i in jump.inputs(info.num_classes)]),
+        _block("output", [_jump_tensor(jump.OUTPUT, info, native)]),
         _instance(plan.jump_instances, kind),
-        _params({"model_dir": "model", "backend": opts.backend, "threads": str(plan.threads)}),
-        jump_warmup(info),
+        _params(params),
+        warmup,
         "",
     ])
 
@@ -197,9 +211,8 @@ def _warmup(comment: str, inputs: list, batch_sizes=(1,)) -> str:
 def jump_warmup(info: ModelInfo, batch_sizes=(1,)) -> str:
     """Triton runs a 1-step jump (zeros at t_max, to t_end) at each batch size before it
     marks the jump ready."""
-    inputs = [("x", "TYPE_FP32", info.shape, None), ("t", "TYPE_FP32", [1], "t_max"), ("s", "TYPE_FP32", [1], "t_end")]
-    if info.num_classes:
-        inputs.append(("class_label", "TYPE_INT64", [1], None))
+    files = {jump.T.name: "t_max", jump.S.name: "t_end"}  # zeros for x and the label
+    inputs = [(i.name, i.config_type, i.dims(info.shape), files.get(i.name)) for i in jump.inputs(info.num_classes)]
     return _warmup("jumps before the model is ready, so the first request finds it warm", inputs, batch_sizes)
 
 
@@ -307,8 +320,6 @@ def _copy_file(src: Path, dst: Path) -> None:
 def _copy_model_dir(src: Path, dst: Path, manifest: dict) -> None:
     """Copy exactly manifest.json and the files it names (each a plain file directly in
     src, checked by export.manifest.model_file): nothing else of src reaches the repository."""
-    from fewstep.export.manifest import MANIFEST, model_file
-
     dst.mkdir(parents=True)
     for f in sorted(set(manifest["files"]) | {MANIFEST}):
         path = model_file(src, f)
@@ -344,15 +355,11 @@ def instance_kind(device: str, manifest: dict) -> tuple[str, str | None]:
 def gpu_unavailable(manifest: dict) -> str | None:
     """Why the jump cannot run on a GPU here (no GPU; no CUDA build of ONNX Runtime and no
     TensorRT for the model's plans), or None when it can."""
-    from fewstep.serving.launcher import gpu_present
-
     if not gpu_present():
         return "no NVIDIA GPU is visible on this host"
     if manifest.get("engines") and importlib.util.find_spec("tensorrt") is not None:
         return None
     try:
-        from fewstep.export.runner import cuda_provider_problem
-
         return cuda_provider_problem()
     except ImportError as e:
         return f"onnxruntime cannot be imported ({e})"
@@ -365,8 +372,6 @@ def jump_runtime(kind: str, opts: Options, manifest: dict, why_not_gpu: str | No
         return f"Triton's {opts.jump_backend} backend ({kind}, in NVIDIA's container)"
     if kind == "KIND_GPU":
         if opts.backend != "onnxruntime" and manifest.get("engines"):
-            from fewstep.export.runner import tensorrt_engine_here
-
             engine, _ = tensorrt_engine_here(manifest)
             if engine is not None:
                 return f"TensorRT ({engine['file']}) on the GPU"
@@ -422,8 +427,10 @@ def write_repository(repo, model_args: list[str], opts: Options | None = None) -
         for n in names:
             shutil.rmtree(repo / n, ignore_errors=True)
         if native:
-            native_jump.write_native_jump(repo / names[0], src, info, manifest, opts.jump_backend, kind,
-                                          plan.jump_instances, plan.threads, _copy_file, target)
+            source, engine = native_jump.native_source(src, manifest, opts.jump_backend, info.max_batch, target)
+            (repo / names[0] / "1").mkdir(parents=True)
+            _copy_file(source, repo / names[0] / "1" / native_jump.NATIVE[opts.jump_backend][2])
+            (repo / names[0] / "config.pbtxt").write_text(jump_config(info, opts, kind, plan, engine))
         else:
             _write_python_model(repo / names[0], "jump.py", jump_config(info, opts, kind, plan))
             _copy_model_dir(src, repo / names[0] / "1" / "model", manifest)

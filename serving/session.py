@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fewstep.serving.launcher import Server
 from fewstep.serving.repository import Options, write_repository
+from fewstep.serving.health import Watchdog
 
 
 def served(model_args: list[str], opts: Options, repo: Path | None = None, **server_kw) -> tuple[Server, list[dict]]:
@@ -64,8 +65,6 @@ def watch(server: Server | None, stop: StopSignals, who: str = "", **watchdog_kw
     """Wait until a stop is asked for (0), restarting the server after any fault (serving/health.py:
     a dead or stopped stub, a dead tritonserver, a model that misses its probes); 1 when it cannot
     be brought back or restarts too often (its log's tail printed). server None: only the signal."""
-    from fewstep.serving.health import Watchdog
-
     watchdog = Watchdog(server, **watchdog_kw) if server is not None else None
     try:
         while not stop.requested():

@@ -43,7 +43,7 @@ def _free_port() -> int:
 # --- unit: what the page shows --------------------------------------------------------------------
 
 def test_display_images_scale_and_grey():
-    from fewstep.demo.app import display_images
+    from fewstep.demo.checks import display_images
 
     imgs = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28, 1)
     out = display_images(imgs)
@@ -64,7 +64,7 @@ QUALITY = {"metric": "fid-classifier", "num": 1000, "by_steps": {1: 192.58, 2: 1
 
 
 def test_messages_and_controls():
-    from fewstep.demo.app import class_names, describe_error, gamma_applies, model_info, steps_note
+    from fewstep.demo.checks import class_names, describe_error, gamma_applies, model_info, steps_note
     from fewstep.serving.client import ServingError
 
     down = ServingError("UNAVAILABLE", "failed to connect to all addresses")
@@ -97,7 +97,8 @@ def test_messages_and_controls():
 def test_step_counts_offered():
     """The default is one of the counts the model was made for; compare shows those and the
     evaluated ones (1, 2, 4, 8 only when that leaves fewer than two)."""
-    from fewstep.demo.app import compare_steps, steps_hint
+    from fewstep.demo.app import steps_hint
+    from fewstep.demo.checks import compare_steps
 
     assert compare_steps(_meta(default=8)) == [1, 2, 4, 8]
     assert compare_steps(_meta(default=1, made=(1,), quality=QUALITY)) == [1, 2, 4, 8]
@@ -108,7 +109,7 @@ def test_step_counts_offered():
 
 def test_request_checks_say_what_is_wrong():
     """Nothing is rounded or clamped: out-of-range or fractional values are refused with a message."""
-    from fewstep.demo.app import BadInput, check_request
+    from fewstep.demo.checks import BadInput, check_request
 
     m = _meta(default=2)
     r = check_request(m, None, 5, 3)
@@ -627,7 +628,8 @@ def test_uploads_are_refused(page_app):
 
 
 def test_rejected_request_message(demo_server):
-    from fewstep.demo.app import Backend, describe_error
+    from fewstep.demo.backend import Backend
+    from fewstep.demo.checks import describe_error
     from fewstep.serving.client import ServingError
 
     backend = Backend(demo_server.url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -218,10 +219,32 @@ def test_manifest_validates_and_rejects(rf_model_dir):
     broken(lambda d: d.update(recommended_steps=[2, 1]))                       # not ascending
     broken(lambda d: d.update(recommended_steps=[m["sampler"]["max_steps"] + 1]))
     broken(lambda d: d.update(recommended_steps=[k for k in (1, 2, 3) if k != m["sampler"]["default_steps"]]))
+    # the jump contract is fewstep.jump's: a jump of other inputs is refused in one line
+    other = copy.deepcopy(m)
+    other["jump"]["inputs"] = ["x", "t", "sigma"]
+    with pytest.raises(ManifestError) as refused:
+        validate(other)
+    assert "\n" not in str(refused.value)
+    assert "takes (x, t, sigma) -> x_s, but this fewstep speaks (x, t, s) -> x_s" in str(refused.value)
     old = copy.deepcopy(m)
     old.pop("recommended_steps")  # manifests written before the field still read
     validate(old)
     assert recommended_steps(old) == [m["sampler"]["default_steps"]]
+
+
+def test_serving_refuses_a_jump_contract_it_does_not_speak(rf_model_dir, tmp_path, capsys):
+    """`fewstep serve` reads the manifest's jump.inputs: another contract is one line, before any file is written."""
+    from fewstep.cli import main
+
+    src = tmp_path / "other"
+    shutil.copytree(rf_model_dir, src)
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["jump"]["inputs"] = ["x", "t", "s", "guidance"]
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["serve", "--model", str(src), "--repo", str(tmp_path / "repo"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "takes (x, t, s, guidance) -> x_s" in err, err
+    assert not (tmp_path / "repo" / "rf_tiny_jump").exists()
 
 
 def test_step_quality_reads_eval_figures():

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from fewstep import jump
 from fewstep.serving.protocol import INPUTS, InvalidInput, ModelInfo, chunks
+from fewstep.export.runner import load_runner  # numpy here; onnxruntime and CUDA load with the session
 
 
 def params(cfg: dict) -> dict:
@@ -76,8 +78,6 @@ class LocalJump:
     and all of them are run once by warm()."""
 
     def __init__(self, model_dir, threads: int = 0, device: str = "cpu", backend: str = "auto", max_batch: int = 64):
-        from fewstep.export.runner import load_runner
-
         if device == "cpu":
             backend = "onnxruntime"
         self.runner = load_runner(str(model_dir), backend=backend, device=device, threads=threads or None)
@@ -117,19 +117,15 @@ class JumpClient:
         self.output_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
 
     def __call__(self, x, t, s, labels=None):
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        t = np.asarray(t, dtype=np.float32).reshape(-1, 1)
-        s = np.asarray(s, dtype=np.float32).reshape(-1, 1)
+        feeds = jump.feeds(x, t, s, labels, per_sample_shape=(-1, 1))  # [B, 1]: the config's per-sample dims
         outs = []
-        for lo, hi in chunks(x.shape[0], self.max_batch):
-            inputs = [pb_utils.Tensor("x", x[lo:hi]), pb_utils.Tensor("t", t[lo:hi]), pb_utils.Tensor("s", s[lo:hi])]
-            if labels is not None:
-                inputs.append(pb_utils.Tensor("class_label", np.asarray(labels[lo:hi], np.int64).reshape(-1, 1)))
-            resp = pb_utils.InferenceRequest(model_name=self.model_name, requested_output_names=["x_s"],
+        for lo, hi in chunks(feeds[jump.X.name].shape[0], self.max_batch):
+            inputs = [pb_utils.Tensor(name, a[lo:hi]) for name, a in feeds.items()]
+            resp = pb_utils.InferenceRequest(model_name=self.model_name, requested_output_names=[jump.OUTPUT.name],
                                              inputs=inputs, preferred_memory=self.output_memory).exec()
             if resp.has_error():
                 raise RuntimeError(f"{self.model_name}: {resp.error().message()}")
-            outs.append(np.array(pb_utils.get_output_tensor_by_name(resp, "x_s").as_numpy(), copy=True))
+            outs.append(np.array(pb_utils.get_output_tensor_by_name(resp, jump.OUTPUT.name).as_numpy(), copy=True))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
 

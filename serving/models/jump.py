@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from fewstep import jump
 from fewstep.serving.protocol import InvalidInput, ModelInfo, parse_jump
+from fewstep.export.runner import load_runner  # numpy here; onnxruntime and CUDA load with the session (after the GPU pin)
 
 
 def _params(cfg):
@@ -36,7 +38,6 @@ class TritonPythonModel:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args.get("model_instance_device_id", "0"))
             device = "cuda"
         threads = int(params.get("threads", "0") or 0) or None
-        from fewstep.export.runner import load_runner
 
         self.runner = load_runner(str(model_dir), backend=params.get("backend", "auto") or "auto",
                                   device=device, threads=threads)
@@ -50,7 +51,7 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 
-        return parse_jump(self.info, get("x"), get("t"), get("s"), get("class_label"))
+        return parse_jump(self.info, *(get(i.name) for i in (jump.X, jump.T, jump.S, jump.CLASS_LABEL)))
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -80,7 +81,7 @@ class TritonPythonModel:
             lo = 0
             for i, n in zip(keep, sizes):
                 responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("x_s", np.ascontiguousarray(out[lo:lo + n]))])
+                    output_tensors=[pb_utils.Tensor(jump.OUTPUT.name, np.ascontiguousarray(out[lo:lo + n]))])
                 lo += n
         return responses
 
