@@ -140,6 +140,7 @@ def test_bad_arguments_against_the_server(triton_stack, tmp_path, capsys, argv, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # the client's retries run out its deadline (about 2 minutes here)
 def test_unreachable_server(tmp_path, capsys):
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
     from fewstep.serving.launcher import free_port

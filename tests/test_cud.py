@@ -395,6 +395,7 @@ def test_distill_refuses_a_teacher_with_another_shakedrop_phi():
         CUDDistill({}, teacher=teacher).init_student(SongUNet(**unet, shakedrop_phi=0.75))
 
 
+@pytest.mark.slow  # two exports
 def test_export_bakes_the_chosen_head_and_solver(cud_run, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

@@ -506,6 +506,7 @@ def test_stream_previews_are_denoised_estimates(demo_server):
     assert not np.array_equal(frames[1][1], frames[0][1])
 
 
+@pytest.mark.slow  # a browser waits out the page's retries
 def test_page_when_triton_is_down(browser):
     dead = f"127.0.0.1:{_free_port()}"  # nothing listens there
     app, page_url = _launch(dead)

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(not Path(FMNIST_DIR).is_dir(),
                                 reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 
 
+@pytest.mark.slow  # train, sample and eval on Fashion-MNIST
 def test_tiny_fmnist_train_sample_eval(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"

@@ -122,6 +122,7 @@ def _method_cases():
     return cases
 
 
+@pytest.mark.slow  # an export of every method
 @pytest.mark.parametrize("method,conditional", _method_cases())
 def test_parity_each_method(exported, method, conditional):
     ckpt, out, manifest = exported(method, conditional)
@@ -290,6 +291,7 @@ def test_runner_checks_inputs(rf_model_dir):
 
 # --- reproducible re-export, --force, never a half-written dir ------------------------------------
 
+@pytest.mark.slow  # two more exports
 def test_reexport_is_reproducible(rf_ckpt, rf_model_dir, capsys):
     first = read_manifest(rf_model_dir)
     rc = fewstep_main(["export", "--ckpt", str(rf_ckpt), "--out", str(rf_model_dir)])

@@ -315,6 +315,7 @@ def test_a_cuda_provider_that_does_not_start_is_refused(served_model_dirs, monke
 GPU_CHECK = [sys.executable, "scripts/gpu_check.py"]
 
 
+@pytest.mark.slow  # a subprocess that exports
 def test_gpu_check_jump_table_on_the_cpu():
     import os
     import subprocess
@@ -333,6 +334,7 @@ def test_gpu_check_jump_table_on_the_cpu():
         assert float(cells[2]) > 0 and cells[3] == "n/a (CUDA only)"  # eager ms; no CUDA graphs on the CPU
 
 
+@pytest.mark.slow  # a tritonserver
 def test_gpu_check_triton_bls_on_the_cpu(tmp_path):
     """The triton step with the bundled tritonserver (the GPU host gets the slimmed one): the
     product's sampler in BLS mode over a PyTorch jump, against the in-process sampler."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fewstep.serving.launcher import free_port
 
@@ -56,6 +57,7 @@ def _two_nodes(out: Path, data: Path, iters: int, *extra: str) -> list[str]:
     return errs
 
 
+@pytest.mark.slow  # two training nodes
 def test_two_nodes_train_identical_weights_and_resume_exactly(tmp_path):
     from safetensors.torch import load_file
     data = _image_folder(tmp_path / "images")

@@ -210,6 +210,7 @@ def test_edm_on_2d_loss_falls(tmp_path):
     assert sum(losses[-20:]) / 20 < 0.7 * sum(losses[:20]) / 20
 
 
+@pytest.mark.slow  # two training processes
 def test_ddp_two_processes_gloo(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -259,6 +260,7 @@ def test_default_threads_do_not_oversubscribe(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(n)
 
 
+@pytest.mark.slow  # a teacher run and a distillation run
 def test_short_cud_distill_run_stores_only_what_it_draws(tmp_path, monkeypatch, capsys):
     """6 iterations on the tiny preset (batch 16) need 96 teacher trajectories, not the
     default 50000; the generation reports its progress."""
