@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo venv system-deps image-test image-lock clean
+.PHONY: test test-fast lint-imports demo venv system-deps image-test image-lock clean
 
 venv: $(STAMP)
 
@@ -51,7 +51,17 @@ image-lock:
 # One torch thread per process: the suite runs a Triton server beside the tests, and on two
 # cores oversubscribed threads are many times slower than one.
 test: $(STAMP) system-deps image-test
+	$(MAKE) --no-print-directory lint-imports
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The layers and the torch-free serving as import-linter contracts (pyproject.toml). It reads a
+# package as installed (fewstep.training, ...), so it runs on a copy of the sources in that layout.
+LAYOUT := .cache/import-layout
+lint-imports: $(STAMP)
+	rm -rf $(LAYOUT) && mkdir -p $(LAYOUT)/fewstep
+	cp fewstep/*.py $(LAYOUT)/fewstep/
+	for d in training export serving demo; do find $$d -name '*.py' -exec cp --parents {} $(LAYOUT)/fewstep/ \; ; done
+	cd $(LAYOUT) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports --no-cache --config $(CURDIR)/pyproject.toml
 
 # The fast lane while working: the unit tests and one real-server smoke test (the tests marked
 # `slow` -- real servers, training runs, subprocesses -- are left to `make test`, which CI runs).

@@ -114,7 +114,7 @@ def prepare_model(src: Path, cache_dir: Path | None = None, log=print, force: bo
         if not force and (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text().strip() == key:
             return out
         try:
-            from fewstep.export.exporter import export_model
+            from fewstep.export.exporter import export_model  # here: torch and onnx (the export extra), first start only
         except ImportError as e:
             raise UserError(f"exporting the demo models needs the export extra ({e}): "
                             f"pip install -e '.[export,serve,demo]'") from None

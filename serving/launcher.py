@@ -43,6 +43,7 @@ from fewstep.serving.admin_key import (ADMIN_HEADER, GRPC_ADMIN_HEADER, admin_ke
                                        read_admin_key, write_admin_key)
 from fewstep.serving.client import RECONNECT_ARGS
 from fewstep.serving.reaper import process_group_members  # noqa: F401  (part of this API)
+from fewstep.serving.http_guard import HttpGuard
 
 # the `fewstep` package: in a checkout its folder, which finds the layers beside it; installed,
 # the folder that holds them
@@ -336,8 +337,6 @@ class Server:
         self._start_reaper()
         try:
             if self.http:
-                from fewstep.serving.http_guard import HttpGuard
-
                 self._http_guard = HttpGuard(self.host, self.http_port, ("127.0.0.1", self._http_upstream),
                                              self.http_max_body).start()
             self.wait_ready(self.ready_timeout if timeout is None else timeout)

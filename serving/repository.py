@@ -29,7 +29,7 @@ from fewstep.errors import UserError
 from fewstep.serving import native_jump
 from fewstep.serving.protocol import INPUTS, ModelInfo, ModelMeta, input_ranges, range_text
 from fewstep.export.runner import cuda_provider_problem, tensorrt_engine_here
-from fewstep.serving.launcher import gpu_present
+from fewstep.serving import launcher
 
 MODELS_DIR = Path(__file__).with_name("models")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -355,7 +355,7 @@ def instance_kind(device: str, manifest: dict) -> tuple[str, str | None]:
 def gpu_unavailable(manifest: dict) -> str | None:
     """Why the jump cannot run on a GPU here (no GPU; no CUDA build of ONNX Runtime and no
     TensorRT for the model's plans), or None when it can."""
-    if not gpu_present():
+    if not launcher.gpu_present():
         return "no NVIDIA GPU is visible on this host"
     if manifest.get("engines") and importlib.util.find_spec("tensorrt") is not None:
         return None

@@ -8,6 +8,10 @@ import torch
 
 from fewstep.errors import UserError
 from fewstep.training import checkpoint as ck
+from fewstep.training.data_2d import default_gmm
+from fewstep.training.methods import method_class
+from fewstep.training.methods.edm import EDM
+from fewstep.training.networks import build_net as _build
 
 
 def resolve_net_config(cfg: dict, shape: tuple, num_classes: int) -> None:
@@ -30,7 +34,6 @@ def resolve_net_config(cfg: dict, shape: tuple, num_classes: int) -> None:
 
 
 def build_method(cfg: dict, teacher=None):
-    from fewstep.training.methods import method_class
     opts = {k: v for k, v in cfg["method"].items() if k != "name"}
     try:
         return method_class(cfg["method"]["name"])(opts, teacher=teacher)
@@ -39,7 +42,6 @@ def build_method(cfg: dict, teacher=None):
 
 
 def build_net(cfg: dict, method) -> torch.nn.Module:
-    from fewstep.training.networks import build_net as _build
     kwargs = {k: v for k, v in cfg["net"].items() if k != "preset"}
     kwargs.update(method.net_overrides())
     try:
@@ -93,7 +95,6 @@ def load_model(path, ema: str | None = "default", device="cpu", load_teacher: bo
     ckpt = ck.find_checkpoint(path)
     cfg = ck.read_config(ckpt)
     if method_opts:
-        from fewstep.training.methods import method_class
         allowed = tuple(getattr(method_class(cfg["method"]["name"]), "sample_options", ()))
         bad = sorted(set(method_opts) - set(allowed))
         if bad:
@@ -133,8 +134,6 @@ class ExactGMMTeacher:
     """The closed-form EDM denoiser of the 2-D gmm data: a perfect teacher without training."""
 
     def __init__(self, cfg: dict):
-        from fewstep.training.data_2d import default_gmm
-        from fewstep.training.methods.edm import EDM
         self.gmm = default_gmm()
         self.method = EDM()
         self.net = None

@@ -10,9 +10,12 @@ A config is a plain JSON-able dict with sections:
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 from fewstep.errors import UserError
+from fewstep.training.methods import method_class
+from fewstep.training.networks import MLP, PRESETS_NET, SongUNet
 
 TRAIN_DEFAULTS = {
     "iters": 1000,
@@ -66,9 +69,6 @@ DATA_NET_KEYS = ("img_resolution", "in_channels", "out_channels", "label_dim", "
 
 def net_defaults(preset: str) -> dict:
     """A net preset with every constructor option spelled out, so each can be overridden."""
-    import inspect
-
-    from fewstep.training.networks import MLP, PRESETS_NET, SongUNet
     p = copy.deepcopy(PRESETS_NET[preset])
     cls = {"unet": SongUNet, "mlp": MLP}[p["arch"]]
     out = {"arch": p["arch"]}
@@ -83,8 +83,6 @@ def net_defaults(preset: str) -> dict:
 def make_config(method: str, data: str | None = None, preset: str | None = None,
                 data_dir: str | None = None, teacher: str | None = None,
                 overrides: list[str] | None = None) -> dict:
-    from fewstep.training.methods import method_class
-
     mcls = method_class(method)
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")

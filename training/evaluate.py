@@ -28,6 +28,13 @@ from fewstep.training.data import load_dataset
 from fewstep.training.feature_classifier import TRUST_ACCURACY, get_classifier, log
 from fewstep.training.inception import InceptionFeatures
 from fewstep.training.metrics import energy_distance, feature_stats, frechet_distance, high_freq_energy, sliced_wasserstein
+from fewstep.images import grid_image, save_png
+from fewstep.plots import save_scatter, steps_title
+from fewstep.sampling import to_uint8
+from fewstep.training.build import load_model
+from fewstep.training.checkpoint import write_json
+from fewstep.training.config import parse_sets
+from fewstep.training.sample_png import class_labels
 
 GRID_IMAGES = 64
 
@@ -71,14 +78,6 @@ def _sample_all(model, steps, seeds, labels, gamma, device, batch, progress, des
 
 
 def run(args) -> int:
-    from fewstep.images import grid_image, save_png
-    from fewstep.plots import save_scatter, steps_title
-    from fewstep.training.build import load_model
-    from fewstep.training.checkpoint import write_json
-    from fewstep.training.config import parse_sets
-    from fewstep.training.sample_png import class_labels
-    from fewstep.sampling import to_uint8
-
     steps_list = parse_int_list(args.steps, "--steps")  # in the order given, once each
     check_range("--num", args.num, 2)
     check_range("--seed", args.seed, 0)

@@ -23,6 +23,8 @@ from fewstep.training import checkpoint as ck
 from fewstep.training.config import DATA_NET_KEYS
 from fewstep.training.ema import ema_decay, update_ema
 from fewstep.training.build import build_initial_net, build_method, load_teacher_model, resolve_net_config
+from fewstep.training.data import Batches, load_dataset
+from fewstep.training.sample_png import save_grid
 
 
 def _dist_env():
@@ -64,8 +66,6 @@ def _same_run(old: dict, new: dict) -> list[str]:
 
 def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Path | None:
     """Train per cfg into out_dir; returns the last checkpoint path (rank 0) or None."""
-    from fewstep.training.data import Batches, load_dataset
-
     tcfg = cfg["train"]
     if not isinstance(tcfg["iters"], int) or tcfg["iters"] < 1:
         raise UserError(f"--iters must be a positive integer, got {tcfg['iters']!r}")
@@ -197,7 +197,6 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
             metrics.flush()
             bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{ips:.0f}")
         if rank == 0 and tcfg["sample_every"] and (done % tcfg["sample_every"] == 0 or done == tcfg["iters"]):
-            from fewstep.training.sample_png import save_grid
             first = next(iter(emas.values())) if emas else net
             save_grid(method, first, cfg, out / "samples" / f"step-{done:07d}.png", device=device)
         out_of_time = bool(time_limit) and _out_of_time(t_start, time_limit, device, world)

@@ -53,6 +53,7 @@ from fewstep.training.checkpoint import derived_file
 from fewstep.training.methods.base import bcast, ode_step
 from fewstep.training.methods.edm import pf_ode_velocity
 from fewstep.sampling import EDM_RHO, EDM_SIGMA_DATA, EDM_T_MAX, EDM_T_MIN, karras
+from fewstep.training.data import DataError, load_dataset
 
 PRECONDS = ("cm", "ctm", "analytic")
 DEFAULT_POINTS = 120
@@ -411,7 +412,6 @@ def teacher_data(teacher, n: int, seed: int = 0):
     d = teacher.config["data"]
     if d.get("name") == "gmm" and getattr(teacher, "gmm", None) is not None:
         return teacher.gmm.sample(int(n), torch.Generator().manual_seed(int(seed))), None
-    from fewstep.training.data import DataError, load_dataset
     kw = {"image_size": d["image_size"]} if d.get("image_size") else {}
     try:
         ds = load_dataset(d["name"], "train", data_dir=d.get("data_dir"), limit=d.get("limit"), seed=0, **kw)
