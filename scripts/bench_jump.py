@@ -29,8 +29,6 @@ if "--passive" in sys.argv:  # must be set before torch (OpenMP) loads
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from fewstep.export.exporter import export_model  # noqa: E402
 from fewstep.export.onnx_export import random_inputs  # noqa: E402
 from fewstep.export.runner import load_runner  # noqa: E402

@@ -36,13 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the checkout's fewstep, also when run from elsewhere
-    sys.path.insert(0, str(ROOT))
-
-from fewstep.demo.shipped import _checkpoint_from_shipped, read_ship, shipped_models  # noqa: E402
-from fewstep.export.onnx_export import jump_module, random_inputs  # noqa: E402
-from fewstep.training.build import load_model  # noqa: E402
+from fewstep.demo.shipped import _checkpoint_from_shipped, read_ship, shipped_models
+from fewstep.export.onnx_export import jump_module, random_inputs
+from fewstep.training.build import load_model
 
 JUMP_MODEL = Path(__file__).with_name("gpu_check_jump_model.py")  # <m>_jump of the triton step
 

@@ -8,7 +8,6 @@ flight. Plus the client's retry rules and the hang probe alone.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -23,15 +22,10 @@ from conftest import require_triton, running_server
 
 pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient[grpc]")
 
+from fewstep.serving import soak  # noqa: E402  (after the skip: it imports the client)
+
 ROOT = Path(__file__).resolve().parents[1]
 FEWSTEP = [sys.executable, "-m", "fewstep.cli"]
-
-
-def _soak_module():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
-    return soak
 
 
 def _generate(url: str, out: Path, *extra) -> tuple[subprocess.CompletedProcess, float]:
@@ -46,9 +40,8 @@ def _generate(url: str, out: Path, *extra) -> tuple[subprocess.CompletedProcess,
 
 @pytest.fixture(scope="module")
 def serve(served_model_dirs, tmp_path_factory):
-    """`fewstep serve` (scripts/soak.py's Serve) on the tiny model, one instance of each model."""
+    """`fewstep serve` (fewstep.serving.soak's Serve) on the tiny model, one instance of each model."""
     require_triton()
-    soak = _soak_module()
     s = soak.Serve(str(served_model_dirs["tiny"]), tmp_path_factory.mktemp("faults"), ["--instances", "1"])
     try:
         s.wait_ready(300)
@@ -275,7 +268,7 @@ def test_retry_rules():
     assert all(0.05 <= w <= 1.0 for w in waits) and waits[-1] >= 0.5
 
 
-# --- the soak (scripts/soak.py), short: what CI runs ---------------------------------------------
+# --- the soak (fewstep.serving.soak), short: what CI runs ---------------------------------------------
 
 def test_small_soak_one_fault_of_each_kind(served_model_dirs):
     """A few hundred mixed requests (5% bad) through `fewstep serve --jump bls` and the project's
@@ -283,7 +276,6 @@ def test_small_soak_one_fault_of_each_kind(served_model_dirs):
     killed, tritonserver killed, the sampler's stub stopped. No error reaches the client, no image
     is wrong, every bad request is refused, and each fault is recovered from by itself."""
     require_triton()
-    soak = _soak_module()
     args = soak.parse_args(["--model", str(served_model_dirs["tiny"]), "--requests", "300", "--concurrency", "16",
                             "--seeds", "4", "--max-seconds", "240", "--rng", "1"])
     report = soak.run(args)

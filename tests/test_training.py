@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -92,13 +91,11 @@ def test_ema_warmup(tmp_path):
 
 
 def test_debias_ema_recovers_the_trained_average(tmp_path):
-    """scripts/debias_ema.py rebuilds the initial weights from the config and seed: after one
+    """fewstep.training.debias_ema (scripts/debias_ema.py) rebuilds the initial weights from the config and seed: after one
     plain-EMA step (0.9 init + 0.1 online) the corrected EMA is exactly the online weights,
     after three it is their (1, d, d^2)-weighted average."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("debias_ema", Path(__file__).parents[1] / "scripts" / "debias_ema.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from fewstep.training import debias_ema as mod
+
     run = tmp_path / "plain"
     assert train(run, "--iters", "3", "train.ckpt_every=1", "train.keep=5", "train.ema=[0.9]",
                  "train.ema_warmup=false", "train.warmup=0", "train.lr=0.01") == 0
