@@ -77,8 +77,8 @@ class Backend:
         """(images, seconds); `retried` collects the client's retries (serving.client)."""
         c = self.client()
         t0 = time.perf_counter()
-        images = c.generate(name, seeds, steps, label, gamma, retried=retried)
+        images = c.generate(name, seeds, steps, retried=retried, class_labels=label, gamma=gamma)
         return images, time.perf_counter() - t0
 
     def stream(self, name, seed, steps, label=None, gamma=None):
-        return self.client().stream(name, seed, steps, label, gamma)
+        return self.client().stream(name, seed, steps, class_label=label, gamma=gamma)

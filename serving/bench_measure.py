@@ -127,8 +127,8 @@ class Bench:
         self.sent_total += 1
         t0 = time.perf_counter()
         try:
-            await client.infer(self.model, seeds, steps, labels, self.args.gamma, outputs=(self.output,),
-                               retried=None if cell is None else cell.retried)
+            await client.infer(self.model, seeds, steps, outputs=(self.output,),
+                               retried=None if cell is None else cell.retried, class_labels=labels, gamma=self.args.gamma)
         except ServingError as e:
             if cell is not None:
                 cell.error(e.code, e.message)
@@ -354,7 +354,7 @@ class Bench:
         the client's own first call (gRPC, protobuf) is paid first by a request that Triton
         refuses before any model runs (an output the model does not have)."""
         try:
-            await client.infer(self.model, [0], 1, None, None, outputs=("no_such_output",))
+            await client.infer(self.model, [0], 1, outputs=("no_such_output",))
         except ServingError:
             pass
         k = min(self.plan.steps or [k for k, _ in self.plan.mix])

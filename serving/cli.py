@@ -207,8 +207,8 @@ def run_generate(args) -> int:
             labels = None if args.class_label is None else args.class_label
             t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=min(8, len(parts))) as pool:
-                results = list(pool.map(lambda s: client.generate(args.model, s, steps, labels, args.gamma,
-                                                                  retried=retried), parts))
+                results = list(pool.map(lambda s: client.generate(args.model, s, steps, retried=retried,
+                                                                  class_labels=labels, gamma=args.gamma), parts))
             latency = time.perf_counter() - t0
     except ServingError as e:
         if e.code == "UNAVAILABLE":

@@ -90,13 +90,22 @@ def _as_list(v, n: int, name: str):
     return v
 
 
-def build_inputs(grpc, seeds, steps=None, class_labels=None, gamma=None, batched: bool = True) -> list:
-    """InferInputs for `<name>` (batched: [K, 1] each) or `<name>_stream` ([1]), of the
-    contract's dtypes (serving.protocol.INPUTS); steps None: the server's default."""
+def build_inputs(grpc, seeds, steps=None, batched: bool = True, **inputs) -> list:
+    """InferInputs for `<name>` (batched: [K, 1] each) or `<name>_stream` ([1]): one for each
+    input of the request table (serving.protocol.INPUTS) given by its keyword (`Input.keyword`:
+    seeds, steps, class_labels, gamma; or its name), of the table's dtype. None or left out:
+    not sent (the server's default). A keyword the table does not name is refused here, in
+    one line: never dropped."""
     seeds = [int(s) for s in (seeds if not np.isscalar(seeds) else [seeds])]
     n = len(seeds)
-    cols = {"seed": seeds, "steps": _as_list(steps, n, "steps"), "class_label": _as_list(class_labels, n, "class_label"),
-            "gamma": _as_list(gamma, n, "gamma")}
+    given = {"seeds": seeds, "steps": steps, **inputs}
+    cols = {}
+    for name, inp in INPUTS.items():
+        by_keyword, by_name = given.pop(inp.keyword, None), given.pop(name, None) if inp.keyword != name else None
+        cols[name] = _as_list(by_name if by_keyword is None else by_keyword, n, name)
+    if given:
+        raise ServingError("INVALID_ARGUMENT", f"{sorted(given)[0]}: unknown input (inputs are "
+                                               f"{', '.join(i.keyword for i in INPUTS.values())})")
     inputs = []
     for name, values in cols.items():
         if values is None:
@@ -303,10 +312,10 @@ class _Core:
                 raise ServingError("INVALID_ARGUMENT", str(e)) from None
         return self.meta[model]
 
-    def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",),
-              retried: list | None = None):
-        """One request of len(seeds) images; {output name: array} (png: a list of bytes)."""
-        inputs = build_inputs(self.grpc, seeds, steps, class_labels, gamma)
+    def infer(self, model: str, seeds, steps=None, outputs=("image",), retried: list | None = None, **values):
+        """One request of len(seeds) images; {output name: array} (png: a list of bytes).
+        values: the other inputs by keyword (class_labels=, gamma=; `build_inputs`)."""
+        inputs = build_inputs(self.grpc, seeds, steps, **values)
         wanted = [self.grpc.InferRequestedOutput(n) for n in outputs]
         try:
             result = yield from self.call(self.client.infer, model, inputs, outputs=wanted, retried=retried)
@@ -319,12 +328,11 @@ class _Core:
                 out[n] = [bytes(b) for b in arr.reshape(-1)] if n == "png" else arr
         return out
 
-    def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None, png: bool = False,
-                 retried: list | None = None):
+    def generate(self, model: str, seeds, steps=None, png: bool = False, retried: list | None = None, **values):
         """uint8 images [K, H, W, C] (float samples [K, D] for 2-D models), or K PNGs."""
         meta = yield from self.model_meta(model, retried)
         out = "png" if png else "image" if meta.is_image else "sample"
-        return (yield from self.infer(model, seeds, steps, class_labels, gamma, (out,), retried))[out]
+        return (yield from self.infer(model, seeds, steps, (out,), retried, **values))[out]
 
     def statistics(self):
         """GetInferenceStatistics of every model, as JSON."""
@@ -333,9 +341,10 @@ class _Core:
     def server_version(self):
         return (yield from self.call(self.client.get_server_metadata, as_json=True)).get("version")
 
-    def stream_inputs(self, model: str, seed: int, steps, class_label, gamma) -> tuple:
-        return model + "_stream", build_inputs(self.grpc, [seed], steps, None if class_label is None else [class_label],
-                                               None if gamma is None else [gamma], batched=False)
+    def stream_inputs(self, model: str, seed: int, steps, **values) -> tuple:
+        """One image's inputs for `<name>_stream`: each input by its name (class_label=, gamma=)."""
+        return model + "_stream", build_inputs(self.grpc, [seed], steps, batched=False,
+                                               **{k: None if v is None else [v] for k, v in values.items()})
 
 
 class _Steps:
@@ -418,21 +427,22 @@ class Client:
     def meta(self, model: str, retried: list | None = None) -> ModelMeta:
         return _run(self._core.model_meta(model, retried))
 
-    def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",),
-              retried: list | None = None) -> dict:
-        return _run(self._core.infer(model, seeds, steps, class_labels, gamma, outputs, retried))
+    # values: the request's other inputs by keyword, class_labels=[...], gamma=[...] (a batch) or
+    # class_label=, gamma= (stream: one image); serving.protocol.INPUTS names them, and a keyword
+    # it does not name is refused (`build_inputs`)
+    def infer(self, model: str, seeds, steps=None, outputs=("image",), retried: list | None = None,
+              **values) -> dict:
+        return _run(self._core.infer(model, seeds, steps, outputs, retried, **values))
 
-    def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
-                 retried: list | None = None) -> np.ndarray:
-        return _run(self._core.generate(model, seeds, steps, class_labels, gamma, retried=retried))
+    def generate(self, model: str, seeds, steps=None, retried: list | None = None, **values) -> np.ndarray:
+        return _run(self._core.generate(model, seeds, steps, retried=retried, **values))
 
-    def generate_png(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
-                     retried: list | None = None) -> list[bytes]:
-        return _run(self._core.generate(model, seeds, steps, class_labels, gamma, png=True, retried=retried))
+    def generate_png(self, model: str, seeds, steps=None, retried: list | None = None, **values) -> list[bytes]:
+        return _run(self._core.generate(model, seeds, steps, png=True, retried=retried, **values))
 
-    def stream(self, model: str, seed: int, steps=None, class_label=None, gamma=None):
+    def stream(self, model: str, seed: int, steps=None, **values):
         """Yields (step, preview) after every sampler step; the last one is the final image."""
-        name, inputs = self._core.stream_inputs(model, seed, steps, class_label, gamma)
+        name, inputs = self._core.stream_inputs(model, seed, steps, **values)
         q: queue.Queue = queue.Queue()
         client = self._core.new_client()
         try:
@@ -492,22 +502,21 @@ class AsyncClient:
     async def server_version(self) -> str | None:
         return await _run_async(self._core.server_version())
 
-    async def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",),
-              retried: list | None = None) -> dict:
-        return await _run_async(self._core.infer(model, seeds, steps, class_labels, gamma, outputs, retried))
+    # values: as Client's, the request's other inputs by keyword
+    async def infer(self, model: str, seeds, steps=None, outputs=("image",), retried: list | None = None,
+                    **values) -> dict:
+        return await _run_async(self._core.infer(model, seeds, steps, outputs, retried, **values))
 
-    async def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
-                 retried: list | None = None) -> np.ndarray:
-        return await _run_async(self._core.generate(model, seeds, steps, class_labels, gamma, retried=retried))
+    async def generate(self, model: str, seeds, steps=None, retried: list | None = None, **values) -> np.ndarray:
+        return await _run_async(self._core.generate(model, seeds, steps, retried=retried, **values))
 
-    async def generate_png(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
-                     retried: list | None = None) -> list[bytes]:
-        return await _run_async(self._core.generate(model, seeds, steps, class_labels, gamma, png=True,
-                                                    retried=retried))
+    async def generate_png(self, model: str, seeds, steps=None, retried: list | None = None,
+                           **values) -> list[bytes]:
+        return await _run_async(self._core.generate(model, seeds, steps, png=True, retried=retried, **values))
 
-    async def stream(self, model: str, seed: int, steps=None, class_label=None, gamma=None):
+    async def stream(self, model: str, seed: int, steps=None, **values):
         """Async iterator of (step, preview); the last one is the final image."""
-        name, inputs = self._core.stream_inputs(model, seed, steps, class_label, gamma)
+        name, inputs = self._core.stream_inputs(model, seed, steps, **values)
 
         async def requests():
             yield {"model_name": name, "inputs": inputs, "enable_empty_final_response": True}

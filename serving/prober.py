@@ -138,7 +138,7 @@ class Prober:
         t0 = time.monotonic()
         try:
             if target.kind == "ensemble":
-                inputs = build_inputs(self.grpc, [0], 1, self._label(target.model))
+                inputs = build_inputs(self.grpc, [0], 1, class_labels=self._label(target.model))
                 client.infer(target.model, inputs, outputs=[self.grpc.InferRequestedOutput("sample")],
                              client_timeout=self.deadline_s)
             elif target.kind == "jump":
@@ -172,7 +172,7 @@ class Prober:
         client.start_stream(callback=lambda result, error: answers.put((result, error)),
                             stream_timeout=self.deadline_s)
         try:
-            inputs = build_inputs(self.grpc, [0], 1, self._label(name), batched=False)
+            inputs = build_inputs(self.grpc, [0], 1, batched=False, class_labels=self._label(name))
             client.async_stream_infer(model, inputs, enable_empty_final_response=True)
             deadline = time.monotonic() + self.deadline_s
             while True:

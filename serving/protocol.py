@@ -11,25 +11,41 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from fewstep import sampling
 
 # --- the request contract ----------------------------------------------------------------------
-# Everything that names, types or bounds a request input is derived from here: the Triton
-# configs (serving.repository), the validation below, the client's tensors (serving.client),
-# the page's limits (demo.app) and the bench.
+# The table `INPUTS` names, types, bounds and describes every request input. Looping over it:
+# the Triton configs (serving.repository), `parse_request` (each input in the table is parsed,
+# checked and handed to the sampler in its `Item`; one not in it is refused), the clients'
+# keywords and tensors (serving.client), the page's limits (demo.checks) and the bench.
 
 @dataclass(frozen=True)
 class Input:
-    """One input of `<name>`, `<name>_sampler` and `<name>_stream` (one value per image)."""
+    """One input of `<name>`, `<name>_sampler` and `<name>_stream`: one value per image, so
+    shape [1] after the batch dimension."""
     name: str
     dtype: str              # Triton's name of the type: INT64, FP32
-    optional: bool
-    what: str               # what it is (the config's comment)
+    optional: bool          # may be left out (a conditional input: unless the model has classes)
+    what: str               # its help: what it is (the config's comment, the clients' errors)
+    limits: Callable        # model (ModelInfo or ModelMeta) -> (lo, hi) inclusive, or None: the model takes none
     noun: str = ""          # how an error names an allowed value ("must be NOUN in [lo, hi]")
+    default: str = ""       # what applies when it is left out ("" for a required input)
+    conditional: bool = False  # required exactly by class-conditional models, refused by the others
+    field: str = ""         # its attribute of `Item`; "" = `Item.extra[name]`
+    arg: str = ""           # the clients' keyword for a batch of its values ("" = its name)
+    shape: tuple = (1,)     # per image
+
+    def required(self, model) -> bool:
+        return not self.optional or (self.conditional and bool(model.num_classes))
+
+    @property
+    def keyword(self) -> str:
+        return self.arg or self.name
 
     @property
     def numpy(self) -> np.dtype:
@@ -46,21 +62,24 @@ GAMMA_RANGE = (0.0, 1.0)
 # Integers are INT64 so that no value can wrap before it is checked: Triton converts an
 # HTTP JSON number into a narrower input type by truncation (4294967297 -> INT32 1).
 INPUTS = {i.name: i for i in (
-    Input("seed", "INT64", False, "noise seed (the image depends only on it and the settings)"),
-    Input("steps", "INT64", True, "sampler steps (default: the model's default_steps)", noun="an integer"),
-    Input("class_label", "INT64", True, "class label (required by a class-conditional model)"),
-    Input("gamma", "FP32", True, "sampler stochasticity (default: the model's gamma)"),
+    Input("seed", "INT64", False, "noise seed (the image depends only on it and the settings)",
+          lambda model: SEED_RANGE, field="seed", arg="seeds"),
+    Input("steps", "INT64", True, "sampler steps (default: the model's default_steps)",
+          lambda model: (1, int(model.max_steps)), noun="an integer", default="the model's default_steps",
+          field="steps"),
+    Input("class_label", "INT64", True, "class label (required by a class-conditional model)",
+          lambda model: (0, int(model.num_classes) - 1) if model.num_classes else None, noun="an integer",
+          conditional=True, field="label", arg="class_labels"),
+    Input("gamma", "FP32", True, "sampler stochasticity (default: the model's gamma)",
+          lambda model: GAMMA_RANGE, default="the model's gamma", field="gamma"),
 )}
 REQUIRED = tuple(name for name, i in INPUTS.items() if not i.optional)
 
 
 def input_ranges(model) -> dict:
     """{input: (lo, hi)} inclusive, for a model (ModelInfo or ModelMeta: its max_steps and
-    num_classes); class_label is absent for an unconditional model."""
-    out = {"seed": SEED_RANGE, "steps": (1, int(model.max_steps)), "gamma": GAMMA_RANGE}
-    if model.num_classes:
-        out["class_label"] = (0, int(model.num_classes) - 1)
-    return out
+    num_classes); an input the model takes none of (class_label, unconditional) is absent."""
+    return {name: lim for name, inp in INPUTS.items() if (lim := inp.limits(model)) is not None}
 
 
 def range_text(lo, hi) -> str:
@@ -206,6 +225,7 @@ class Item:
     steps: int
     gamma: float
     label: int | None = None
+    extra: dict = field(default_factory=dict)  # {name: value} of the table's inputs without a field of their own
 
 
 def _column(name: str, arr, dtype, batch: int | None) -> np.ndarray:
@@ -229,18 +249,22 @@ def _in_range(name: str, col: np.ndarray, lo, hi) -> None:
         raise InvalidInput(f"{name}: must be {noun}in {range_text(lo, hi)}, got {col[bad][0].item()!r}")
 
 
-def _labels(info: ModelInfo, raw, n: int) -> np.ndarray | None:
-    """Class labels int64 [B] (or None), checked against the model's classes."""
+def _parse_input(info: ModelInfo, inp: Input, raw, n: int) -> np.ndarray | None:
+    """One input's [B] column, checked against the model (None: left out, where it may be)."""
+    limits = inp.limits(info)
     if raw is None:
-        if info.num_classes:
-            raise InvalidInput(f"class_label: required by the class-conditional model '{info.name}': "
-                               f"an integer in [0, {info.num_classes - 1}]")
-        return None
-    if not info.num_classes:
-        raise InvalidInput(f"class_label: model '{info.name}' is unconditional; send no class_label")
-    labels = _column("class_label", raw, INPUTS["class_label"].numpy, n)
-    _in_range("class_label", labels, *input_ranges(info)["class_label"])
-    return labels
+        if not inp.required(info):
+            return None
+        if inp.conditional:
+            raise InvalidInput(f"{inp.name}: required by the class-conditional model '{info.name}': "
+                               f"{inp.noun or 'a value'} in {range_text(*limits)}")
+        raise InvalidInput(f"{inp.name}: required input is missing")
+    if limits is None:
+        why = "is unconditional" if inp.conditional else f"takes no {inp.name}"
+        raise InvalidInput(f"{inp.name}: model '{info.name}' {why}; send no {inp.name}")
+    col = _column(inp.name, raw, inp.numpy, n)
+    _in_range(inp.name, col, *limits)
+    return col
 
 
 def parse_request(info: ModelInfo, inputs: dict, max_images: int | None = None) -> list[Item]:
@@ -259,19 +283,18 @@ def parse_request(info: ModelInfo, inputs: dict, max_images: int | None = None) 
     limit = max_images or info.max_batch
     if n > limit:
         raise InvalidInput(f"seed: {n} images in one request; the maximum batch is {limit}")
-    cols = {"seed": seeds}
-    for name in ("steps", "gamma"):
-        if inputs.get(name) is not None:
-            cols[name] = _column(name, inputs[name], INPUTS[name].numpy, n)
-    ranges = input_ranges(info)
-    for name, col in cols.items():
-        _in_range(name, col, *ranges[name])
-    labels = _labels(info, inputs.get("class_label"), n)
+    cols = {}
+    for name, inp in INPUTS.items():  # every input of the table: parsed and checked, none dropped
+        col = _parse_input(info, inp, inputs.get(name), n)
+        if col is not None:
+            cols[name] = col
     steps = cols.get("steps", np.full(n, info.default_steps))
-    gammas = cols.get("gamma")
+    gammas, labels = cols.get("gamma"), cols.get("class_label")
+    extra = {name: col for name, col in cols.items() if not INPUTS[name].field}
     return [Item(int(seeds[b]), int(steps[b]),
                  sampling.effective_gamma(info.spec, None if gammas is None else float(gammas[b])),
-                 None if labels is None else int(labels[b])) for b in range(n)]
+                 None if labels is None else int(labels[b]), {k: col[b].item() for k, col in extra.items()})
+            for b in range(n)]
 
 
 def run_group(jump, info: ModelInfo, items: list[Item], callback=None) -> np.ndarray:
@@ -348,5 +371,5 @@ def parse_jump(info: ModelInfo, x, t, s, labels=None):
     if (s > t).any():
         k = int(np.argmax(s > t))
         raise InvalidInput(f"s: must be <= t (a jump goes back in time), got s = {float(s[k])!r} > t = {float(t[k])!r}")
-    labels = _labels(info, labels, n)
+    labels = _parse_input(info, INPUTS["class_label"], labels, n)  # checked as the request's class_label
     return x.astype(np.float32, copy=False), t, s, labels

@@ -257,8 +257,8 @@ async def soak(args, serve: Serve, model: str, plan: list[dict], refs: dict) -> 
             retried: list = []
             sent = time.monotonic()
             try:
-                out = await client.generate(model, req["seeds"], req["steps"], req["labels"], req["gamma"],
-                                            retried=retried)
+                out = await client.generate(model, req["seeds"], req["steps"], retried=retried,
+                                            class_labels=req["labels"], gamma=req["gamma"])
                 code = "OK"
             except ServingError as e:
                 code, out = e.code, None

@@ -27,11 +27,12 @@ def load_info(args: dict) -> tuple[dict, dict, ModelInfo]:
 
 
 def read_inputs(request) -> dict:
-    """The request's inputs as numpy copies (tensor memory is freed when execute returns)."""
-    out = {}
-    for name in INPUTS:
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
-        out[name] = None if tensor is None else np.array(tensor.as_numpy(), copy=True)
+    """The request's inputs as numpy copies (tensor memory is freed when execute returns);
+    None for each input it lacks. One pass over its tensors (get_input_tensor_by_name would
+    walk them once per name)."""
+    out = dict.fromkeys(INPUTS)
+    for tensor in request.inputs():
+        out[tensor.name()] = np.array(tensor.as_numpy(), copy=True)
     return out
 
 
