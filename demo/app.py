@@ -23,13 +23,14 @@ os.environ.setdefault("GRADIO_SSR_MODE", "False")
 for _var in ("NO_PROXY", "no_proxy"):  # the page's own calls to localhost never go through a proxy
     os.environ[_var] = ",".join(x for x in (os.environ.get(_var, ""), "127.0.0.1", "localhost", "::1") if x)
 
+import dataclasses  # noqa: E402
 import queue  # noqa: E402
 import random  # noqa: E402
 import threading  # noqa: E402
 
 from fewstep.demo.api import add_api  # noqa: E402
 from fewstep.demo.backend import Backend, retry_note, retrying_note  # noqa: E402,F401  (retry_note: shown text)
-from fewstep.demo.checks import (MAX_IMAGES, SEED_MAX, Request, check_request, class_names,  # noqa: E402
+from fewstep.demo.checks import (MAX_IMAGES, SEED_MAX, Request, check_request, class_names, extra_inputs,  # noqa: E402
                                  compare_steps, counts_text, describe_error, display_images, figure_text,
                                  format_latency, gamma_applies, gamma_value, metric_name, model_info, steps_note,
                                  steps_text)
@@ -92,13 +93,13 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
         return (gr.update(value=meta.default_steps), steps_hint(meta), gr.update(visible=g, value=meta.gamma), label,
                 gr.update(visible=g, value=meta.gamma), label, compare_intro(meta), model_info(meta))
 
-    def _page_request(meta: ModelMeta, steps, seed, randomize, num, gamma, label) -> Request:
+    def _page_request(meta: ModelMeta, steps, seed, randomize, num, gamma, label, values) -> Request:
         """check_request for the page: a gamma is sent where the model's sampler uses it."""
         if randomize:
             seed = random.randint(0, SEED_MAX)
-        req = check_request(meta, steps, seed, num, label if meta.num_classes else None)
+        req = check_request(meta, steps, seed, num, label if meta.num_classes else None, **values)
         if gamma_applies(meta) and meta.gamma_unused(req.steps) is None:
-            req = Request(req.steps, req.seeds, req.label, gamma_value(gamma))
+            req = dataclasses.replace(req, gamma=gamma_value(gamma))
         return req
 
     # -- handlers --
@@ -135,8 +136,9 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
         return "⚠️ **No model selected.** " + (f"This server has: {', '.join(names)} (press ↻)." if names
                                                 else f"The server at `{url}` serves no image model.")
 
-    def generate(model, steps, seed, randomize, num, gamma, label, preview):
-        """Generate `num` images (seeds seed .. seed+num-1) with `steps` sampler steps.
+    def generate(model, steps, seed, randomize, num, gamma, label, preview, *extra):
+        """Generate `num` images (seeds seed .. seed+num-1) with `steps` sampler steps; extra:
+        the values of the number boxes of the table's other inputs (`extra_inputs`).
 
         Yields (gallery, preview image, latency text, status, seed used)."""
         skip = gr.update()
@@ -145,7 +147,8 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
             return
         try:
             meta = backend.meta(model)
-            req = _page_request(meta, steps, seed, randomize, num, gamma, label)
+            values = {inp.name: v for inp, v in zip(extras, extra)}
+            req = _page_request(meta, steps, seed, randomize, num, gamma, label, values)
         except Exception as e:  # unreachable, or a value out of range: said, nothing sent
             yield [], None, "", describe_error(e, url, "generating"), skip
             return
@@ -156,7 +159,7 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
         def run():
             try:
                 result["images"], result["latency"] = backend.generate(model, req.seeds, steps, req.label, req.gamma,
-                                                                       retried)
+                                                                       retried, **req.values)
             except Exception as e:
                 result["error"] = e
 
@@ -169,7 +172,7 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
 
             def previews():
                 try:
-                    for step, img in backend.stream(model, s0, steps, req.label, req.gamma):
+                    for step, img in backend.stream(model, s0, steps, req.label, req.gamma, **req.values):
                         q.put((step, img))
                 except Exception as e:
                     q.put(e)
@@ -270,6 +273,9 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
                                           label="Gamma in [0, 1] (stochasticity: 0 = deterministic)")
                         label = gr.Dropdown(choices=[], value=None, visible=False, label="Class label",
                                             elem_id="fewstep-label")
+                        extras = extra_inputs()  # the table's other inputs: a number box each
+                        extra_boxes = [gr.Number(value=None, label=f"{inp.name}: {inp.what}",
+                                                 elem_id=f"fewstep-input-{inp.name}") for inp in extras]
                         preview = gr.Checkbox(value=True, label="Live previews (the streaming model: the denoised "
                                                                 "estimate after each step)", elem_id="fewstep-preview")
                         go = gr.Button("Generate", variant="primary", elem_id="fewstep-generate")
@@ -295,7 +301,7 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
         private = {"api_visibility": "private"}
         controls = [steps, steps_hint_md, gamma, label, c_gamma, c_label, c_intro, info]
         results = [gallery, live, latency, c_gallery, c_table]
-        gen_event = go.click(generate, [model, steps, seed, randomize, num, gamma, label, preview],
+        gen_event = go.click(generate, [model, steps, seed, randomize, num, gamma, label, preview, *extra_boxes],
                              [gallery, live, latency, status, seed], api_name="page_generate", **private)
         cmp_event = c_go.click(compare, [model, c_seed, c_randomize, c_gamma, c_label],
                                [c_gallery, c_table, status, c_seed], api_name="page_compare", **private)

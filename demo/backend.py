@@ -72,13 +72,15 @@ class Backend:
     def meta(self, name: str) -> ModelMeta:
         return self.client().meta(name)
 
-    def generate(self, name, seeds, steps, label=None, gamma=None, retried: list | None = None
+    def generate(self, name, seeds, steps, label=None, gamma=None, retried: list | None = None, **values
                  ) -> tuple[np.ndarray, float]:
-        """(images, seconds); `retried` collects the client's retries (serving.client)."""
+        """(images, seconds); `retried` collects the client's retries (serving.client); values:
+        the request's other inputs, one value for every image."""
         c = self.client()
         t0 = time.perf_counter()
-        images = c.generate(name, seeds, steps, retried=retried, class_labels=label, gamma=gamma)
+        images = c.generate(name, seeds, steps, retried=retried, class_labels=label, gamma=gamma,
+                            **{k: [v] * len(seeds) for k, v in values.items()})
         return images, time.perf_counter() - t0
 
-    def stream(self, name, seed, steps, label=None, gamma=None):
-        return self.client().stream(name, seed, steps, class_label=label, gamma=gamma)
+    def stream(self, name, seed, steps, label=None, gamma=None, **values):
+        return self.client().stream(name, seed, steps, class_label=label, gamma=gamma, **values)

@@ -5,12 +5,21 @@ error texts. demo/app.py (the page) and demo/api.py (its typed endpoints) both r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fewstep.serving.client import ModelMeta, ServingError
-from fewstep.serving.protocol import GAMMA_RANGE, MAX_SEED, input_ranges, range_text
+from fewstep.serving.protocol import GAMMA_RANGE, INPUTS, MAX_SEED, input_ranges, range_text
+
+# the request inputs the page has controls of its own for; every other input of the table
+# (serving.protocol.INPUTS) gets a number box (`extra_inputs`), checked here and sent
+PAGE_INPUTS = ("seed", "steps", "class_label", "gamma")
+
+
+def extra_inputs() -> list:
+    """The table's inputs the page has no control of its own for: one number box each."""
+    return [inp for name, inp in INPUTS.items() if name not in PAGE_INPUTS]
 
 MAX_IMAGES = 16
 COMPARE_STEPS = (1, 2, 4, 8)
@@ -200,12 +209,33 @@ class Request:
     seeds: list
     label: int | None
     gamma: float | None
+    values: dict = field(default_factory=dict)  # the other inputs of the table: {name: one value for every image}
 
 
-def check_request(meta: ModelMeta, steps=None, seed=0, num=1, label=None, gamma=None) -> Request:
+def _extra_value(meta: ModelMeta, name: str, value):
+    """One value of a table input the page has no control of its own for, checked as the server will."""
+    inp = INPUTS.get(name)
+    if inp is None or name in PAGE_INPUTS:
+        raise BadInput(f"{name}: unknown input (the server's inputs are {', '.join(INPUTS)})")
+    limits = inp.limits(meta)
+    if limits is None:
+        raise BadInput(f"{name}: {meta.name} takes no {name}")
+    if inp.numpy.kind in "iu":
+        return whole_number(name, value, *limits)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (math.isfinite(v) and limits[0] <= v <= limits[1]):
+        raise BadInput(f"{name}: must be a number in {range_text(*limits)}, got {_shown(value)}")
+    return v
+
+
+def check_request(meta: ModelMeta, steps=None, seed=0, num=1, label=None, gamma=None, **values) -> Request:
     """Check a request against the model before anything is sent; BadInput says what is wrong.
     steps None: the model's default. A label is required by a class-conditional model and refused
-    by an unconditional one; a gamma is refused where it would change nothing."""
+    by an unconditional one; a gamma is refused where it would change nothing. values: the other
+    inputs of the table by name (None: not sent), each checked against its range."""
     limits = input_ranges(meta)  # the server's ranges (serving.protocol)
     steps = meta.default_steps if steps is None else whole_number("steps", steps, *limits["steps"])
     seed = whole_number("seed", seed, limits["seed"][0], SEED_MAX)
@@ -222,7 +252,11 @@ def check_request(meta: ModelMeta, steps=None, seed=0, num=1, label=None, gamma=
         why = meta.gamma_unused(steps)
         if why:
             raise BadInput(f"gamma: {why}; send no gamma")
-    return Request(steps, list(range(seed, seed + num)), label, gamma)
+    for inp in extra_inputs():
+        if values.get(inp.name) is None and inp.required(meta):
+            raise BadInput(f"{inp.name}: required ({inp.what})")
+    extra = {name: _extra_value(meta, name, v) for name, v in values.items() if v is not None}
+    return Request(steps, list(range(seed, seed + num)), label, gamma, extra)
 
 
 # --- the page -----------------------------------------------------------------------------------

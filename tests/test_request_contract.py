@@ -1,7 +1,7 @@
 """The request table (serving.protocol.INPUTS) as data: a synthetic input added to it reaches
-the sampler's items, its range is checked, the configs and the client carry it; and a table
-that does not name it refuses it in one line, never drops it: in the client, and through gRPC
-in the sampler's own parse."""
+the sampler's items, its range is checked, the configs, the client and the page (a number box,
+checked, sent) carry it; and a table that does not name it refuses it in one line, never drops
+it: in the client, on the page, and through gRPC in the sampler's own parse."""
 from __future__ import annotations
 
 import numpy as np
@@ -74,12 +74,40 @@ def test_the_configs_and_the_client_carry_it(with_guidance):
         build_inputs(grpc, [1], guidanse=[0.5])
 
 
+def _meta(num_classes=0):
+    from fewstep.serving.client import ModelMeta
+    return ModelMeta("m", (1, 28, 28), num_classes, 8, 2, 4, 0.0, ("image",))
+
+
+def test_the_page_has_a_box_for_it_and_checks_it(with_guidance):
+    pytest.importorskip("gradio", reason="the page needs gradio (the demo extra)")
+    from fewstep.demo.app import build_app
+    from fewstep.demo.checks import BadInput, check_request
+
+    assert check_request(_meta(), 2, guidance=0.5).values == {"guidance": 0.5}
+    assert check_request(_meta(), 2, guidance=None).values == {}  # left empty: not sent
+    with pytest.raises(BadInput, match=r"^guidance: must be a number in \[0, 2\], got 3$"):
+        check_request(_meta(), 2, guidance=3)
+    app = build_app("127.0.0.1:1")  # nothing is called while the page is built
+    labels = [c.get("props", {}).get("label") for c in app.config["components"]]
+    assert "guidance: a synthetic input (its range is [0, 2])" in labels
+
+
+def test_the_page_refuses_an_input_the_table_does_not_name():
+    from fewstep.demo.checks import BadInput, check_request
+
+    with pytest.raises(BadInput, match=r"^guidance: unknown input \(the server's inputs are seed, steps, class_label, gamma\)$"):
+        check_request(_meta(), 2, guidance=0.5)
+
+
 def test_through_grpc_a_sampler_without_it_refuses_it(with_guidance, served_model_dirs, tmp_path):
     """A repository written with the input (the configs and the ensemble pass it on) served by
     stubs whose table lacks it: the sampler's parse refuses it, and the client says so."""
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
     from conftest import require_triton, running_server
 
+    from fewstep.demo.backend import Backend
+    from fewstep.demo.checks import describe_error
     from fewstep.serving.client import Client, ServingError
     from fewstep.serving.repository import Options, write_repository
 
@@ -93,3 +121,8 @@ def test_through_grpc_a_sampler_without_it_refuses_it(with_guidance, served_mode
         assert refused.value.code == "INVALID_ARGUMENT"
         assert "guidance: unknown input (inputs are seed, steps, class_label, gamma)" in str(refused.value)
         assert client.generate("tiny", [1, 2], 2).shape == (2, 28, 28, 1)  # the same request without it is served
+        # the page's way to the server (demo.backend), and what the page says
+        with pytest.raises(ServingError) as from_page:
+            Backend(server.grpc_url).generate("tiny", [1, 2], 2, guidance=0.5)
+        said = describe_error(from_page.value, server.grpc_url)
+        assert "rejected" in said and "guidance: unknown input" in said, said
