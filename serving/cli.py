@@ -13,6 +13,7 @@ from fewstep.export.runner import BACKENDS
 from fewstep.serving.client import DEADLINE_S
 from fewstep.serving.launcher import GRACE_S
 from fewstep.serving.native_jump import JUMP_BACKENDS
+from fewstep.serving.protocol import INPUTS
 
 
 # --- serve ------------------------------------------------------------------------------------
@@ -158,6 +159,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float,
                    help="sampler stochasticity in [0, 1] (default: the model's); refused where it would change "
                         "nothing: consistency models (always 1) and 1 step")
+    for inp in INPUTS.values():  # the table's other inputs (serving.protocol.INPUTS): a flag each
+        if inp.name not in ("seed", "steps", "class_label", "gamma"):
+            p.add_argument("--" + inp.name.replace("_", "-"), type=int if inp.numpy.kind in "iu" else float,
+                           help=f"{inp.what} (one value for every image)", dest=f"input_{inp.name}")
     p.add_argument("--out", required=True, help="PNG file: one image, or a grid of --num images")
     p.add_argument("--timeout", type=float, default=DEADLINE_S,
                    help=f"deadline of each request in seconds, retries included: a server that restarts "
@@ -180,6 +185,11 @@ class RetryNotice(list):
             print(f"the server at {self.url} answered {err.code} ({err.message[:100]}); retrying within the "
                   f"{self.timeout:g} s deadline (--timeout)", file=sys.stderr, flush=True)
         super().append(err)
+
+
+def _other_inputs(args, n: int) -> dict:
+    """The values of the table's other inputs given on the command line, for n images."""
+    return {k[len("input_"):]: [v] * n for k, v in vars(args).items() if k.startswith("input_") and v is not None}
 
 
 def run_generate(args) -> int:
@@ -208,7 +218,8 @@ def run_generate(args) -> int:
             t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=min(8, len(parts))) as pool:
                 results = list(pool.map(lambda s: client.generate(args.model, s, steps, retried=retried,
-                                                                  class_labels=labels, gamma=args.gamma), parts))
+                                                                  class_labels=labels, gamma=args.gamma,
+                                                                  **_other_inputs(args, len(s))), parts))
             latency = time.perf_counter() - t0
     except ServingError as e:
         if e.code == "UNAVAILABLE":

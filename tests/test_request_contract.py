@@ -69,6 +69,14 @@ def test_the_configs_and_the_client_carry_it(with_guidance):
     sent = {i.name(): i for i in build_inputs(grpc, [1, 2], 3, guidance=[0.5, 1.5], gamma=0.25)}
     assert list(sent) == ["seed", "steps", "gamma", "guidance"]
     assert sent["guidance"].datatype() == "FP32" and sent["guidance"].shape() == [2, 1]
+    # `fewstep generate` has a flag for it
+    import argparse
+
+    from fewstep.serving import cli
+    parser = argparse.ArgumentParser()
+    cli.add_generate_args(parser)
+    args = parser.parse_args(["--model", "m", "--out", "o.png", "--guidance", "0.5"])
+    assert cli._other_inputs(args, 3) == {"guidance": [0.5, 0.5, 0.5]}
     typo = r"guidanse: unknown input \(inputs are seeds, steps, class_labels, gamma, guidance\)"
     with pytest.raises(ServingError, match=typo):  # a keyword the table does not name is refused, not dropped
         build_inputs(grpc, [1], guidanse=[0.5])
