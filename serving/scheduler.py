@@ -58,16 +58,19 @@ class Scheduler:
     scheduler's thread, with float32 samples [len(items), *shape] or an exception.
 
     jump(x, t, s, labels) -> x_s: numpy float32 [B, *shape], t and s float32 [B], labels int64
-    [B] or None. on_idle() is called when the scheduler runs out of work, and at most every
-    `idle_every` seconds while busy (the sampler flushes its counters there).
+    [B] or None. on_idle() is called once the scheduler has had no work for `idle_after`
+    seconds, and at most every `idle_every` seconds while busy (the sampler flushes its
+    counters there: two round trips to the server, kept off the path of back-to-back requests).
     """
 
-    def __init__(self, jump, info, max_batch: int, on_idle=None, idle_every: float = 1.0, name: str = "scheduler"):
+    def __init__(self, jump, info, max_batch: int, on_idle=None, idle_every: float = 1.0, idle_after: float = 0.01,
+                 name: str = "scheduler"):
         self.jump = jump
         self.info = info
         self.max_batch = max(1, int(max_batch))
         self.on_idle = on_idle
         self.idle_every = idle_every
+        self.idle_after = idle_after
         self.calls = 0                  # jump calls made
         self.image_steps = 0            # samples advanced by them (their batch sizes, summed)
         self._plans: dict = {}
@@ -114,15 +117,14 @@ class Scheduler:
         last_idle = time.monotonic()
         while True:
             with self._cond:
-                if not self._pending and not self._active and not self._stopping:
+                if not self._ready() and not self._cond.wait_for(self._ready, self.idle_after):
                     self._cond.release()
                     try:  # outside the lock: submit() never waits for it
                         self._idle()
                     finally:
                         self._cond.acquire()
                     last_idle = time.monotonic()
-                    while not self._pending and not self._active and not self._stopping:
-                        self._cond.wait()
+                    self._cond.wait_for(self._ready)
                 if self._stopping and (time.monotonic() > self._deadline
                                        or not (self._pending or self._active)):
                     left = list(self._active) + list(self._pending)
@@ -146,6 +148,15 @@ class Scheduler:
         for smp in left:
             smp.request.answer(err)
         self._idle()
+
+    def _ready(self) -> bool:
+        """Something to do (called with the lock held)."""
+        return bool(self._pending or self._active or self._stopping)
+
+    def has_work(self) -> bool:
+        """Whether samples are queued or in flight (a racy hint for callers: the sampler
+        answers a request in the scheduler's thread when nothing else waits for it)."""
+        return bool(self._pending or self._active)
 
     def _idle(self) -> None:
         if self.on_idle is not None:
@@ -176,7 +187,7 @@ class Scheduler:
             return
         self.calls += 1
         self.image_steps += len(batch)
-        still = []
+        still, finished = [], []
         for b, smp in enumerate(batch):
             x_b = sampling.settle(spec["process"], out[b:b + 1], smp.plan[smp.i], smp.i, [smp.seed], shape)
             smp.i += 1
@@ -188,6 +199,9 @@ class Scheduler:
             req.results[smp.k] = x_b[0]
             req.remaining -= 1
             if req.remaining == 0:
-                req.answer(req.results)
+                finished.append(req)
+        # answered after the samples in flight are updated, so has_work() is true to them
         self._active = still
+        for req in finished:
+            req.answer(req.results)
 

@@ -4,8 +4,9 @@ execute() validates every request (a bad one gets INVALID_ARGUMENT at once, the 
 on) and hands its images to this instance's scheduler (`serving.scheduler`), then returns
 without waiting. The scheduler's thread advances every sample in flight, whatever its step
 count, progress, gamma or label, with one jump call per tick; a request is answered through
-its response sender as soon as its last image is done (by a responder thread, so building
-PNGs overlaps the next jump), and new requests join at the next tick.
+its response sender as soon as its last image is done (by a responder thread when samples are
+still in flight, so building PNGs overlaps the next jump; by the scheduler's own thread when
+nothing else waits), and new requests join at the next tick.
 
 The jump is ONNX Runtime in this process (jump_mode "inline") or BLS requests to
 `<name>_jump` (jump_mode "bls"); see serving.models.common.make_jump. A sample's noise
@@ -69,11 +70,16 @@ class TritonPythonModel:
         return None
 
     def _finished(self, sender, wanted, result):
-        """Called by the scheduler thread: hand the answer to the responder."""
-        try:
-            self.responder.submit(self._answer, sender, wanted, result)
-        except RuntimeError:  # the responder is shutting down: answer here
-            self._answer(sender, wanted, result)
+        """Called by the scheduler thread: with samples still in flight, the responder builds
+        and sends the answer while the next jump runs; otherwise this thread answers at once
+        (a hand-off to another thread would only add its wake-up to the latency)."""
+        if self.scheduler.has_work():
+            try:
+                self.responder.submit(self._answer, sender, wanted, result)
+                return
+            except RuntimeError:  # the responder is shutting down: answer here
+                pass
+        self._answer(sender, wanted, result)
 
     def _answer(self, sender, wanted, result):
         try:
