@@ -1,14 +1,16 @@
-"""Where a request's time goes in `<name>_sampler`: py-spy attached to the sampler's Python
-stubs under a steady load, and the CPU of every process per request (docs/PERFORMANCE.md).
+"""Where a request's time goes in `<name>_sampler`: its own stage timings (serving.trace),
+py-spy attached to the sampler's Python stubs under a steady load, and the CPU of every
+process per request (docs/PERFORMANCE.md).
 
     PYTHONPATH=$PWD python scripts/profile_sampler.py --export /tmp/models/cud_fmnist --steps 1,4 --seconds 10
 
 Starts `fewstep serve` on the export (the defaults: inline jump, its instances), then for each
 step count sends one request at a time (1 image, the `image` output, as `fewstep bench`
-does) for `--seconds` while `py-spy record` samples each sampler stub (idle threads left
-out). Each sample is sorted into a part of the stub's work by its Python stack; the table
-gives milliseconds of stub CPU per request for each part (samples / rate / requests), and
-the CPU seconds per request of each process from /proc (client, tritonserver, each stub).
+does) for `--seconds`. The table gives, in milliseconds per request: the stub's stages as it
+timed them itself (wall time, means: serving/trace.py); what `py-spy record` saw in each
+part of the stub's work, sorted by Python stack (samples / rate / requests; py-spy counts a
+thread that runs or waits for a core, not one that sleeps); and the CPU time of each
+process from /proc (client, tritonserver, each stub).
 A request the sampler refuses at once (seed -1) gives the floor: the gRPC client, the
 server, the ensemble and one round trip into a stub and back, with no work.
 Needs py-spy (pip install py-spy) and permission to attach to the stubs (same user).
@@ -30,6 +32,7 @@ from fewstep.serving.client import Client, ServingError
 from fewstep.serving.reaper import cpu_seconds
 from fewstep.serving.repository import Options
 from fewstep.serving.session import served
+from fewstep.serving.trace import ENV as TRACE_ENV, STAGES, TOTAL, read_traces, stage_means
 
 # (part, test on the sample's frames "func (file:line)", first match wins)
 PARTS = [
@@ -118,6 +121,8 @@ def measure(server, client, model: str, run, pyspy: str | None, rate: int, secon
                  "--format", "raw", "--nonblocking", "-o", str(work / f"{tag}-{pid}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.5)  # attached before the load starts
+    for old in work.glob("trace.*.jsonl"):
+        old.unlink()
     cpu0 = {p: cpu_seconds([p]) for p in [server.proc.pid, *stubs]}
     client_cpu0 = time.process_time()
     lat = run()
@@ -129,7 +134,8 @@ def measure(server, client, model: str, run, pyspy: str | None, rate: int, secon
     for pid in samplers:
         parts.update(read_raw(work / f"{tag}-{pid}.txt"))
     names = {server.proc.pid: "tritonserver", **{p: f"stub {m} ({p})" for p, m in stubs.items()}, "client": "client"}
-    return lat, {names[p]: v for p, v in cpu.items()}, parts
+    time.sleep(0.2)  # the last answer's trace line is written after its send returns
+    return lat, {names[p]: v for p, v in cpu.items()}, parts, stage_means(read_traces(work.glob("trace.*.jsonl")))
 
 
 def main() -> int:
@@ -145,25 +151,28 @@ def main() -> int:
     if pyspy and not Path(pyspy).exists():
         raise SystemExit("py-spy not found: pip install py-spy (or --no-py-spy)")
     steps_list = [int(s) for s in args.steps.split(",")]
+    tmp = tempfile.TemporaryDirectory()
+    work = Path(tmp.name)
+    os.environ[TRACE_ENV] = str(work / "trace")  # the stubs inherit the server's environment
     server, written = served([args.export], Options(), grpc_port=0, http_port=0, metrics_port=0)
     model = written[0]["name"]
     report = {"model": model, "rate": args.rate, "seconds": args.seconds, "load_avg": [list(os.getloadavg())],
               "steps": {}}
-    with server, tempfile.TemporaryDirectory() as tmp, Client(server.grpc_url) as client:
-        work = Path(tmp)
+    with tmp, server, Client(server.grpc_url) as client:
         load(client, model, max(steps_list), 1.0, 10_000_000)  # warm: client, channel, both instances
-        lat, cpu, _ = measure(server, client, model, lambda: refused(client, model, 500), None, args.rate,
+        lat, cpu, _, _ = measure(server, client, model, lambda: refused(client, model, 500), None, args.rate,
                               0, work, "floor")
         report["floor"] = {"p50_ms": sorted(lat)[len(lat) // 2] * 1e3,
                            "cpu_ms_per_request": {k: v * 1e3 / len(lat) for k, v in cpu.items()}}
         for k in steps_list:
-            lat, cpu, parts = measure(server, client, model, lambda: load(client, model, k, args.seconds, 1000 * k),
+            lat, cpu, parts, stages = measure(server, client, model, lambda: load(client, model, k, args.seconds, 1000 * k),
                                       pyspy, args.rate, args.seconds, work, f"steps{k}")
             n = len(lat)
             report["steps"][k] = {
                 "requests": n, "p50_ms": sorted(lat)[n // 2] * 1e3,
                 "cpu_ms_per_request": {p: v * 1e3 / n for p, v in cpu.items()},
                 "stub_ms_per_request": {p: c / args.rate * 1e3 / n for p, c in parts.most_common()},
+                "stages_ms_per_request": stages,
             }
         report["load_avg"].append(list(os.getloadavg()))
     print(table(report))
@@ -186,12 +195,16 @@ def table(report: dict) -> str:
             cells.append(f"{per_step(vals[0], vals[-1]):+.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
+    for name in [n for n, _ in STAGES] + [TOTAL]:
+        vals = [report["steps"][k]["stages_ms_per_request"].get(name) for k in steps]
+        if all(v is not None for v in vals):
+            row(f"stub stage: {name}" if name != TOTAL else f"**stub stage: {name}**", vals)
     parts = [p for p, _ in PARTS] + [OTHER]
     for p in parts:
         vals = [report["steps"][k]["stub_ms_per_request"].get(p, 0.0) for k in steps]
         if any(vals):
-            row(f"stub: {p}", vals)
-    row("**stub, sampled CPU in all**", [sum(report["steps"][k]["stub_ms_per_request"].values()) for k in steps])
+            row(f"py-spy: {p}", vals)
+    row("**stub, py-spy samples in all**", [sum(report["steps"][k]["stub_ms_per_request"].values()) for k in steps])
     procs = list(report["steps"][lo]["cpu_ms_per_request"])
     for p in procs:
         row(f"CPU of {p} (/proc)", [report["steps"][k]["cpu_ms_per_request"].get(p, 0.0) for k in steps])

@@ -178,6 +178,67 @@ def test_stop_finishes_what_is_in_flight_then_refuses(served_model_dirs):
     assert isinstance(late.results["late"], ShuttingDown)
 
 
+def test_one_step_requests_on_an_idle_scheduler_run_in_the_callers_thread(served_model_dirs):
+    """submit_all(run_here=True), as the sampler's execute() calls it: 1-step requests meeting
+    an idle scheduler are advanced with one jump call and answered before it returns, in the
+    caller's thread; anything longer, or a scheduler with work in flight, goes to its thread.
+    The idle hook (the counters' flush) still runs once, after idle_after without work."""
+    runner = _runner(served_model_dirs["tiny"])
+    info = ModelInfo.from_manifest(runner.manifest)
+    rec = Recorder(runner)
+    idles = []
+    sched = Scheduler(rec, info, max_batch=4, on_idle=lambda: idles.append(time.monotonic()), idle_after=0.2)
+    time.sleep(0.1)
+    assert idles == []  # nothing ran yet: nothing to flush
+    threads = {}
+
+    def cb(got, key):
+        inner = got.cb(key)
+
+        def done(result):
+            threads[key] = threading.current_thread()
+            inner(result)
+        return done
+
+    got = Collect()
+    sched.submit_all([(_items(info, [1, 2], [1, 1]), cb(got, "a"), None), (_items(info, [3], [1]), cb(got, "b"), None)],
+                     run_here=True)
+    assert got.event.is_set() and threads["a"] is threads["b"] is threading.current_thread()
+    assert [b[0] for b in rec.batches] == [3] and (sched.calls, sched.image_steps) == (1, 3)
+    for key, seeds in (("a", [1, 2]), ("b", [3])):
+        for b, seed in enumerate(seeds):
+            np.testing.assert_allclose(got.results[key][b], _alone(runner, seed, 1), atol=1e-5)
+    def hook_ran(times):
+        for _ in range(200):
+            if len(idles) == times:
+                return True
+            time.sleep(0.01)
+        return False
+
+    assert hook_ran(1)  # once, idle_after after the tick
+    # back-to-back requests run here do not run the hook between them (it is a round trip
+    # to the server in the sampler): once, idle_after after the last
+    for seed in range(20, 25):
+        sched.submit_all([(_items(info, [seed], [1]), lambda result: None, None)], run_here=True)
+    assert len(idles) == 1 and sched.calls == 6
+    assert hook_ran(2) and idles[1] - idles[0] >= 0.2
+    # a 2-step request is the scheduler's: submit_all returns before it is answered
+    got = Collect()
+    sched.submit_all([(_items(info, [4], [2]), cb(got, "c"), None)], run_here=True)
+    assert got.event.wait(30) and threads["c"] is not threading.current_thread()
+    np.testing.assert_allclose(got.results["c"][0], _alone(runner, 4, 2), atol=1e-5)
+    # more 1-step images than the max batch: the scheduler's too, in two ticks
+    got = Collect()
+    sched.submit_all([(_items(info, [5, 6, 7, 8, 9], [1] * 5), cb(got, "d"), None)], run_here=True)
+    assert got.event.wait(30) and threads["d"] is not threading.current_thread()
+    assert [b[0] for b in rec.batches[-2:]] == [4, 1]
+    sched.stop()
+    # stopped: refused at once, not run here
+    late = Collect()
+    sched.submit_all([(_items(info, [1], [1]), late.cb("late"), None)], run_here=True)
+    assert isinstance(late.results["late"], ShuttingDown)
+
+
 # --- behind the real server -----------------------------------------------------------------------
 
 pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient[grpc] (the serve extra)")

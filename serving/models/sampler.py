@@ -2,7 +2,8 @@
 
 execute() validates every request (a bad one gets INVALID_ARGUMENT at once, the others go
 on) and hands its images to this instance's scheduler (`serving.scheduler`), then returns
-without waiting. The scheduler's thread advances every sample in flight, whatever its step
+without waiting (except when the scheduler is idle and every image takes one step: then
+execute() runs that one jump call and answers, which saves a thread hand-off). The scheduler's thread advances every sample in flight, whatever its step
 count, progress, gamma or label, with one jump call per tick; a request is answered through
 its response sender as soon as its last image is done (by a responder thread when samples are
 still in flight, so building PNGs overlaps the next jump; by the scheduler's own thread when
@@ -14,6 +15,7 @@ depends only on its own seed (`fewstep.sampling.noise`), so an image does not de
 what else shares its batch. The instance is warm before Triton marks it ready.
 """
 import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 from fewstep.serving.models.common import JumpCounters, LocalJump, internal, invalid, load_info, make_jump, read_inputs
 from fewstep.serving.protocol import InvalidInput, encode_png, parse_request, to_images
 from fewstep.serving.scheduler import Scheduler
+from fewstep.serving.trace import Tracer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -35,6 +38,7 @@ class TritonPythonModel:
         # one thread answers finished requests (images, PNG, send) while the scheduler jumps on
         self.responder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="respond")
         self.counters = None
+        self.tracer = Tracer.from_env()  # FEWSTEP_SAMPLER_TRACE: per-request timings (profiling)
         try:
             self.counters = JumpCounters(lambda: getattr(self, "scheduler", None), self.cfg["name"],
                                          args.get("model_instance_name", ""))
@@ -43,7 +47,7 @@ class TritonPythonModel:
         self.scheduler = Scheduler(self.jump, self.info, max_batch=int(params.get("jump_max_batch", 0) or
                                                                         self.info.max_batch),
                                    on_idle=self.counters.flush if self.counters else None,
-                                   name=f"{self.cfg['name']}-scheduler")
+                                   name=f"{self.cfg['name']}-scheduler", trace=self.tracer is not None)
         self._warm()
 
     def _warm(self):
@@ -58,6 +62,8 @@ class TritonPythonModel:
         self.responder.submit(self._response, x, set(self.outputs)).result()
 
     def execute(self, requests):
+        entered = time.perf_counter() if self.tracer else 0.0
+        valid = []
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -66,28 +72,37 @@ class TritonPythonModel:
                 sender.send(invalid(e), flags=FINAL)
                 continue
             wanted = set(request.requested_output_names()) or set(self.outputs)
-            self.scheduler.submit(items, functools.partial(self._finished, sender, wanted))
+            trace = {"exec": entered, "queued": time.perf_counter()} if self.tracer else None
+            valid.append((items, functools.partial(self._finished, sender, wanted, trace), trace))
+        # 1-step requests meeting an idle scheduler are advanced (and answered) right here
+        self.scheduler.submit_all(valid, run_here=True)
         return None
 
-    def _finished(self, sender, wanted, result):
+    def _finished(self, sender, wanted, trace, result):
         """Called by the scheduler thread: with samples still in flight, the responder builds
         and sends the answer while the next jump runs; otherwise this thread answers at once
         (a hand-off to another thread would only add its wake-up to the latency)."""
+        Tracer.stamp(trace, "done")
         if self.scheduler.has_work():
             try:
-                self.responder.submit(self._answer, sender, wanted, result)
+                self.responder.submit(self._answer, sender, wanted, result, trace)
                 return
             except RuntimeError:  # the responder is shutting down: answer here
                 pass
-        self._answer(sender, wanted, result)
+        self._answer(sender, wanted, result, trace)
 
-    def _answer(self, sender, wanted, result):
+    def _answer(self, sender, wanted, result, trace=None):
         try:
+            Tracer.stamp(trace, "answer")
             if isinstance(result, BaseException):
                 response = internal(f"sampler failed: {type(result).__name__}: {result}")
             else:
                 response = self._response(result, wanted)
+            Tracer.stamp(trace, "built")
             sender.send(response, flags=FINAL)
+            if trace is not None:
+                Tracer.stamp(trace, "sent")
+                self.tracer.write(trace)
         except Exception as e:  # noqa: BLE001
             pb_utils.Logger.log_error(f"sampler: could not send a response: {e}")
 
