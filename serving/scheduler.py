@@ -68,7 +68,7 @@ class Scheduler:
     counters there: two round trips to the server, kept off the path of back-to-back requests).
     """
 
-    def __init__(self, jump, info, max_batch: int, on_idle=None, idle_every: float = 1.0, idle_after: float = 0.01,
+    def __init__(self, jump, info, max_batch: int, on_idle=None, idle_every: float = 1.0, idle_after: float = 0.05,
                  name: str = "scheduler", trace: bool = False):
         self.jump = jump
         self.trace = trace              # stamp each traced request's ticks (serving.trace)
