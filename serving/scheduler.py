@@ -7,9 +7,9 @@ of them with ONE call of jump(x, t, s, labels), t and s per sample. After the ju
 sample settles on its own: `fewstep.sampling.settle` re-noises it from its own seed, so
 an image never depends on what shared its batch. A request is answered as soon as its
 last image is done; requests that arrive meanwhile join at the next tick. When the
-scheduler is idle and every new sample finishes in one step, `submit_all(run_here=True)`
-runs that one tick in the caller's thread (the sampler's execute()), so a lone 1-step
-request pays no hand-off to the scheduler's thread.
+scheduler is idle and every new sample finishes in one step, `run_here` runs that one tick
+in the caller's thread (the sampler's execute()), so a lone 1-step request pays no hand-off
+to the scheduler's thread.
 
 The step math is `fewstep.sampling`'s (`step_plan`, `start_noise`, `settle`), the same
 as the PyTorch evaluation loop; this module only keeps per-sample progress through it.
@@ -17,6 +17,7 @@ Free of Triton, so tests drive it with any jump.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -59,8 +60,8 @@ class _Sample:
 
 class Scheduler:
     """scheduler.submit(items, done) from any thread; done(result) is called once, from the
-    scheduler's thread (or, with submit_all(run_here=True), the caller's), with float32
-    samples [len(items), *shape] or an exception.
+    scheduler's thread, with float32 samples [len(items), *shape] or an exception
+    (run_here() returns them instead).
 
     jump(x, t, s, labels) -> x_s: numpy float32 [B, *shape], t and s float32 [B], labels int64
     [B] or None. on_idle() is called once the scheduler has had no work for `idle_after`
@@ -84,7 +85,7 @@ class Scheduler:
         self._active: list = []         # samples in flight, oldest first (only the thread touches it)
         self._cond = threading.Condition()
         self._stopping = False
-        self._here = False              # a caller is advancing samples in its own thread (submit_all)
+        self._here = False              # a caller is advancing samples in its own thread (run_here)
         self._dirty = False             # ticks ran since the idle hook last did
         self._last_work = 0.0           # time.monotonic() of the last tick's end
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -96,36 +97,43 @@ class Scheduler:
         dict the scheduler adds its timings to (when it was made with trace=True)."""
         self.submit_all([(items, done, trace)])
 
-    def submit_all(self, requests, run_here: bool = False) -> None:
-        """Queue requests [(items, done, trace)]. With run_here, when nothing is in flight and
-        every queued sample finishes in one step (at most max_batch of them), advance them in
-        this thread with one jump call and answer them before returning, instead of waking
-        the scheduler's thread: a lone 1-step request then pays no thread hand-off. Later
-        requests would have waited for that jump anyway, so none waits longer."""
-        reqs = []
-        for items, done, trace in requests:
-            req = _Request(done, np.empty((len(items),) + tuple(self.info.shape), np.float32), len(items),
-                           trace=trace)
-            reqs.append((req, [_Sample(req, k, it.seed, it.label, self._plan(it.steps, it.gamma))
-                               for k, it in enumerate(items)]))
-        here = None
+    def submit_all(self, requests) -> None:
+        """Queue requests [(items, done, trace)] (one lock, one wake-up)."""
+        reqs = [self._request(items, done, trace) for items, done, trace in requests]
         with self._cond:
             stopped = self._stopping
             if not stopped:
                 for _, samples in reqs:
                     self._pending.extend(samples)
-                if run_here and not self._here and not self._active and len(self._pending) <= self.max_batch \
-                        and all(len(smp.plan) == 1 for smp in self._pending):
-                    here, self._pending, self._here = list(self._pending), deque(), True
-                else:
-                    self._cond.notify()
+                self._cond.notify()
         if stopped:
             for req, _ in reqs:
                 req.answer(ShuttingDown("the sampler is shutting down"))
-        if here is None:
-            return
+
+    def run_here(self, requests, traces=None) -> list | None:
+        """requests: [items] (serving.protocol.Item, validated). When nothing is queued or in
+        flight and every sample finishes in one step (at most max_batch of them), advance
+        them in this thread with one jump call and return each request's result (float32
+        [n, *shape], or the exception that failed it); otherwise None, with nothing queued
+        (submit them). The sampler's execute() calls it first: a lone 1-step request then
+        pays no hand-off to the scheduler's thread, and its response goes back with
+        execute()'s return. Later requests would have waited for that jump anyway."""
+        results = [None] * len(requests)
+        samples = []
+        for i, items in enumerate(requests):
+            req, smps = self._request(items, functools.partial(results.__setitem__, i),
+                                      traces[i] if traces else None)
+            if any(len(smp.plan) != 1 for smp in smps):
+                return None
+            samples += smps
+        if not samples or len(samples) > self.max_batch:
+            return None
+        with self._cond:
+            if self._stopping or self._here or self._active or self._pending:
+                return None
+            self._here = True
         try:
-            finished = self._advance(here)[1]
+            finished = self._advance(samples)[1]
         finally:
             with self._cond:
                 self._here, self._last_work = False, time.monotonic()
@@ -135,6 +143,11 @@ class Scheduler:
                     self._dirty = True
                     self._cond.notify()
         self._answer_all(finished)
+        return results
+
+    def _request(self, items, done, trace) -> tuple:
+        req = _Request(done, np.empty((len(items),) + tuple(self.info.shape), np.float32), len(items), trace=trace)
+        return req, [_Sample(req, k, it.seed, it.label, self._plan(it.steps, it.gamma)) for k, it in enumerate(items)]
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish what is in flight and queued (up to `timeout` s), then stop; whatever is
@@ -168,7 +181,7 @@ class Scheduler:
             with self._cond:
                 while not self._ready():
                     # out of work: the idle hook runs once no tick ran for idle_after s (ticks
-                    # run here in submit_all count too), or idle_every s after it last ran
+                    # in run_here count too), or idle_every s after it last ran
                     if not self._dirty:
                         self._cond.wait()
                         continue

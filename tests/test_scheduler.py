@@ -179,10 +179,11 @@ def test_stop_finishes_what_is_in_flight_then_refuses(served_model_dirs):
 
 
 def test_one_step_requests_on_an_idle_scheduler_run_in_the_callers_thread(served_model_dirs):
-    """submit_all(run_here=True), as the sampler's execute() calls it: 1-step requests meeting
-    an idle scheduler are advanced with one jump call and answered before it returns, in the
-    caller's thread; anything longer, or a scheduler with work in flight, goes to its thread.
-    The idle hook (the counters' flush) still runs once, after idle_after without work."""
+    """run_here, as the sampler's execute() calls it first: 1-step requests meeting an idle
+    scheduler are advanced with one jump call in the caller's thread and their results
+    returned; anything longer, more than the max batch, or a scheduler with work queued or in
+    flight gets None (and nothing is queued). The idle hook (the counters' flush) still runs,
+    once, idle_after after the last tick, wherever it ran."""
     runner = _runner(served_model_dirs["tiny"])
     info = ModelInfo.from_manifest(runner.manifest)
     rec = Recorder(runner)
@@ -190,24 +191,7 @@ def test_one_step_requests_on_an_idle_scheduler_run_in_the_callers_thread(served
     sched = Scheduler(rec, info, max_batch=4, on_idle=lambda: idles.append(time.monotonic()), idle_after=0.2)
     time.sleep(0.1)
     assert idles == []  # nothing ran yet: nothing to flush
-    threads = {}
 
-    def cb(got, key):
-        inner = got.cb(key)
-
-        def done(result):
-            threads[key] = threading.current_thread()
-            inner(result)
-        return done
-
-    got = Collect()
-    sched.submit_all([(_items(info, [1, 2], [1, 1]), cb(got, "a"), None), (_items(info, [3], [1]), cb(got, "b"), None)],
-                     run_here=True)
-    assert got.event.is_set() and threads["a"] is threads["b"] is threading.current_thread()
-    assert [b[0] for b in rec.batches] == [3] and (sched.calls, sched.image_steps) == (1, 3)
-    for key, seeds in (("a", [1, 2]), ("b", [3])):
-        for b, seed in enumerate(seeds):
-            np.testing.assert_allclose(got.results[key][b], _alone(runner, seed, 1), atol=1e-5)
     def hook_ran(times):
         for _ in range(200):
             if len(idles) == times:
@@ -215,28 +199,36 @@ def test_one_step_requests_on_an_idle_scheduler_run_in_the_callers_thread(served
             time.sleep(0.01)
         return False
 
+    got = sched.run_here([_items(info, [1, 2], [1, 1]), _items(info, [3], [1])])
+    assert [b[0] for b in rec.batches] == [3] and (sched.calls, sched.image_steps) == (1, 3)
+    for res, seeds in zip(got, ([1, 2], [3])):
+        for b, seed in enumerate(seeds):
+            np.testing.assert_allclose(res[b], _alone(runner, seed, 1), atol=1e-5)
     assert hook_ran(1)  # once, idle_after after the tick
     # back-to-back requests run here do not run the hook between them (it is a round trip
     # to the server in the sampler): once, idle_after after the last
     for seed in range(20, 25):
-        sched.submit_all([(_items(info, [seed], [1]), lambda result: None, None)], run_here=True)
+        assert sched.run_here([_items(info, [seed], [1])]) is not None
     assert len(idles) == 1 and sched.calls == 6
     assert hook_ran(2) and idles[1] - idles[0] >= 0.2
-    # a 2-step request is the scheduler's: submit_all returns before it is answered
-    got = Collect()
-    sched.submit_all([(_items(info, [4], [2]), cb(got, "c"), None)], run_here=True)
-    assert got.event.wait(30) and threads["c"] is not threading.current_thread()
-    np.testing.assert_allclose(got.results["c"][0], _alone(runner, 4, 2), atol=1e-5)
-    # more 1-step images than the max batch: the scheduler's too, in two ticks
-    got = Collect()
-    sched.submit_all([(_items(info, [5, 6, 7, 8, 9], [1] * 5), cb(got, "d"), None)], run_here=True)
-    assert got.event.wait(30) and threads["d"] is not threading.current_thread()
-    assert [b[0] for b in rec.batches[-2:]] == [4, 1]
-    sched.stop()
-    # stopped: refused at once, not run here
+    # not here: a 2-step request, more images than the max batch
+    assert sched.run_here([_items(info, [4], [2])]) is None
+    assert sched.run_here([_items(info, [5, 6, 7, 8, 9], [1] * 5)]) is None
+    assert sched.calls == 6 and not sched.has_work()  # nothing was queued
+    # nor while the scheduler's thread has work: held in a jump, then queued behind it
+    _hold(sched, info, rec)
     late = Collect()
-    sched.submit_all([(_items(info, [1], [1]), late.cb("late"), None)], run_here=True)
-    assert isinstance(late.results["late"], ShuttingDown)
+    sched.submit(_items(info, [10], [1]), late.cb("late"))
+    assert sched.run_here([_items(info, [11], [1])]) is None
+    rec.gate.set()
+    assert late.event.wait(30)
+    np.testing.assert_allclose(late.results["late"][0], _alone(runner, 10, 1), atol=1e-5)
+    # a failing jump: the exception is the request's result
+    rec.fail_when = lambda x, t, s: True
+    [err] = sched.run_here([_items(info, [12], [1])])
+    assert isinstance(err, RuntimeError)
+    sched.stop()
+    assert sched.run_here([_items(info, [1], [1])]) is None  # stopped: the caller submits (and hears why)
 
 
 # --- behind the real server -----------------------------------------------------------------------
