@@ -67,13 +67,18 @@ def read_traces(paths) -> list[dict]:
     return out
 
 
-def stage_means(records: list[dict]) -> dict:
-    """{stage: mean ms per request} over the records (means, so that the stages add up to the
-    total), plus TOTAL and "requests"."""
-    n = len(records)
-    if not n:
+def stage_means(records: list[dict], trim: float = 0.05) -> dict:
+    """{stage: ms per request} over the records, plus TOTAL and "requests": means (so that the
+    stages add up to the total) over the requests whose total lies between its `trim` and
+    1 - `trim` quantiles (a shared host preempts a few requests for far longer than the
+    rest take)."""
+    totals = sorted(r["sent"] - r["exec"] for r in records)
+    if not totals:
         return {"requests": 0}
-    out = {name: sum(f(r) for r in records) * 1e3 / n for name, f in STAGES}
-    out[TOTAL] = sum(r["sent"] - r["exec"] for r in records) * 1e3 / n
+    lo, hi = totals[int(trim * (len(totals) - 1))], totals[int((1 - trim) * (len(totals) - 1))]
+    kept = [r for r in records if lo <= r["sent"] - r["exec"] <= hi]
+    n = len(kept)
+    out = {name: sum(f(r) for r in kept) * 1e3 / n for name, f in STAGES}
+    out[TOTAL] = sum(r["sent"] - r["exec"] for r in kept) * 1e3 / n
     out["requests"] = n
     return out

@@ -450,3 +450,30 @@ def test_gpu_jump_pads_to_power_of_two_buckets(served_model_dirs, monkeypatch):
     info = ModelInfo.from_manifest(inner.manifest)
     calls.clear()
     assert jump.warm(info) == 5 and calls == [1, 2, 4, 8, 16]
+
+
+def test_trace_stamps_add_up_to_the_request():
+    """serving.trace: the scheduler's tick timings of a traced request and the stage table
+    made of them (the stages add up to the request's time in the stub; outliers trimmed)."""
+    from fewstep.serving.trace import STAGES, TOTAL, stage_means
+
+    info = ModelInfo("m", (2,), 0, sampling.flow_spec(), max_batch=4)
+    sched = Scheduler(lambda x, t, s, labels: x * 0.5, info, max_batch=4, trace=True)
+    trace = {"exec": time.perf_counter(), "queued": time.perf_counter()}
+    got = Collect()
+    sched.submit(_items(info, [1, 2], [3, 3]), got.cb("a"), trace)
+    assert got.event.wait(30)
+    sched.stop()
+    assert trace["ticks"] == 3 and trace["tick"] >= trace["queued"]
+    assert all(trace[k] >= 0 for k in ("batch_s", "jump_s", "settle_s"))
+    records = []
+    for i in range(20):  # made-up stamps: 1 ms in each stage, one request 100x slower
+        r = {"exec": 0.0, "queued": 0.001, "tick": 0.002, "batch_s": 0.001, "jump_s": 0.001, "settle_s": 0.001,
+             "done": 0.006, "answer": 0.007, "built": 0.008, "sent": 0.009}
+        if i == 7:
+            r = {k: v * 100 for k, v in r.items()}
+        records.append(r)
+    means = stage_means(records)
+    assert means["requests"] == 19 and means[TOTAL] == pytest.approx(9.0)
+    assert sum(means[name] for name, _ in STAGES) == pytest.approx(means[TOTAL])
+    assert all(means[name] == pytest.approx(1.0) for name, _ in STAGES)
