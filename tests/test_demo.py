@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fewstep.figures import SHIPPED_FEATURE_NETS
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -259,7 +261,8 @@ def _launch(url: str):
     return app, page_url
 
 
-TINYQ_EVAL = {"metric": "fid-classifier", "num": 1000,
+TINYQ_EVAL = {"metric": "fid-classifier", "num": 1000, "evaluator_version": 2,
+              "features": {"sha256": SHIPPED_FEATURE_NETS["fmnist"][1]},   # figures the page shows
               "results": [{"steps": 1, "fid": 90.0}, {"steps": 2, "fid": 40.0}, {"steps": 4, "fid": 60.0}]}
 
 

@@ -19,10 +19,11 @@ A *preconditioning* is the pair of scalar functions (f, g):
                 g(t, s) = int_{lam_t}^{lam_s} exp(-int_tau^{lam_s} (1 - l)) exp(int_{lam_t}^tau r) dtau
                 f(t, s) = exp(-int_{lam_t}^{lam_s} (1 - l)) - l_t g(t, s)
             l_t = E[tr dD/dx] / d (Hutchinson), r = E<h, dh/dlambda> / E|h|^2 on teacher
-            trajectories, both fitted once on a uniform lambda grid. Variants (`VARIANTS`):
-            decay (r <- min(r, 0), the default), full (r as measured), none (r = 0), and
-            backward: h anchored at s and the jump solved implicitly for x_s,
-            f = E / (1 + l_s g0), g = g0 / (1 + l_s g0).
+            trajectories, both fitted once on a uniform lambda grid. Forms (`ANALYTIC_FORMS`):
+            `analytic` = backward, the paper's backward-Euler form: h anchored at s and the
+            jump solved implicitly for x_s, f = E / (1 + l_s g0), g = g0 / (1 + l_s g0);
+            the project's own, opt-in: `analytic-decay` (r <- min(r, 0)), `analytic-full`
+            (r as measured, the unstable forward form), `analytic-none` (r = 0).
 
 The analytic coefficients are evaluated from tables as
     f = (s/t) exp(L(lam_s) - L(lam_t)) - l(lam_t) g,      g = (1 - s/t) R(lam_t, lam_s)
@@ -54,7 +55,11 @@ from fewstep.training.methods.base import bcast, ode_step
 from fewstep.training.methods.edm import pf_ode_velocity
 from fewstep.sampling import karras
 
-PRECONDS = ("cm", "ctm", "analytic")
+# The Analytic-Precond names and the table form each one trains with (docs/methods/analytic-precond.md):
+# `analytic` is the paper's method as far as its public text allows (the backward-Euler form);
+# the others are the project's own variants, opt-in under their own names.
+ANALYTIC_FORMS = {"analytic": "backward", "analytic-decay": "decay", "analytic-full": "full", "analytic-none": "none"}
+PRECONDS = ("cm", "ctm") + tuple(ANALYTIC_FORMS)
 SIGMA_DATA = 0.5
 T_MIN = 0.002
 T_MAX = 80.0
@@ -62,7 +67,6 @@ DEFAULT_POINTS = 120
 DEFAULT_SAMPLES = 4096
 RATE_CLIP = 20.0          # |r_lambda| is clipped here (it never is on the teachers we measured)
 VARIANTS = ("decay", "full", "none", "backward")
-DEFAULT_VARIANT = "decay"
 TABLE_STEM = "precond-analytic"   # beside the teacher's weights: precond-analytic[-ema<decay>].safetensors
 TABLE_FORMAT = 1
 
@@ -185,14 +189,16 @@ class AnalyticPrecond(Precond):
 
 
 def make_precond(name: str, sigma_data: float = SIGMA_DATA, tables: dict | None = None) -> Precond:
+    """A preconditioning by name; the analytic ones from the teacher's raw tables (any form:
+    rebuilt in the form the name says)."""
     if name == "ctm":
         return CTMPrecond()
     if name == "cm":
         return CMPrecond(sigma_data)
-    if name == "analytic":
+    if name in ANALYTIC_FORMS:
         if tables is None:
-            raise UserError("the analytic preconditioning needs fitted tables (fewstep precond fit)")
-        return AnalyticPrecond(tables)
+            raise UserError(f"the {name} preconditioning needs fitted tables (fewstep precond fit)")
+        return AnalyticPrecond(tables_variant(tables, ANALYTIC_FORMS[name]))
     raise UserError(f"unknown preconditioning {name!r} (known: {', '.join(PRECONDS)})")
 
 
@@ -272,7 +278,7 @@ def _progress(total, desc, enabled):
 
 def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, *, points: int = DEFAULT_POINTS, samples: int = DEFAULT_SAMPLES,
                  t_min: float = T_MIN, t_max: float = T_MAX, batch: int = 512, seed: int = 0,
-                 progress: bool = True, variant: str = "decay") -> dict:
+                 progress: bool = True, variant: str = "backward") -> dict:
     """Estimate l_lambda and r_lambda of a teacher denoiser and tabulate f, g.
 
     denoise(x, sigma[B], labels[B] or None) -> D (the teacher); x0: data samples [N, ...]
@@ -341,7 +347,7 @@ def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, 
     return tables
 
 
-def variant_rate(rate_raw, variant: str = "decay") -> np.ndarray:
+def variant_rate(rate_raw, variant: str = "backward") -> np.ndarray:
     """The rate r the tables use: `decay` = min(r, 0) (h is extrapolated only where it shrinks
     along the trajectory, which keeps g O(1) on every jump), `full` = r as measured (the plain
     forward form; g explodes on long jumps), `none` = 0 (only l: no model of h), `backward` = r

@@ -23,7 +23,7 @@ from fewstep.errors import UserError
 from fewstep.plots import save_figure
 from fewstep.training import precond as P
 
-GAP_NAMES = ("cm", "ctm", "analytic") + tuple(f"analytic-{v}" for v in P.VARIANTS)
+GAP_NAMES = P.PRECONDS
 
 
 FIT_ONLY = ("points",)
@@ -39,8 +39,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int,
                    help=f"data samples (default: fit {P.DEFAULT_SAMPLES} per point, gap 512)")
     p.add_argument("--precond", help=f"gap: comma-separated, from {', '.join(GAP_NAMES)} (default cm,ctm,analytic; "
-                                     f"analytic-{{{','.join(P.VARIANTS)}}}: a variant of the same statistics; plain analytic: "
-                                     f"the default, {P.DEFAULT_VARIANT})")
+                                     "analytic is the paper's backward form, analytic-* the project's variants "
+                                     "of the same statistics)")
     p.add_argument("--times", type=int, help="gap: Karras times from 80 to 0.002, pairs t > s (default 8)")
     p.add_argument("--substeps", type=int, help="gap: Heun steps of the accurate teacher ODE solve (default 64)")
     p.add_argument("--batch", type=int, default=256, help="samples per teacher call")
@@ -106,11 +106,10 @@ def gap_preconds(names, teacher, sigma_data=0.5, progress=True) -> dict:
     for name in names:
         if name in ("cm", "ctm"):
             out[name] = P.make_precond(name, sigma_data)
-        elif name.startswith("analytic"):
+        elif name in P.ANALYTIC_FORMS:
             if tabs is None:
                 tabs = P.teacher_tables(teacher, progress=progress)
-            variant = P.DEFAULT_VARIANT if name == "analytic" else name[len("analytic-"):]
-            out[name] = P.AnalyticPrecond(P.tables_variant(tabs, variant))
+            out[name] = P.make_precond(name, tables=tabs)
         else:
             raise UserError(f"unknown preconditioning {name!r} (known: {', '.join(GAP_NAMES)})")
     return out

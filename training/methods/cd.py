@@ -38,11 +38,11 @@ class ConsistencyBase(Method):
         "sigma_max": 80.0,
         "rho": 7.0,
         "N": 18,                   # Karras training grid points
-        "precond": "cm",           # cm | ctm | analytic
+        "precond": "cm",           # cm | ctm | analytic (the paper's) | analytic-decay | analytic-full | analytic-none
         "distance": "l2",          # l2 | huber | lpips
         "huber_c": 0.00054,        # pseudo-Huber c = huber_c * sqrt(dim) (iCT)
         "target_ema": 0.999,       # CTM's; CD sets its own
-        "precond_variant": P.DEFAULT_VARIANT,  # decay | backward | full | none (docs/methods/analytic-precond.md)
+        "precond_variant": None,   # legacy: runs before the names said the form recorded it here
         "precond_points": P.DEFAULT_POINTS,    # used when the analytic tables must be fitted first
         "precond_samples": P.DEFAULT_SAMPLES,
         "max_steps": 64,
@@ -56,14 +56,14 @@ class ConsistencyBase(Method):
             raise UserError(f"method.precond must be one of {', '.join(P.PRECONDS)}, got {o['precond']!r}")
         if o["distance"] not in ("l2", "huber", "lpips"):
             raise UserError(f"method.distance must be l2, huber or lpips, got {o['distance']!r}")
-        if o["precond_variant"] not in P.VARIANTS:
-            raise UserError(f"method.precond_variant must be one of {', '.join(P.VARIANTS)}, "
-                            f"got {o['precond_variant']!r}")
+        if o["precond_variant"] is not None and not self._legacy_variant_ok():
+            raise UserError("method.precond_variant is gone: the form is in the name, --precond "
+                            f"{' | '.join(P.ANALYTIC_FORMS)} (analytic = the paper's backward form)")
         if not (isinstance(o["N"], int) and o["N"] >= 2):
             raise UserError(f"method.N must be an integer >= 2, got {o['N']!r}")
         if not 0.0 <= float(o["target_ema"]) < 1.0:
             raise UserError(f"method.target_ema must be in [0, 1), got {o['target_ema']!r}")
-        self.precond = None if o["precond"] == "analytic" else P.make_precond(o["precond"], o["sigma_data"])
+        self.precond = None if o["precond"] in P.ANALYTIC_FORMS else P.make_precond(o["precond"], o["sigma_data"])
         self.target = None
         self._lpips = None
 
@@ -81,19 +81,25 @@ class ConsistencyBase(Method):
                 raise UserError(f"teacher sigma_data {tm.get('sigma_data')} differs from method.sigma_data "
                                 f"{self.opts['sigma_data']}")
             copy_teacher_weights(t.net, net)
-        if self.opts["precond"] == "analytic" and self.precond is None:
+        if self.opts["precond"] in P.ANALYTIC_FORMS and self.precond is None:
             if t is None:
-                raise UserError("--precond analytic needs --teacher")
+                raise UserError(f"--precond {self.opts['precond']} needs --teacher")
             tabs = P.teacher_tables(t, points=int(self.opts["precond_points"]),
                                     samples=int(self.opts["precond_samples"]))
-            self.precond = P.AnalyticPrecond(P.tables_variant(tabs, self.opts["precond_variant"]))
+            self.precond = P.make_precond(self.opts["precond"], tables=tabs)
         self.target = copy.deepcopy(net).eval().requires_grad_(False)
 
     def state_tensors(self):
         return self.precond.state_tensors() if self.precond is not None else {}
 
+    def _legacy_variant_ok(self) -> bool:
+        """A checkpoint written before the names said the form (precond=analytic with
+        precond_variant) still loads: its method.safetensors holds the tables it trained with."""
+        return self.opts["precond"] == "analytic" and self.opts["precond_variant"] in P.VARIANTS \
+            and self.teacher is None
+
     def load_state_tensors(self, tensors):
-        if self.opts["precond"] == "analytic":
+        if self.opts["precond"] in P.ANALYTIC_FORMS:
             pc = P.AnalyticPrecond.from_state(tensors)
             if pc is not None:
                 self.precond = pc
