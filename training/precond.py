@@ -278,7 +278,7 @@ def _progress(total, desc, enabled):
 
 def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, *, points: int = DEFAULT_POINTS, samples: int = DEFAULT_SAMPLES,
                  t_min: float = T_MIN, t_max: float = T_MAX, batch: int = 512, seed: int = 0,
-                 progress: bool = True, variant: str = "backward") -> dict:
+                 progress: bool = True, variant: str = "decay") -> dict:
     """Estimate l_lambda and r_lambda of a teacher denoiser and tabulate f, g.
 
     denoise(x, sigma[B], labels[B] or None) -> D (the teacher); x0: data samples [N, ...]
@@ -347,7 +347,7 @@ def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, 
     return tables
 
 
-def variant_rate(rate_raw, variant: str = "backward") -> np.ndarray:
+def variant_rate(rate_raw, variant: str) -> np.ndarray:
     """The rate r the tables use: `decay` = min(r, 0) (h is extrapolated only where it shrinks
     along the trajectory, which keeps g O(1) on every jump), `full` = r as measured (the plain
     forward form; g explodes on long jumps), `none` = 0 (only l: no model of h), `backward` = r
