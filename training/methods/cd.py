@@ -32,6 +32,9 @@ class ConsistencyBase(Method):
 
     needs_teacher = True
     two_times = False
+    # sony/ctm's optimiser (train_util.py: RAdam, lr 4e-4, no warm-up, no gradient clipping),
+    # also CD's here; they replace the preset's training settings (train.* overrides still win)
+    train_defaults = {"optimizer": "radam", "lr": 4e-4, "warmup": 0, "grad_clip": 0.0}
     common_defaults = {
         "sigma_data": 0.5,
         "sigma_min": 0.002,        # eps: where every trajectory ends (the boundary condition)
@@ -69,7 +72,10 @@ class ConsistencyBase(Method):
 
     # --- network set-up -------------------------------------------------------------------
     def net_overrides(self):
-        return {"two_times": True} if self.two_times else {}
+        if not self.two_times:
+            return {}
+        return {"two_times": True,
+                "s_embedding": "per-block" if self.opts.get("s_embedding", "per-block") == "per-block" else "shared"}
 
     def init_student(self, net):
         t = self.teacher
@@ -80,7 +86,7 @@ class ConsistencyBase(Method):
             if float(tm.get("sigma_data", 0.5)) != float(self.opts["sigma_data"]):
                 raise UserError(f"teacher sigma_data {tm.get('sigma_data')} differs from method.sigma_data "
                                 f"{self.opts['sigma_data']}")
-            copy_teacher_weights(t.net, net)
+            copy_teacher_weights(t.net, net, zero_s=self.opts.get("s_embedding") == "shared-zero")
         if self.opts["precond"] in P.ANALYTIC_FORMS and self.precond is None:
             if t is None:
                 raise UserError(f"--precond {self.opts['precond']} needs --teacher")
@@ -196,10 +202,11 @@ def load_lpips(device):
     return fn
 
 
-def copy_teacher_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    """Student <- teacher weights. A two-time student's s branch (map_*_s) is not in the teacher:
-    its last layer is zeroed so that the s embedding adds silu(0) = 0 and the student starts
-    exactly as the teacher."""
+def copy_teacher_weights(src: torch.nn.Module, dst: torch.nn.Module, zero_s: bool = False) -> None:
+    """Student <- teacher weights. A two-time student's s branch (map_*_s, affine_s) is not in the
+    teacher and keeps its random init, as in sony/ctm. zero_s (the 'shared-zero' s embedding):
+    its last layer is zeroed instead, so that the s embedding adds silu(0) = 0 and the student
+    starts exactly as the teacher."""
     s_sd, d_sd = src.state_dict(), dst.state_dict()
     extra = sorted(k for k in d_sd if k not in s_sd)
     unknown = sorted(k for k in s_sd if k not in d_sd)
@@ -209,6 +216,8 @@ def copy_teacher_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
         raise UserError("the student network does not match the teacher's (pass the teacher's --preset and "
                         f"net options): differing weights {', '.join(what)}")
     dst.load_state_dict(s_sd, strict=False)
+    if not zero_s:
+        return
     with torch.no_grad():
         for name, mod in dst.named_modules():
             if name.startswith("map_layer1_s"):
