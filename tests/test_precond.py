@@ -141,6 +141,26 @@ def test_analytic_coeffs_export_with_dynamic_batch(gmm_tables):
     torch.testing.assert_close(prog.module()(t, s), torch.stack(pc.coeffs(t, s)))
 
 
+def test_fit_probes_agree_and_a_teacher_checkpoint_keys_its_cache(tmp_path, monkeypatch):
+    """jvp and vjp traces give the same statistics; the cache key follows the teacher's weights."""
+    den, x0 = gmm_denoiser()
+    a = P.fit_analytic(den, x0, points=12, samples=128, progress=False, trace="vjp")
+    b = P.fit_analytic(den, x0, points=12, samples=128, progress=False, trace="jvp")
+    np.testing.assert_allclose(a["l"], b["l"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a["rate_raw"], b["rate_raw"], rtol=1e-3, atol=1e-5)
+    from types import SimpleNamespace
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    (ck / "ema-0.999.safetensors").write_bytes(b"weights")
+    t = SimpleNamespace(ckpt=ck, ema="0.999")
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    p1 = P.teacher_tables_path(t, 120, 4096)
+    assert p1.parent == tmp_path / "cache" / "precond" and P.teacher_tables_path(t, 60, 512) != p1
+    (ck / "ema-0.999.safetensors").write_bytes(b"other weights")
+    assert P.teacher_tables_path(t, 120, 4096) != p1
+
+
 def test_make_precond_errors():
     with pytest.raises(UserError):
         P.make_precond("nope")
@@ -156,7 +176,7 @@ def test_precond_cli_fit_and_gap(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     assert main(["precond", "fit", "--teacher", "exact", "--points", "30", "--samples", "128",
                  "--no-progress"]) == 0
-    assert (tmp_path / "cache" / "precond" / "gmm-exact.safetensors").is_file()
+    assert (tmp_path / "cache" / "precond" / f"gmm-exact-p30-n128-s0-f{P.FIT_FORMAT}.safetensors").is_file()
     out = tmp_path / "gap.png"
     assert main(["precond", "gap", "--teacher", "exact", "--precond", "cm,ctm,analytic", "--times", "4",
                  "--samples", "64", "--substeps", "8", "--out", str(out), "--no-progress"]) == 0
@@ -164,6 +184,12 @@ def test_precond_cli_fit_and_gap(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "gap analytic" in table and "| 80 | 0.002 |" in table
     assert main(["precond", "gap", "--teacher", "exact", "--precond", "bogus"]) == 2
+    # the cache entry is keyed by the settings: the same fit again is reused, another one is new
+    assert main(["precond", "fit", "--teacher", "exact", "--points", "30", "--samples", "128", "--no-progress"]) == 0
+    assert "already cached" in capsys.readouterr().err
+    assert main(["precond", "fit", "--teacher", "exact", "--points", "20", "--samples", "128", "--no-progress"]) == 0
+    names = {p.name.split("-s0")[0] for p in (tmp_path / "cache" / "precond").glob("gmm-exact-*.safetensors")}
+    assert {"gmm-exact-p30-n128", "gmm-exact-p20-n128"} <= names   # (+ the default one `gap` fitted)
     assert main(["precond", "fit", "--teacher", "exact", "--samples", "0"]) == 2
 
 
@@ -234,7 +260,7 @@ def test_the_names_say_the_form(monkeypatch, tmp_path):
         m = build_method(cfg, teacher=ExactGMMTeacher(cfg))
         m.init_student(build_net(cfg, m))
         assert m.precond.backward is backward
-        tabs = P.tables_variant(P.load_tables(tmp_path / "precond" / "gmm-exact.safetensors")[0],
+        tabs = P.tables_variant(P.load_tables(next((tmp_path / "precond").glob("gmm-exact-p20-n64-*")))[0],
                                 P.ANALYTIC_FORMS[name])
         t, s = torch.tensor([40.0, 2.0]), torch.tensor([0.5, 0.01])
         for a, b in zip(m.precond.coeffs(t, s), P.AnalyticPrecond(tabs).coeffs(t, s)):
