@@ -233,6 +233,9 @@ def main(argv=None):
         mb = curves[base].mean(0)
         lvls = levels_of(mb, fracs)
         summary["curve_" + steps] = {pc: c.mean(0).tolist() for pc, c in curves.items()}
+        # the spread over seeds: sample std per checkpoint (0 with one seed)
+        summary["std_" + steps] = {pc: (c.std(0, ddof=1) if len(seeds) > 1 else 0 * c[0]).tolist()
+                                   for pc, c in curves.items()}
         summary["final"][steps] = {pc: {"last": float(c.mean(0)[-1]), "best": float(c.mean(0).min())}
                                    for pc, c in curves.items()}
         summary["speedup"][steps] = {}
@@ -254,7 +257,9 @@ def main(argv=None):
     print(f"| iters | {head} |")
     print("|---" * (1 + 2 * len(arms)) + "|")
     for k, i in enumerate(its):
-        row = " | ".join(f"{summary['curve_' + st][pc][k]:.4g}" for st in ("1", "2") for pc in arms)
+        row = " | ".join(f"{summary['curve_' + st][pc][k]:.4g}"
+                         + (f" ± {summary['std_' + st][pc][k]:.2g}" if len(seeds) > 1 else "")
+                         for st in ("1", "2") for pc in arms)
         print(f"| {i} | {row} |")
     for steps in ("1", "2"):
         for pc in arms[1:]:

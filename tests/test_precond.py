@@ -297,6 +297,7 @@ def test_compare_precond_three_arms_end_to_end(tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iters"] == [2, 4] and summary["arms"] == ["ctm", "analytic", "analytic-decay"]
     assert summary["evaluator"]["metric"] == "swd"
+    assert summary["std_2"]["ctm"] == [0.0, 0.0]   # one seed: no spread
     for steps in ("1", "2"):
         assert set(summary["speedup"][steps]) == {"analytic", "analytic-decay"}
         assert len(summary["speedup"][steps]["analytic-decay"]["per_seed_levels"]) == 1

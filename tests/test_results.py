@@ -58,7 +58,8 @@ def tables(text: str) -> dict:
 
 
 def _num(cell: str) -> float:
-    return float(cell.replace("−", "-"))
+    """A cell's value ("0.055 ± 0.007": the mean)."""
+    return float(cell.partition("±")[0].strip().replace("−", "-"))
 
 
 def _column(table: dict, name: str) -> int:
@@ -162,9 +163,13 @@ def test_tables_agree_with_the_logs_they_cite():
             if not m or m.group(2) not in log.get(f"curve_{m.group(1)}", {}):
                 continue
             curve = log[f"curve_{m.group(1)}"][m.group(2)]
+            spread = log.get(f"std_{m.group(1)}", {}).get(m.group(2))
             for r, cells in t["rows"].items():
-                digits = len(cells[k].partition(".")[2])
-                assert f"{curve[its.index(r)]:.{digits}f}" == cells[k], f"{tid} {col} at {r}"
+                mean, _, std = (c.strip() for c in cells[k].partition("±"))
+                digits = len(mean.partition(".")[2])
+                assert f"{curve[its.index(r)]:.{digits}f}" == mean, f"{tid} {col} at {r}"
+                if std and spread is not None:
+                    assert f"{spread[its.index(r)]:.{len(std.partition('.')[2])}f}" == std, f"{tid} {col} std at {r}"
 
 
 def test_the_checker_catches_a_wrong_claim():
