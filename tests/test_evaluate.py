@@ -1,4 +1,4 @@
-"""`fewstep eval`: FID / SWD / energy-distance maths, the feature classifier and its cache,
+"""`fewstep eval`: FID / SWD / energy-distance maths, the shipped feature network and `fewstep features`,
 and end-to-end runs on tiny checkpoints (2-D and images)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fewstep.cli import main as fewstep_main
-from fewstep.training import evaluate as ev
+from fewstep.training import metrics as M
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -29,16 +29,16 @@ def _one_thread():
 
 def test_high_freq_energy_hand_values_speckle_and_blur():
     flat = torch.full((1, 1, 5, 5), 0.3)
-    assert ev.high_freq_energy(flat).item() == 0.0            # constant: no detail
+    assert M.high_freq_energy(flat).item() == 0.0            # constant: no detail
     dot = torch.zeros(1, 1, 5, 5)
     dot[0, 0, 2, 2] = 1.0                                      # one bright pixel: centre 4, 4 neighbours -1
-    assert ev.high_freq_energy(dot).item() == pytest.approx((16 + 4) / 25)
+    assert M.high_freq_energy(dot).item() == pytest.approx((16 + 4) / 25)
     g = torch.Generator().manual_seed(0)
     img = torch.zeros(8, 1, 16, 16)
     img[:, :, 4:12, 4:12] = 1.0
     speckled = img + 0.3 * torch.randn(img.shape, generator=g)
     blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(img, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    e = ev.high_freq_energy
+    e = M.high_freq_energy
     assert e(speckled).shape == (8,)
     assert e(speckled).mean() > 3 * e(img).mean()
     assert e(blurred).mean() < e(img).mean()
@@ -54,37 +54,37 @@ def _random_cov(d, rng):
 def test_frechet_zero_for_identical_stats():
     rng = np.random.default_rng(0)
     mu, s = rng.standard_normal(16), _random_cov(16, rng)
-    assert ev.frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-6)
+    assert M.frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-6)
     # and clearly positive once anything differs
-    assert ev.frechet_distance(mu, s, mu + 0.5, s) == pytest.approx(16 * 0.25, rel=1e-6)
-    assert ev.frechet_distance(mu, s, mu, 2 * s) > 0.1
+    assert M.frechet_distance(mu, s, mu + 0.5, s) == pytest.approx(16 * 0.25, rel=1e-6)
+    assert M.frechet_distance(mu, s, mu, 2 * s) > 0.1
 
 
 def test_frechet_closed_form_1d_and_diagonal():
     # 1-D: (m1 - m2)^2 + (sd1 - sd2)^2
-    assert ev.frechet_distance([0.0], [[1.0]], [2.0], [[4.0]]) == pytest.approx(4 + 1, rel=1e-9)
-    assert ev.frechet_distance(1.0, 9.0, -1.0, 1.0) == pytest.approx(4 + 4, rel=1e-9)
+    assert M.frechet_distance([0.0], [[1.0]], [2.0], [[4.0]]) == pytest.approx(4 + 1, rel=1e-9)
+    assert M.frechet_distance(1.0, 9.0, -1.0, 1.0) == pytest.approx(4 + 4, rel=1e-9)
     rng = np.random.default_rng(1)
     m1, m2 = rng.standard_normal(5), rng.standard_normal(5)
     v1, v2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
     want = float(((m1 - m2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum())
-    assert ev.frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(want, rel=1e-9)
+    assert M.frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(want, rel=1e-9)
     # rotating both Gaussians by the same orthogonal matrix changes nothing
     q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
-    got = ev.frechet_distance(q @ m1, q @ np.diag(v1) @ q.T, q @ m2, q @ np.diag(v2) @ q.T)
+    got = M.frechet_distance(q @ m1, q @ np.diag(v1) @ q.T, q @ m2, q @ np.diag(v2) @ q.T)
     assert got == pytest.approx(want, rel=1e-7)
     # singular covariances are fine (no NaN from the square roots)
     z = np.zeros((3, 3))
-    assert ev.frechet_distance(np.zeros(3), z, np.ones(3), np.eye(3)) == pytest.approx(3 + 3, rel=1e-9)
+    assert M.frechet_distance(np.zeros(3), z, np.ones(3), np.eye(3)) == pytest.approx(3 + 3, rel=1e-9)
 
 
 def test_feature_stats_matches_numpy():
     f = torch.randn(500, 7, dtype=torch.float64) * 2 + 1
-    mu, cov = ev.feature_stats(f)
+    mu, cov = M.feature_stats(f)
     np.testing.assert_allclose(mu, f.numpy().mean(0), rtol=1e-12)
     np.testing.assert_allclose(cov, np.cov(f.numpy(), rowvar=False), rtol=1e-10)
     with pytest.raises(ValueError):
-        ev.feature_stats(torch.zeros(1, 3))
+        M.feature_stats(torch.zeros(1, 3))
 
 
 # --- 2-D distances ------------------------------------------------------------------------------
@@ -92,27 +92,27 @@ def test_feature_stats_matches_numpy():
 def test_sliced_wasserstein_same_vs_shifted():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4000, 2, generator=g), torch.randn(4000, 2, generator=g)
-    same = ev.sliced_wasserstein(a, b, n_proj=128, seed=1)
+    same = M.sliced_wasserstein(a, b, n_proj=128, seed=1)
     assert 0 <= same < 0.08
     # a shift by (1, 0): each direction sees |cos(theta)|, on average 2/pi
-    shifted = ev.sliced_wasserstein(a, b + torch.tensor([1.0, 0.0]), n_proj=128, seed=1)
+    shifted = M.sliced_wasserstein(a, b + torch.tensor([1.0, 0.0]), n_proj=128, seed=1)
     assert shifted == pytest.approx(2 / math.pi, abs=0.06)
     # unequal sizes are subsampled; deterministic given the seed
     c = torch.randn(1500, 2, generator=g)
-    assert ev.sliced_wasserstein(a, c, n_proj=64, seed=3) == ev.sliced_wasserstein(a, c, n_proj=64, seed=3)
-    assert ev.sliced_wasserstein(a, c, n_proj=64, seed=3) < 0.1
-    assert ev.sliced_wasserstein(a, 2 * c, n_proj=64, seed=3) > 0.3
+    assert M.sliced_wasserstein(a, c, n_proj=64, seed=3) == M.sliced_wasserstein(a, c, n_proj=64, seed=3)
+    assert M.sliced_wasserstein(a, c, n_proj=64, seed=3) < 0.1
+    assert M.sliced_wasserstein(a, 2 * c, n_proj=64, seed=3) > 0.3
 
 
 def test_energy_distance_same_vs_shifted():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1500, 2, generator=g), torch.randn(1500, 2, generator=g)
-    same = ev.energy_distance(a, b)
+    same = M.energy_distance(a, b)
     assert abs(same) < 0.01
-    shifted = ev.energy_distance(a, b + torch.tensor([1.0, 0.0]))
+    shifted = M.energy_distance(a, b + torch.tensor([1.0, 0.0]))
     assert shifted > 0.2
     # grows with the shift
-    assert ev.energy_distance(a, b + torch.tensor([2.0, 0.0])) > shifted
+    assert M.energy_distance(a, b + torch.tensor([2.0, 0.0])) > shifted
 
 
 # --- the feature classifier ----------------------------------------------------------------------
