@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from fewstep.cli import main as fewstep  # noqa: E402
+from fewstep.errors import UserError  # noqa: E402
 from fewstep.figures import EVALUATOR_VERSION, check_comparable  # noqa: E402
 from fewstep.training import checkpoint as ck  # noqa: E402
 
@@ -245,7 +246,10 @@ def main() -> int:
             print(f"[ablation] seed {seed} {name}: " + ", ".join(f"{r['steps']}:{r[key]:.4f}" for r in rep["results"]),
                   file=sys.stderr)
 
-    check_comparable(reports, "the ablation's figures")
+    try:
+        check_comparable(reports, "the ablation's figures")
+    except UserError as e:   # one line, not a traceback
+        raise SystemExit(f"ablation_cud: {e}") from None
     exact = exact_flow(args, steps)
     if exact is not None:
         results["exact flow velocity (no training)"] = {seeds[0]: exact}
