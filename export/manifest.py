@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fewstep import jump
 from fewstep.errors import UserError
+from fewstep.figures import features_sha, is_shipped_network
 from fewstep.files import sha256_file as file_sha256
 
 FORMAT_VERSION = 1
@@ -120,12 +121,17 @@ def step_quality(manifest: dict) -> dict | None:
     (lower is better: FID for images, sliced Wasserstein for 2-D), or None without figures.
 
     `fewstep eval` names the metric by its features ("fid-classifier", "fid-inception") and keys
-    each result by the quantity ("fid"); 2-D reports use "swd" for both.
+    each result by the quantity ("fid"); 2-D reports use "swd" for both. A classifier FID counts
+    only when measured on a shipped feature network (fewstep/figures.py): figures of another
+    network, or of the evaluators before it, are not shown beside the project's.
     """
     ev = manifest.get("eval")
     if not isinstance(ev, dict) or not isinstance(ev.get("results"), list):
         return None
     metric = str(ev.get("metric") or "fid")
+    sha = features_sha(ev)
+    if metric == "fid-classifier" and not is_shipped_network(sha):
+        return None
     key = "swd" if metric == "swd" else "fid"
     by_steps = {}
     for r in ev["results"]:
@@ -134,7 +140,7 @@ def step_quality(manifest: dict) -> dict | None:
             by_steps[int(r["steps"])] = float(r[key])
     if not by_steps:
         return None
-    return {"metric": metric, "num": ev.get("num"), "by_steps": dict(sorted(by_steps.items()))}
+    return {"metric": metric, "num": ev.get("num"), "features": sha, "by_steps": dict(sorted(by_steps.items()))}
 
 
 def write_manifest(model_dir, manifest: dict) -> Path:

@@ -17,6 +17,7 @@ COMMANDS = {
     "sample": ("fewstep.training.cli", "write a PNG grid of samples from a checkpoint"),
     "eval": ("fewstep.training.cli", "FID (images) or sliced Wasserstein (2-D) at several step counts"),
     "precond": ("fewstep.training.cli", "Analytic-Precond: fit teacher statistics, measure consistency gaps"),
+    "features": ("fewstep.training.cli", "train the FID feature network once (the shipped one is pinned)"),
     "export": ("fewstep.export.cli", "export a checkpoint to ONNX (+ TensorRT) with a manifest"),
     "serve": ("fewstep.serving.cli", "serve exported models with Triton Inference Server"),
     "generate": ("fewstep.serving.cli", "generate images from a running server over gRPC"),

@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
-    """Where the project keeps what it can make again (feature classifiers, distillation data,
-    Analytic-Precond tables of the exact teacher, TensorRT caches, the demo's exports):
+    """Where the project keeps what it can make again (distillation data,
+    Analytic-Precond tables per teacher, TensorRT caches, the demo's exports):
     $FEWSTEP_CACHE, else ~/.cache/fewstep."""
     return Path(os.path.expanduser(os.environ.get("FEWSTEP_CACHE") or "~/.cache/fewstep"))
 

@@ -8,8 +8,10 @@ CUD + its 1-step stage; the metric at 1, 2, 4, 8, 16 sampling steps.
 
 Every run goes through the real commands (`fewstep train`, `fewstep eval`) in this process,
 with the same data order and initial weights per seed (train.seed). The metric is what
-`fewstep eval` reports: sliced Wasserstein distance on 2-D data (lower is better; the
-data-vs-data floor is printed too), FID on the project's classifier features for images.
+`fewstep eval` reports (the one evaluator, training/evaluator.py): sliced Wasserstein distance
+on 2-D data (lower is better; the data-vs-data floor is printed too), FID on the shipped
+feature network for images. An `eval*.json` left in --out by another evaluator is scored again;
+the table refuses to put figures of different feature networks side by side.
 RK23 / RK34 are sampled with their 2nd / 3rd head, as the CUD authors sample them
 (`--eval-head main`: every arm with head 1). Runs already finished in --out are reused and interrupted ones resume from their last
 checkpoint, so an interrupted ablation picks up where it stopped. Writes <out>/ablation.json
@@ -37,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from fewstep.cli import main as fewstep  # noqa: E402
+from fewstep.errors import UserError  # noqa: E402
+from fewstep.figures import EVALUATOR_VERSION, check_comparable  # noqa: E402
 from fewstep.training import checkpoint as ck  # noqa: E402
 
 # The flow baseline gets CUD's time input (raw t, time_scale 1) so that the arms differ in the
@@ -113,7 +117,8 @@ def eval_argv(run: Path, arm: str, args) -> tuple[list[str], Path]:
 
 def evaluate(run: Path, arm: str, args) -> dict:
     argv, out = eval_argv(run, arm, args)
-    if not out.is_file():
+    stale = out.is_file() and json.loads(out.read_text()).get("evaluator_version") != EVALUATOR_VERSION
+    if not out.is_file() or stale:
         if fewstep(argv) != 0:
             raise SystemExit(f"eval failed: {' '.join(argv)}")
     return json.loads(out.read_text())
@@ -126,9 +131,8 @@ def exact_flow(args, steps: list[int]) -> dict[int, float] | None:
     if args.data != "gmm":
         return None
     from fewstep import sampling
-    from fewstep.training.data import load_dataset
     from fewstep.training.data_2d import default_gmm
-    from fewstep.training.metrics import sliced_wasserstein
+    from fewstep.training.evaluator import PointsEvaluator
     gmm = default_gmm()
     num = args.eval_num or 5000
 
@@ -136,12 +140,12 @@ def exact_flow(args, steps: list[int]) -> dict[int, float] | None:
         tt = t.clamp(max=1 - 1e-9)[:, None]
         x0 = gmm.denoiser(x / (1 - tt), (tt / (1 - tt))[:, 0])
         return x + (s - t)[:, None] * (x - x0) / tt
-    ref = load_dataset("gmm", "test", seed=1).x[:num]
+    points = PointsEvaluator("gmm", num)
     spec = sampling.flow_spec(max_steps=1024)
     out = {}
     for k in steps:
         pts = sampling.sample(jump, spec, k, list(range(num)), (2,), like_x=torch.zeros(1, dtype=torch.float64))
-        out[k] = sliced_wasserstein(pts.float(), ref, seed=0)
+        out[k] = points.swd(pts.float())
     return out
 
 
@@ -213,6 +217,7 @@ def main() -> int:
     cpu: dict[str, float] = {}
     metric = None
     floor = []
+    reports = []
     for seed in seeds:
         args.seed_now = seed
         for arm in arms:
@@ -221,6 +226,7 @@ def main() -> int:
             cpu[arm] = cpu.get(arm, 0.0) + train(run, method, args, extra + arm_opts.get(arm, []),
                                                  args.iters * factor)
             rep = evaluate(run, arm, args)
+            reports.append(rep)
             metric = rep["metric"]
             key = "swd" if metric == "swd" else "fid"
             results.setdefault(arm, {})[seed] = {r["steps"]: r[key] for r in rep["results"]}
@@ -234,11 +240,16 @@ def main() -> int:
             name = f"{args.distill_from}+1step"
             cpu[name] = cpu.get(name, 0.0) + train(run, "cud-distill", args, dopts, args.distill_iters, teacher)
             rep = evaluate(run, name, args)
+            reports.append(rep)
             key = "swd" if rep["metric"] == "swd" else "fid"
             results.setdefault(name, {})[seed] = {r["steps"]: r[key] for r in rep["results"]}
             print(f"[ablation] seed {seed} {name}: " + ", ".join(f"{r['steps']}:{r[key]:.4f}" for r in rep["results"]),
                   file=sys.stderr)
 
+    try:
+        check_comparable(reports, "the ablation's figures")
+    except UserError as e:   # one line, not a traceback
+        raise SystemExit(f"ablation_cud: {e}") from None
     exact = exact_flow(args, steps)
     if exact is not None:
         results["exact flow velocity (no training)"] = {seeds[0]: exact}

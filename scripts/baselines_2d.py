@@ -4,7 +4,8 @@
 
 Trains each (data, method, seed) with the `toy` preset (skipped when the run exists), samples
 5000 points per step count and solver, and prints a Markdown table of the mean (+- std over
-seeds) sliced Wasserstein distance (x100) to fresh test data.
+seeds) sliced Wasserstein distance (x100) to the reference set of `fewstep eval`
+(training/evaluator.py).
 """
 from __future__ import annotations
 
@@ -18,19 +19,18 @@ import torch
 
 from fewstep.cli import main as fewstep
 from fewstep.training.build import load_model
-from fewstep.training.data import load_dataset
-from fewstep.training.metrics import sliced_wasserstein
+from fewstep.training.evaluator import PointsEvaluator
 
 STEPS = (1, 2, 4, 8, 16)
 
 
 def evaluate(run: Path, data: str, solver: str, num: int) -> dict:
     model = load_model(run, method_opts={"solver": solver})
-    ref = load_dataset(data, "test", seed=123).x[:num]
+    points = PointsEvaluator(data, num)   # the reference of `fewstep eval`
     out = {}
     for k in STEPS:
         x = model.sample(k, list(range(num)))
-        out[k] = sliced_wasserstein(x, ref, seed=0)
+        out[k] = points.swd(x)
     return out
 
 

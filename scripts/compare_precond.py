@@ -3,15 +3,14 @@
 
 Trains CTM once per arm and seed through the real training loop (`fewstep train --method ctm`),
 same seed, data, budget and options, differing only in the preconditioning (--arms: ctm,
-analytic, analytic-<variant> such as analytic-decay or analytic-backward; the first is the
-baseline); evaluates every checkpoint at 1 and 2 sampling steps, and reports the curves (PNG),
+analytic = the paper's, analytic-decay = the project's variant, ...; the first is the baseline); evaluates every checkpoint at 1 and 2 sampling steps, and reports the curves (PNG),
 the speed-up of each arm over the baseline (the ratio of iterations each needs to reach the
 same metric level, on the mean curve and per seed) and a JSON of everything.
 
   2-D gmm with its exact teacher (metric: sliced Wasserstein-2 to fresh data, lower is better):
     nice -n 10 python scripts/compare_precond.py gmm --seeds 0,1,2 --iters 1200 --every 100 \
-        --arms ctm,analytic-decay,analytic-backward --out runs/compare-precond-gmm
-  Fashion-MNIST with an edm teacher (metric: FID on the project's classifier features):
+        --arms ctm,analytic,analytic-decay --out runs/compare-precond-gmm
+  Fashion-MNIST with an edm teacher (metric: FID of the one evaluator, training/evaluator.py):
     nice -n 10 python scripts/compare_precond.py fmnist --teacher runs/edm-fmnist --seeds 0 \
         --iters 2000 --every 250 --out runs/compare-precond-fmnist
 
@@ -31,16 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PRECONDS = ("ctm", "analytic")   # the default arms; "analytic-VARIANT" picks a table variant
+ARMS = ("ctm", "analytic", "analytic-decay")   # the default arms: CTM's own, the paper's, the project's variant
 
 
 def arm_overrides(arm: str) -> list[str]:
-    """Config overrides of an arm: ctm | analytic | analytic-<variant> (decay, backward, ...)."""
-    if arm in ("ctm", "analytic"):
-        return [f"method.precond={arm}"]
-    if arm.startswith("analytic-"):
-        return ["method.precond=analytic", f"method.precond_variant={arm[len('analytic-'):]}"]
-    raise SystemExit(f"compare_precond: unknown arm {arm!r} (ctm, analytic, analytic-<variant>)")
+    """Config overrides of an arm: a preconditioning name (ctm, analytic, analytic-decay, ...)."""
+    from fewstep.training.precond import PRECONDS
+    if arm not in PRECONDS:
+        raise SystemExit(f"compare_precond: unknown arm {arm!r} (known: {', '.join(PRECONDS)})")
+    return [f"method.precond={arm}"]
 
 
 def parse_args(argv=None):
@@ -55,8 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=5000, help="samples per evaluation")
     p.add_argument("--ema", default="0.99", help="EMA decay evaluated (trained alongside)")
     p.add_argument("--out", required=True)
-    p.add_argument("--arms", default=",".join(PRECONDS),
-                   help="comma-separated arms, the first is the baseline (ctm, analytic, analytic-<variant>)")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help="comma-separated preconditionings, the first is the baseline (default ctm,analytic,analytic-decay)")
     p.add_argument("--only", help="train this preconditioning only, then stop (run two "
                    "such processes side by side on a GPU, then once more without --only to evaluate)")
     p.add_argument("--no-train", action="store_true", help="evaluate the checkpoints already in --out")
@@ -89,33 +87,31 @@ def train_one(args, pc: str, seed: int) -> float:
 
 
 class GMMMetric:
+    """The 2-D figure of `fewstep eval` (training/evaluator.py): sliced W2 to its one reference set."""
     name = "sliced W2"
 
     def __init__(self, n):
-        from fewstep.training.data_2d import default_gmm
-        self.ref = default_gmm().sample(n, torch.Generator().manual_seed(12345))
+        from fewstep.training.evaluator import PointsEvaluator
+        self.ev = PointsEvaluator("gmm", n)
+        self.id = self.ev.describe()
 
     def __call__(self, x):
-        from fewstep.training.metrics import sliced_wasserstein
-        return sliced_wasserstein(x, self.ref, n_proj=256, seed=0)
+        return self.ev.swd(x)
 
 
 class FIDMetric:
-    name = "FID (classifier features)"
+    """The FID of `fewstep eval` (training/evaluator.py): the shipped feature network, the full
+    test split, samples quantised to uint8 as served."""
+    name = "FID (the shipped feature network)"
 
-    def __init__(self, n, cfg):
-        from fewstep.training import metrics
-        from fewstep.training.data import load_dataset
-        from fewstep.training.feature_classifier import get_classifier
+    def __init__(self, cfg):
+        from fewstep.training.evaluator import ImageEvaluator
         d = cfg["data"]
-        self.metrics = metrics
-        self.clf = get_classifier(d["name"], d.get("data_dir"))
-        test = load_dataset(d["name"], "test", data_dir=d.get("data_dir"))
-        self.ref = metrics.feature_stats(self.clf.features(test.x[:n]))
+        self.ev = ImageEvaluator(d["name"], d.get("data_dir"), d.get("image_size"))
+        self.id = self.ev.describe()
 
     def __call__(self, x):
-        mu, sig = self.metrics.feature_stats(self.clf.features(x.clamp(-1, 1)))
-        return self.metrics.frechet_distance(mu, sig, *self.ref)
+        return self.ev.fid(x)
 
 
 def evaluate_run(args, pc, seed, metric) -> dict:
@@ -124,6 +120,9 @@ def evaluate_run(args, pc, seed, metric) -> dict:
     d = run_dir(Path(args.out), pc, seed)
     cache = d / "compare-eval.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
+    if done.get("evaluator") != metric.id:   # figures of another evaluator are scored again, never mixed
+        done = {}
+    done["evaluator"] = metric.id
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for c in ck.list_checkpoints(d):
         step = str(int(ck.read_config(c)["step"]))
@@ -137,7 +136,7 @@ def evaluate_run(args, pc, seed, metric) -> dict:
             row[str(steps)] = float(metric(torch.cat(xs)))
         done[step] = row
         cache.write_text(json.dumps(done, indent=1))
-    return {int(k): v for k, v in done.items()}
+    return {int(k): v for k, v in done.items() if k != "evaluator"}
 
 
 def best_so_far(curve):
@@ -219,14 +218,14 @@ def main(argv=None):
         metric = GMMMetric(args.samples)
     else:
         from fewstep.training import checkpoint as ck
-        metric = FIDMetric(args.samples, ck.read_config(ck.find_checkpoint(run_dir(out, base, seeds[0]))))
+        metric = FIDMetric(ck.read_config(ck.find_checkpoint(run_dir(out, base, seeds[0]))))
     results = {pc: {s: evaluate_run(args, pc, s, metric) for s in seeds} for pc in arms}
     its = sorted(set.intersection(*(set(r) for pc in arms for r in results[pc].values())))
     if not its:
         raise SystemExit(f"compare_precond: the runs in {out} share no checkpoint step (a run stopped by "
                          "train.time_limit before its first --every checkpoint?): no curve to compare")
     its_a = np.asarray(its)
-    summary = {"data": args.data, "metric": metric.name, "iters": its, "seeds": seeds, "arms": arms,
+    summary = {"data": args.data, "metric": metric.name, "evaluator": metric.id, "iters": its, "seeds": seeds, "arms": arms,
                "train_seconds": times, "argv": sys.argv[1:], "speedup": {}, "final": {}}
     fracs = (0.5, 0.75, 0.9)
     for steps in ("1", "2"):
@@ -234,6 +233,9 @@ def main(argv=None):
         mb = curves[base].mean(0)
         lvls = levels_of(mb, fracs)
         summary["curve_" + steps] = {pc: c.mean(0).tolist() for pc, c in curves.items()}
+        # the spread over seeds: sample std per checkpoint (0 with one seed)
+        summary["std_" + steps] = {pc: (c.std(0, ddof=1) if len(seeds) > 1 else 0 * c[0]).tolist()
+                                   for pc, c in curves.items()}
         summary["final"][steps] = {pc: {"last": float(c.mean(0)[-1]), "best": float(c.mean(0).min())}
                                    for pc, c in curves.items()}
         summary["speedup"][steps] = {}
@@ -255,7 +257,9 @@ def main(argv=None):
     print(f"| iters | {head} |")
     print("|---" * (1 + 2 * len(arms)) + "|")
     for k, i in enumerate(its):
-        row = " | ".join(f"{summary['curve_' + st][pc][k]:.4g}" for st in ("1", "2") for pc in arms)
+        row = " | ".join(f"{summary['curve_' + st][pc][k]:.4g}"
+                         + (f" ± {summary['std_' + st][pc][k]:.2g}" if len(seeds) > 1 else "")
+                         for st in ("1", "2") for pc in arms)
         print(f"| {i} | {row} |")
     for steps in ("1", "2"):
         for pc in arms[1:]:

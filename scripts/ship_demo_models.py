@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/ship_demo_models.py runs/demo/cud-fmnist --name cud_fmnist
     .venv/bin/python scripts/ship_demo_models.py runs/demo/cd-fmnist/checkpoints/step-0003000 --name cd_fmnist
+    .venv/bin/python scripts/ship_demo_models.py demo/models/cd_fmnist --resave   # after re-scoring its eval.json
 
 A run dir stands for its latest checkpoint. What is copied: the checkpoint's config.json,
 ONE weights file (an EMA: by default the one its eval.json was measured on, else the
@@ -44,7 +45,7 @@ def eval_summary(report) -> dict | None:
     """The figures of an eval.json worth showing: {metric: {steps: value}} where found."""
     if not isinstance(report, dict):
         return None
-    out = {k: report[k] for k in ("metric", "feature", "num", "ema", "gamma") if k in report}
+    out = {k: report[k] for k in ("metric", "evaluator_version", "features", "num", "ema", "gamma") if k in report}
     results = report.get("results") or report.get("steps")
     if results is not None:
         out["results"] = results
@@ -66,6 +67,37 @@ def pick_weights(ckpt: Path, cfg: dict, ema: str | None, report) -> str:
     if name not in names:
         sys.exit(f"ship_demo_models: {ckpt} has no EMA {ema} (has: {', '.join(names) or 'none'})")
     return name
+
+
+def record_checksums(model_dir: Path, weights: str) -> None:
+    """config.json records the sha256 of the shipped tensors, as a saved checkpoint does
+    (training/checkpoint.py), so loading verifies them instead of printing a note. The weights
+    are also recorded as model.safetensors: the demo lays them out under that name too."""
+    from fewstep.files import sha256_file as hex_sha256   # checkpoints record plain hex
+    cfg = json.loads((model_dir / "config.json").read_text())
+    sums = {weights: hex_sha256(model_dir / weights)}
+    if weights != "model.safetensors":
+        sums["model.safetensors"] = sums[weights]
+    if (model_dir / "method.safetensors").is_file():
+        sums["method.safetensors"] = hex_sha256(model_dir / "method.safetensors")
+    cfg["sha256"] = sums
+    (model_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def resave(model_dir: Path) -> dict:
+    """A shipped model again, same weights: checksums in config.json, ship.json's file hashes
+    and eval figures from the files as they are now (e.g. after re-scoring eval.json)."""
+    info = json.loads((model_dir / SHIP_FILE).read_text())
+    record_checksums(model_dir, info["weights"])
+    before = info["files"].get(info["weights"])
+    info["files"] = {f: sha256_file(model_dir / f) for f in info["files"] if (model_dir / f).is_file()}
+    if info["files"][info["weights"]] != before:
+        sys.exit(f"ship_demo_models: {model_dir}: the weights changed; ship them from their checkpoint instead")
+    if (model_dir / "eval.json").is_file():
+        info["eval"] = eval_summary(json.loads((model_dir / "eval.json").read_text()))
+    info["bytes"] = sum((model_dir / f).stat().st_size for f in info["files"])
+    (model_dir / SHIP_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def ship(src: Path, name: str, ema: str | None, models_dir: Path, note: str | None,
@@ -92,6 +124,7 @@ def ship(src: Path, name: str, ema: str | None, models_dir: Path, note: str | No
     files = ["config.json", weights] + [f for f in ("method.safetensors", "eval.json") if (ckpt / f).is_file()]
     for f in files:
         shutil.copy2(ckpt / f, tmp / f)
+    record_checksums(tmp, weights)
     size = sum((tmp / f).stat().st_size for f in files)
     if size > SIZE_LIMIT:
         shutil.rmtree(tmp)
@@ -122,7 +155,9 @@ def ship(src: Path, name: str, ema: str | None, models_dir: Path, note: str | No
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("ckpt", help="checkpoint dir, or run dir (its latest checkpoint)")
+    p.add_argument("ckpt", help="checkpoint dir, or run dir (its latest checkpoint); with --resave a shipped model dir")
+    p.add_argument("--resave", action="store_true",
+                   help="re-record the checksums and eval figures of an already shipped model dir (same weights)")
     p.add_argument("--name", help="model name in the demo ([A-Za-z0-9_]; default: the run dir's name)")
     p.add_argument("--ema", help="EMA decay to ship, or 'none' (default: eval.json's, else the config's first)")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help=f"default {MODELS_DIR.relative_to(ROOT)}")
@@ -131,6 +166,11 @@ def main(argv=None) -> int:
                    help="the step counts the model was made for (the page defaults to and suggests them; "
                         "must include the method's default step count; default: that count alone)")
     args = p.parse_args(argv)
+    if args.resave:
+        info = resave(Path(args.ckpt))
+        print(f"{args.ckpt}: checksums recorded, weights {info['weights']} unchanged "
+              f"(sha256 {info['files'][info['weights']][:12]})")
+        return 0
     try:
         rec = None if args.recommended_steps is None else [int(k) for k in args.recommended_steps.split(",")]
     except ValueError:

@@ -27,7 +27,9 @@ counters (Triton metrics, `--metrics-url`) and, with `--jump bls`, the jump mode
 statistics.
 
 `--serve` starts a tritonserver on the `--export` dir for the run (then the CPU time of the
-server and its stubs per request is reported too). Outputs, under `--out`: bench.csv
+server and its stubs per request is reported too); `--serve` without `--export` benchmarks
+every shipped model (demo/models: the large `cd_fmnist` and the small `cud_fmnist`) one
+after the other and prints their serving overheads side by side. Outputs, under `--out`: bench.csv
 (perf_analyzer-like columns, latencies in microseconds), bench.json (everything, in ms),
 latency_vs_steps.png, throughput_vs_concurrency.png, and with `--quality EVAL.json` (a
 `fewstep eval` report) the FID of each step count and quality_vs_latency.png.
@@ -42,12 +44,50 @@ from fewstep.errors import UserError  # noqa: F401  (part of this API)
 from fewstep.serving.bench_measure import Bench, Cell  # noqa: F401
 from fewstep.serving.bench_plan import Plan, add_bench_args, check_args, make_plan, parse_mix  # noqa: F401
 from fewstep.serving.bench_report import (  # noqa: F401  (the summary is part of the benchmark's API)
-    CSV_COLUMNS, _slope, build_report, console_table, read_quality, summarize, write_outputs)
+    CSV_COLUMNS, _slope, build_report, console_table, read_quality, shipped_table, summarize, write_outputs)
 from fewstep.serving.bench_stats import (  # noqa: F401
     jump_calls, parse_jump_counters, parse_stats, read_jump_counters, stats_delta)
 
 
 def run_bench(args) -> int:
+    if args.serve and not args.export:
+        return run_shipped(args)
+    report = bench_one(args)
+    print(console_table(report))
+    return 0
+
+
+def run_shipped(args) -> int:
+    """`--serve` without --export: every shipped model (demo/models: the large cd_fmnist and
+    the small cud_fmnist), exported on first use as `fewstep demo` does, each on a server of
+    its own with the same plan; outputs in --out/<name>/, the figures side by side at the end
+    and in --out/summary.json. A shipped model's eval.json gives the quality column."""
+    import copy
+    import json
+
+    from fewstep.demo.shipped import prepare_all, shipped_models
+
+    check_args(args, shipped=True)
+    exports = prepare_all(log=lambda msg: print(msg, file=sys.stderr))
+    reports = {}
+    for src, export in zip(shipped_models(), exports):
+        sub = copy.copy(args)
+        sub.export, sub.out, sub.model = str(export), str(Path(args.out) / src.name), None
+        if sub.quality is None and (src / "eval.json").is_file():
+            sub.quality = str(src / "eval.json")
+        reports[src.name] = report = bench_one(sub)
+        print(console_table(report) + "\n")
+    print(shipped_table(reports))
+    out = Path(args.out) / "summary.json"
+    out.write_text(json.dumps({name: {"export": rep.get("export"), "summary": rep["summary"],
+                                      "machine": rep["machine"]} for name, rep in reports.items()},
+                              indent=2, default=str) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def bench_one(args) -> dict:
+    """One model's run (its own server with --serve); writes its outputs, returns bench.json's content."""
     plan = check_args(args)
     if args.serve:
         from fewstep.serving.launcher import find_triton
@@ -64,10 +104,10 @@ def run_bench(args) -> int:
             report = _measure(Bench(args, plan, name, server), server.grpc_url)
     else:
         report = _measure(Bench(args, plan, args.model), args.url)
+    report["export"] = args.export
     paths = write_outputs(report, Path(args.out))
-    print(console_table(report))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
-    return 0
+    return report
 
 
 def _measure(bench: Bench, url: str) -> dict:

@@ -199,7 +199,7 @@ class Bench:
             if (counted >= sent and after == last) or time.perf_counter() > deadline:
                 return after
             last = after
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)  # longer than a sampler waits idle before it flushes (50 ms)
 
     def _server_cpu(self) -> float | None:
         return cpu_seconds(self.server.pids()) if self.server is not None else None

@@ -34,7 +34,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="intra-op threads of the in-process baselines (and of the jump with --serve); "
                         "default: what the server's jump uses (its `threads` parameter, 0 = runtime default)")
     p.add_argument("--serve", action="store_true",
-                   help="start a tritonserver on the --export dir for this run (ignores --url)")
+                   help="start a tritonserver on the --export dir for this run (ignores --url); without "
+                        "--export: every shipped model (the large cd_fmnist and the small cud_fmnist), one after "
+                        "the other, their serving overheads side by side")
     p.add_argument("--instances", type=int, default=0,
                    help="with --serve: instances that run the jump (0 = auto, see `fewstep serve --instances`)")
     p.add_argument("--jump", default="auto", choices=("auto", "inline", "bls"),
@@ -97,11 +99,12 @@ def make_plan(args) -> Plan:
     return Plan(steps, conc, args.batch, requests, args.duration, args.warmup, mix)
 
 
-def check_args(args) -> Plan:
-    """Every argument checked (before a server is reached or started); the plan."""
+def check_args(args, shipped: bool = False) -> Plan:
+    """Every argument checked (before a server is reached or started); the plan. shipped:
+    `--serve` without --export (every shipped model), where --model and --ckpt do not apply."""
     plan = make_plan(args)
-    if args.serve and not args.export:
-        raise UserError("--serve needs --export DIR (the model to serve)")
+    if shipped and (args.model or args.ckpt):
+        raise UserError("--serve without --export benchmarks the shipped models: --model and --ckpt need --export DIR")
     if args.quality:
         from fewstep.serving.bench_report import read_quality
 

@@ -86,6 +86,14 @@ def _slope(xs, ys) -> float | None:
     return float(np.median(slopes)) if slopes else None
 
 
+def _intercept(overhead: dict, per_step: float) -> float | None:
+    """The part of an overhead {steps: ms} that does not grow with the steps, given its part
+    per step: the median over the step counts of overhead - per_step * steps (with two step
+    counts, the intercept of the line through them)."""
+    vals = [v - per_step * k for k, v in overhead.items() if v is not None]
+    return float(np.median(vals)) if vals else None
+
+
 def summarize(rows: list[dict], plan: Plan, first_request: dict | None = None) -> dict:
     """The serving figures: Triton against the in-process sampler, per-step overhead, scaling."""
     out: dict = {}
@@ -110,11 +118,15 @@ def summarize(rows: list[dict], plan: Plan, first_request: dict | None = None) -
             cpu_ratio[steps] = tri["cpu_ms_per_request"] / base["cpu_ms_per_request"]
     if cpu_ratio:
         out["cpu_ratio_triton_vs_onnxruntime"] = cpu_ratio
+        ks = sorted(cpu_ratio)
+        cpu_over = {k: _find(rows, "triton", k, c_lo)["cpu_ms_per_request"]
+                    - _find(rows, "onnxruntime", k)["cpu_ms_per_request"] for k in ks}
+        out["cpu_overhead_ms"] = cpu_over
         if len(cpu_ratio) >= 2:
-            ks = sorted(cpu_ratio)
             tri_cpu = _slope(ks, [_find(rows, "triton", k, c_lo)["cpu_ms_per_request"] for k in ks])
             ort_cpu = _slope(ks, [_find(rows, "onnxruntime", k)["cpu_ms_per_request"] for k in ks])
             out["cpu_overhead_ms_per_step"] = tri_cpu - ort_cpu
+            out["cpu_overhead_ms_per_request"] = _intercept(cpu_over, out["cpu_overhead_ms_per_step"])
     if len(plan.steps) >= 2:
         tri = [(_find(rows, "triton", s, c_lo) or {}).get("p50_ms") for s in plan.steps]
         out["triton_ms_per_step"] = _slope(plan.steps, tri)
@@ -123,6 +135,9 @@ def summarize(rows: list[dict], plan: Plan, first_request: dict | None = None) -
         if ort_slope is not None and out["triton_ms_per_step"] is not None:
             out["onnxruntime_ms_per_step"] = ort_slope
             out["serving_overhead_ms_per_step"] = out["triton_ms_per_step"] - ort_slope
+            over = {k: t - o for k, t, o in zip(plan.steps, tri, ort) if t is not None and o is not None}
+            out["serving_overhead_ms"] = over
+            out["serving_overhead_ms_per_request"] = _intercept(over, out["serving_overhead_ms_per_step"])
         sampler = []
         for s in plan.steps:
             r = _find(rows, "triton", s, c_lo) or {}
@@ -378,6 +393,13 @@ def console_table(report: dict) -> str:
         if sm.get("bls_overhead_ms_per_step") is not None:
             line += f"; server time beyond the jump {sm['bls_overhead_ms_per_step']:+.3f} ms/step"
         notes.append(line)
+    if sm.get("serving_overhead_ms_per_request") is not None:
+        line = (f"serving overhead (Triton - in-process): p50 {sm['serving_overhead_ms_per_request']:+.2f} ms "
+                f"per request {sm['serving_overhead_ms_per_step']:+.2f} ms per step")
+        if sm.get("cpu_overhead_ms_per_request") is not None:
+            line += (f"; CPU {sm['cpu_overhead_ms_per_request']:+.2f} ms per request "
+                     f"{sm['cpu_overhead_ms_per_step']:+.2f} ms per step")
+        notes.append(line)
     if sm.get("first_request"):
         fr = sm["first_request"]
         notes.append(f"first request after start ({fr['steps']} steps): {_f(fr['ms'])} ms, "
@@ -403,3 +425,26 @@ def console_table(report: dict) -> str:
     if sm.get("errors"):
         notes.append(f"ERRORS: {sm['errors']} requests failed (see bench.json error_codes / error_messages)")
     return "\n".join(text + [""] + notes)
+
+
+def shipped_table(reports: dict) -> str:
+    """The serving figures of several models side by side ({name: bench.json's content}):
+    `fewstep bench --serve` without --export, on the shipped models."""
+    head = ["model", "jump ms", "p50 ratio", "overhead ms/request", "overhead ms/step", "CPU ratio",
+            "CPU ms/request", "CPU ms/step", "c_hi/c_lo", "first/p50"]
+    lines = []
+    for name, rep in reports.items():
+        sm, k = rep["summary"], min(rep["settings"]["steps"] or [1])
+        scale = next((v for key, v in sm.items() if key.startswith("throughput_ratio_")), {})
+        lines.append([name, _f(sm.get("onnxruntime_ms_per_step")),
+                      _f((sm.get("p50_ratio_triton_vs_onnxruntime") or {}).get(k)),
+                      _f(sm.get("serving_overhead_ms_per_request")), _f(sm.get("serving_overhead_ms_per_step")),
+                      _f((sm.get("cpu_ratio_triton_vs_onnxruntime") or {}).get(k)),
+                      _f(sm.get("cpu_overhead_ms_per_request")), _f(sm.get("cpu_overhead_ms_per_step")),
+                      _f(scale.get(k)), _f((sm.get("first_request") or {}).get("vs_p50"))])
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    k = min(next(iter(reports.values()))["settings"]["steps"] or [1]) if reports else 1
+    return "\n".join([f"shipped models, Triton against the in-process sampler (ratios and first/p50 at {k} "
+                      f"step{'s' if k > 1 else ''}; jump ms = in-process ms per step):", fmt.format(*head)]
+                     + [fmt.format(*c) for c in lines])

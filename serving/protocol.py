@@ -9,8 +9,9 @@ on one code path.
 """
 from __future__ import annotations
 
-import io
 import json
+import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -319,13 +320,26 @@ def to_images(info: ModelInfo, x: np.ndarray) -> np.ndarray:
 
 
 def encode_png(img: np.ndarray) -> bytes:
-    """uint8 [H, W, C] -> PNG bytes (grey for C = 1, RGB for C = 3)."""
-    from PIL import Image
+    """uint8 [H, W, C] -> PNG bytes (grey for C = 1, RGB for C = 3): 8 bits, no row filter,
+    zlib level 6. Written out here rather than through PIL: the sampler encodes every image
+    the ensemble asks for (it asks for every output), and PIL's encoder costs 0.1-0.3 ms for
+    a 28x28 image against about 0.03 ms for this (docs/PERFORMANCE.md)."""
+    h, w, c = img.shape
+    if c not in PNG_COLOR_TYPES or img.dtype != np.uint8:
+        raise ValueError(f"encode_png: expected uint8 [H, W, 1 or 3], got {img.dtype} {list(img.shape)}")
+    rows = np.zeros((h, 1 + w * c), np.uint8)  # each row: filter byte 0 (none), then its pixels
+    rows[:, 1:] = img.reshape(h, w * c)
+    header = struct.pack(">IIBBBBB", w, h, 8, PNG_COLOR_TYPES[c], 0, 0, 0)
+    return b"".join((PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)),
+                     _png_chunk(b"IEND", b"")))
 
-    arr = img[:, :, 0] if img.shape[2] == 1 else img
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
-    return buf.getvalue()
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOR_TYPES = {1: 0, 3: 2}  # channels -> PNG colour type (grey, RGB)
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
 
 def chunks(n: int, size: int):

@@ -193,13 +193,17 @@ def jump_config(info: ModelInfo, opts: Options, kind: str, plan: ServingPlan, en
     ])
 
 
-def _warmup(comment: str, inputs: list, batch_sizes=(1,)) -> str:
+def _warmup(comment: str, inputs: list, batch_sizes=(1,), samples=None) -> str:
     """A `model_warmup` block: one sample per batch size (Triton sends that many batch-1
     requests at once); inputs are (name, TYPE, dims, file or None for zeros); a file is raw
-    data in the model's warmup/ dir (`write_warmup_files`)."""
+    data in the model's warmup/ dir (`write_warmup_files`). samples: [(name, inputs)] instead,
+    batch size 1 each, sent one after the other."""
+    if samples is None:
+        samples = [("first_request" if tuple(batch_sizes) == (1,) else f"batch_{b}", b, inputs) for b in batch_sizes]
+    else:
+        samples = [(name, 1, ins) for name, ins in samples]
     lines = [f"# {comment}", "model_warmup ["]
-    for i, b in enumerate(batch_sizes):
-        name = "first_request" if tuple(batch_sizes) == (1,) else f"batch_{b}"
+    for i, (name, b, inputs) in enumerate(samples):
         lines += ["  {" if i == 0 else "  }, {", f'    name: "{name}"', f"    batch_size: {b}"]
         for inp, dtype, dims, file in inputs:
             data = f'input_data_file: "{file}"' if file else "zero_data: true"
@@ -217,12 +221,15 @@ def jump_warmup(info: ModelInfo, batch_sizes=(1,)) -> str:
 
 
 def sampler_warmup(info: ModelInfo) -> str:
-    """Triton sends one 2-step request (seed 0) through execute(), the scheduler and the
-    response sender before it marks the sampler ready (inline only: with bls the jump model
-    may not be loaded yet)."""
-    inputs = [(name, INPUTS[name].config_type, [1], "steps" if name == "steps" else None)
-              for name in ("seed", "steps", "class_label") if name != "class_label" or info.num_classes]
-    return _warmup("one request through the whole sampler before it is ready", inputs)
+    """Triton sends two requests (seed 0) through execute() before it marks the sampler ready
+    (inline only: with bls the jump model may not be loaded yet): 1 step, which execute()
+    runs and answers itself, and 2 steps, through the scheduler's thread and the response
+    sender."""
+    def inputs(steps_file):
+        return [(name, INPUTS[name].config_type, [1], steps_file if name == "steps" else None)
+                for name in ("seed", "steps", "class_label") if name != "class_label" or info.num_classes]
+    return _warmup("a request down each path of the sampler before it is ready", [],
+                   samples=[("one_step", inputs("steps_1")), ("first_request", inputs("steps"))])
 
 
 def write_warmup_files(repo: Path, info: ModelInfo, plan: ServingPlan) -> None:
@@ -230,7 +237,8 @@ def write_warmup_files(repo: Path, info: ModelInfo, plan: ServingPlan) -> None:
 
     files = {info.name + "_jump": {k: np.array([info.spec[k]], np.float32) for k in ("t_max", "t_end")}}
     if plan.jump == "inline":
-        files[info.name + "_sampler"] = {"steps": np.array([min(2, info.max_steps)], INPUTS["steps"].numpy)}
+        files[info.name + "_sampler"] = {"steps": np.array([min(2, info.max_steps)], INPUTS["steps"].numpy),
+                                         "steps_1": np.array([1], INPUTS["steps"].numpy)}
     for model, arrays in files.items():
         d = repo / model / "warmup"
         d.mkdir(parents=True, exist_ok=True)

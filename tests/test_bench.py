@@ -158,7 +158,7 @@ def test_unreachable_server(tmp_path, capsys):
     (["--requests", "0"], "--requests must be >= 1"),
     (["--duration", "-1"], "--duration must be > 0"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
-    (["--serve"], "--serve needs --export DIR"),
+    (["--serve"], "--serve without --export benchmarks the shipped models: --model and --ckpt need --export DIR"),
     (["--quality", "/nonexistent/eval.json"], "--quality /nonexistent/eval.json: cannot read it"),
     (["--export", "/nonexistent"], "--export /nonexistent: not a directory"),
 ])
@@ -333,3 +333,64 @@ def test_jump_calls_from_counters_and_statistics():
             'fewstep_sampler_jump_calls{instance="x_sampler_0_0",model="x_sampler"} 100\n')
     assert bench.parse_jump_counters(text, "m") == {"calls": 7, "image_steps": 10}
     assert bench.parse_jump_counters(text, "y") is None
+
+
+def test_summary_splits_the_overhead_per_request_and_per_step():
+    """The arithmetic of the serving overhead: Triton - in-process at each step count; its part
+    per step is the difference of the two slopes, its part per request what is left (the
+    intercept), for the p50 latency and for the CPU per request."""
+    from fewstep.serving.bench_plan import Plan
+
+    tri = {1: (5.0, 6.0), 2: (8.5, 9.6), 4: (15.5, 16.8)}    # p50 ms, CPU ms: 1.5 + 3.5 k, 2.4 + 3.6 k
+    ort = {1: (3.2, 4.0), 2: (6.4, 7.2), 4: (12.8, 13.6)}    # 3.2 k, 0.8 + 3.2 k
+    rows = [{"source": src, "steps": k, "concurrency": 1, "requests": 10, "errors": 0, "p50_ms": p50,
+             "p90_ms": p50, "p95_ms": p50, "p99_ms": p50, "cpu_ms_per_request": cpu, "images_per_s": 1000 / p50}
+            for src, table in (("triton", tri), ("onnxruntime", ort)) for k, (p50, cpu) in table.items()]
+    sm = bench.summarize(rows, Plan([1, 2, 4], [1], 1, 10, None, 0))
+    assert sm["p50_ratio_triton_vs_onnxruntime"][1] == pytest.approx(5.0 / 3.2)
+    assert sm["serving_overhead_ms"] == pytest.approx({1: 1.8, 2: 2.1, 4: 2.7})
+    assert sm["serving_overhead_ms_per_step"] == pytest.approx(0.3)
+    assert sm["serving_overhead_ms_per_request"] == pytest.approx(1.5)
+    assert sm["cpu_ratio_triton_vs_onnxruntime"][1] == pytest.approx(1.5)
+    assert sm["cpu_overhead_ms"] == pytest.approx({1: 2.0, 2: 2.4, 4: 3.2})
+    assert sm["cpu_overhead_ms_per_step"] == pytest.approx(0.4)
+    assert sm["cpu_overhead_ms_per_request"] == pytest.approx(1.6)
+    report = {"results": rows, "summary": sm, "model": "m", "settings": {"steps": [1, 2, 4]},
+              "machine": {"load_avg_start": [1.0], "load_avg_end": [1.0], "cpus": 2}}
+    text = bench.console_table(report)
+    assert "serving overhead (Triton - in-process): p50 +1.50 ms per request +0.30 ms per step; " \
+           "CPU +1.60 ms per request +0.40 ms per step" in text
+    side = bench.shipped_table({"big": report, "small": report}).splitlines()
+    assert side[1].split()[:4] == ["model", "jump", "ms", "p50"]
+    assert side[2].split() == ["big", "3.20", "1.56", "1.50", "0.30", "1.50", "1.60", "0.40", "-", "-"]
+
+
+def test_bench_serve_without_export_runs_every_shipped_model(triton_stack, tmp_path, capsys, monkeypatch):
+    """`bench --serve` with no --export: each shipped model on its own server, one after the
+    other (here two stand-ins for cd_fmnist and cud_fmnist: the tiny export under two names,
+    one with an eval report), outputs per model and the figures side by side."""
+    import fewstep.demo.shipped as shipped
+
+    srcs = []
+    for name in ("big", "small"):
+        src = tmp_path / "shipped" / name
+        src.mkdir(parents=True)
+        srcs.append(src)
+    (srcs[1] / "eval.json").write_text(json.dumps({"metric": "fid-classifier", "results": [{"steps": 1, "fid": 99.5}]}))
+    monkeypatch.setattr(shipped, "shipped_models", lambda root=None: srcs)
+    monkeypatch.setattr(shipped, "prepare_all", lambda root=None, cache_dir=None, log=print:
+                        [triton_stack.dirs["tiny"]] * 2)
+    out = tmp_path / "res"
+    rc, text, err = _run(["--serve", "--steps", "1,2", "--concurrency", "1", "--requests", "3", "--warmup", "0",
+                          "--threads", "1", "--out", str(out)], capsys)
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["big", "small"]
+    for name in ("big", "small"):
+        report = json.loads((out / name / "bench.json").read_text())
+        assert report["settings"]["served_by_bench"] and report["summary"]["errors"] == 0
+        assert summary[name]["summary"] == report["summary"]
+        assert report["summary"]["serving_overhead_ms_per_request"] is not None
+    assert json.loads((out / "small" / "bench.json").read_text())["quality"]["values"] == {"1": 99.5}
+    table = text[text.index("shipped models"):].splitlines()
+    assert [line.split()[0] for line in table[2:]] == ["big", "small"]

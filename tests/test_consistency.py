@@ -50,11 +50,32 @@ def xts(shape, b=6, seed=0):
 
 
 @pytest.mark.parametrize("shape", [(2,), (1, 8, 8)])
-def test_ctm_student_starts_as_the_teacher(shape):
+def test_ctm_per_block_s_is_random_and_not_from_the_teacher(shape):
+    """The default (sony/ctm): every block has its own affine_s; the s branch keeps its random
+    init, everything else is the teacher's, so the student does NOT start as the teacher."""
     ov = SMALL_MLP if len(shape) == 1 else []
     teacher = edm_teacher(shape, ov)
     m, net = student("ctm", teacher, shape, ov)
-    assert net.two_times
+    assert m.opts["s_embedding"] == "per-block" and net.s_per_block
+    sd, tsd = net.state_dict(), teacher.net.state_dict()
+    s_keys = [k for k in sd if k not in tsd]
+    blocks = [n for n, mod in net.named_modules() if getattr(mod, "affine_s", None) is not None]
+    assert blocks and all(f"{b}.affine_s.weight" in s_keys for b in blocks)
+    assert {k for k in s_keys if "affine_s" not in k} == {f"map_layer{i}_s.{w}" for i in (0, 1) for w in ("weight", "bias")}
+    for k in tsd:
+        assert torch.equal(sd[k], tsd[k]), k
+    assert all(sd[k].abs().sum() > 0 for k in s_keys if k.endswith("weight"))   # random, not zeroed
+    x, t, s = xts(shape, 4 if len(shape) > 1 else 6)
+    with torch.no_grad():
+        assert not torch.allclose(m.denoise(net, x, t, s), teacher.denoise(x, t), atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 8, 8)])
+def test_ctm_shared_zero_student_starts_as_the_teacher(shape):
+    ov = (SMALL_MLP if len(shape) == 1 else []) + ["method.s_embedding=shared-zero"]
+    teacher = edm_teacher(shape, ov[:-1])
+    m, net = student("ctm", teacher, shape, ov)
+    assert net.two_times and not net.s_per_block
     x, t, s = xts(shape, 4 if len(shape) > 1 else 6)
     with torch.no_grad():
         D = teacher.denoise(x, t)
@@ -86,7 +107,7 @@ def test_student_must_match_the_teacher_net():
 
 
 def test_bad_options_are_user_errors():
-    for bad in (["method.precond=nope"], ["method.distance=nope"], ["method.gamma=2"]):
+    for bad in (["method.precond=nope"], ["method.distance=nope"], ["method.gamma=2"], ["method.s_embedding=nope"]):
         with pytest.raises(UserError):
             build_method(cfg_for("ctm", overrides=bad))
 
@@ -187,7 +208,7 @@ def test_ctm_analytic_end_to_end_through_the_loop(tmp_path, monkeypatch):
     cfg = make_config("ctm", data="gmm", preset="toy", teacher="exact", overrides=ov)
     cfg["data"]["limit"] = 512
     last = train(cfg, tmp_path / "run", progress=False)
-    assert (tmp_path / "cache" / "precond" / "gmm-exact.safetensors").is_file()
+    assert len(list((tmp_path / "cache" / "precond").glob("gmm-exact-p*-n*-s0-f*.safetensors"))) == 1
     import json
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 4 and all(1 <= r["teacher_steps"] <= 3 and r["dsm_weight"] >= 0 for r in recs)
@@ -361,3 +382,30 @@ def test_cd_default_target_is_the_stop_gradient_online_net():
     m.loss(net.train(), torch.randn(8, 2), None)
     for pt, pn in zip(m.target.parameters(), net.parameters()):
         torch.testing.assert_close(pt, pn)
+
+
+def test_ctm_and_cd_train_with_sony_ctms_optimiser():
+    """RAdam, lr 4e-4, no warm-up, no clipping (sony/ctm train_util.py) over any preset; the
+    loop builds that optimiser; a train.* override still wins."""
+    from fewstep.training.config import make_config
+    for method in ("ctm", "cd"):
+        for preset in ("toy", "fmnist-cpu"):
+            t = make_config(method, data="gmm" if preset == "toy" else "fmnist", preset=preset)["train"]
+            assert (t["optimizer"], t["lr"], t["warmup"], t["grad_clip"]) == ("radam", 4e-4, 0, 0.0), (method, preset)
+    assert make_config("ctm", data="gmm", overrides=["train.lr=1e-3"])["train"]["lr"] == 1e-3
+    assert make_config("rf", data="gmm")["train"]["optimizer"] == "adam"
+
+
+def test_ctm_dsm_sigmas_are_not_clamped():
+    m = build_method(cfg_for("ctm", overrides=["method.p_mean=3.0", "method.p_std=2.0"]))
+    sig = m.dsm_sigmas(4000, "cpu", torch.Generator().manual_seed(0))
+    half = sig[:2000]
+    assert half.max() > 80.0      # lognormal(3, 2) leaves [0.002, 80] as in the reference
+    assert sig[2000:].min() >= 0.002 - 1e-12 and sig[2000:].max() <= 80.0 + 1e-9
+
+
+def test_a_ctm_config_from_before_s_embedding_builds_the_old_net():
+    cfg = cfg_for("ctm")
+    cfg["method"].pop("s_embedding")
+    m = build_method(cfg)
+    assert m.opts["s_embedding"] == "shared-zero" and not build_net(cfg, m).s_per_block

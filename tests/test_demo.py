@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fewstep.figures import SHIPPED_FEATURE_NETS
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -82,10 +84,13 @@ def test_ship_and_prepare(tmp_path, monkeypatch):
     assert len(calls) == 2                          # a changed source re-exports
 
 
-def test_shipped_default_models(tmp_path):
-    """The models in demo/models: intact (hashes), small, and loadable by load_model."""
+def test_shipped_default_models(tmp_path, capfd):
+    """The models in demo/models: intact (hashes), small, loadable by load_model with their
+    checksums verified (no note about an older checkpoint), and scored by the one evaluator."""
     from fewstep.demo.shipped import _checkpoint_from_shipped, read_ship, shipped_models
     from fewstep.export.manifest import sha256_file
+    from fewstep.figures import EVALUATOR_VERSION
+    from fewstep.files import sha256_file as digest_hex
     from fewstep.training.build import load_model
 
     models = shipped_models()
@@ -99,8 +104,14 @@ def test_shipped_default_models(tmp_path):
         assert sum((m / f).stat().st_size for f in info["files"]) < 25 * 1024 * 1024
         ema = _checkpoint_from_shipped(m, tmp_path / m.name, info)
         assert method_class(info["method"]) is not None
+        cfg = json.loads((m / "config.json").read_text())
+        assert cfg["sha256"][info["weights"]] == digest_hex(m / info["weights"])
         model = load_model(tmp_path / m.name, ema=ema)
         assert model.method.name == info["method"] and model.ema == ema
+        ev = json.loads((m / "eval.json").read_text())
+        assert ev["features"]["sha256"] == SHIPPED_FEATURE_NETS["fmnist"][1] and ev["evaluator_version"] == EVALUATOR_VERSION
+        assert not Path(ev["ckpt"]).is_absolute() and "/root" not in json.dumps(ev)
+    assert "records no checksums" not in capfd.readouterr().err
     # the defaults the demo promises: a CUD model and a consistency model
     methods = {read_ship(m)["method"] for m in models}
     assert methods & {"cud", "cud-distill"} and methods & {"cd", "ctm"}, methods
@@ -130,7 +141,8 @@ def _launch(url: str):
     return app, page_url
 
 
-TINYQ_EVAL = {"metric": "fid-classifier", "num": 1000,
+TINYQ_EVAL = {"metric": "fid-classifier", "num": 1000, "evaluator_version": 2,
+              "features": {"sha256": SHIPPED_FEATURE_NETS["fmnist"][1]},   # figures the page shows
               "results": [{"steps": 1, "fid": 90.0}, {"steps": 2, "fid": 40.0}, {"steps": 4, "fid": 60.0}]}
 
 

@@ -32,9 +32,9 @@ def test_tiny_fmnist_train_sample_eval(tmp_path, monkeypatch):
     out = tmp_path / "eval.json"
     assert main(["eval", "--ckpt", str(run), "--steps", "1", "--num", "200", "--set", "bogus=1"]) == 2
     assert main(["eval", "--ckpt", str(run), "--steps", "1,2", "--num", "200", "--out", str(out),
-                 "--classifier-limit", "2000", "--no-progress", "--set", "solver=heun"]) == 0
+                 "--no-progress", "--set", "solver=heun"]) == 0
     rep = json.loads(out.read_text())
     assert [r["steps"] for r in rep["results"]] == [1, 2]
     assert all(r["fid"] > 0 for r in rep["results"])
-    assert 0.1 < rep["classifier"]["test_accuracy"] <= 1.0
+    assert rep["features"]["test_accuracy"] > 0.9   # the shipped feature network
     assert (tmp_path / "eval-steps1.png").is_file() and (tmp_path / "eval-steps2.png").is_file()

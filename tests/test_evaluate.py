@@ -1,4 +1,4 @@
-"""`fewstep eval`: FID / SWD / energy-distance maths, the feature classifier and its cache,
+"""`fewstep eval`: FID / SWD / energy-distance maths, the shipped feature network and `fewstep features`,
 and end-to-end runs on tiny checkpoints (2-D and images)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fewstep.cli import main as fewstep_main
-from fewstep.training import evaluate as ev
+from fewstep.training import metrics as M
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -29,16 +29,16 @@ def _one_thread():
 
 def test_high_freq_energy_hand_values_speckle_and_blur():
     flat = torch.full((1, 1, 5, 5), 0.3)
-    assert ev.high_freq_energy(flat).item() == 0.0            # constant: no detail
+    assert M.high_freq_energy(flat).item() == 0.0            # constant: no detail
     dot = torch.zeros(1, 1, 5, 5)
     dot[0, 0, 2, 2] = 1.0                                      # one bright pixel: centre 4, 4 neighbours -1
-    assert ev.high_freq_energy(dot).item() == pytest.approx((16 + 4) / 25)
+    assert M.high_freq_energy(dot).item() == pytest.approx((16 + 4) / 25)
     g = torch.Generator().manual_seed(0)
     img = torch.zeros(8, 1, 16, 16)
     img[:, :, 4:12, 4:12] = 1.0
     speckled = img + 0.3 * torch.randn(img.shape, generator=g)
     blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(img, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    e = ev.high_freq_energy
+    e = M.high_freq_energy
     assert e(speckled).shape == (8,)
     assert e(speckled).mean() > 3 * e(img).mean()
     assert e(blurred).mean() < e(img).mean()
@@ -54,37 +54,37 @@ def _random_cov(d, rng):
 def test_frechet_zero_for_identical_stats():
     rng = np.random.default_rng(0)
     mu, s = rng.standard_normal(16), _random_cov(16, rng)
-    assert ev.frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-6)
+    assert M.frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-6)
     # and clearly positive once anything differs
-    assert ev.frechet_distance(mu, s, mu + 0.5, s) == pytest.approx(16 * 0.25, rel=1e-6)
-    assert ev.frechet_distance(mu, s, mu, 2 * s) > 0.1
+    assert M.frechet_distance(mu, s, mu + 0.5, s) == pytest.approx(16 * 0.25, rel=1e-6)
+    assert M.frechet_distance(mu, s, mu, 2 * s) > 0.1
 
 
 def test_frechet_closed_form_1d_and_diagonal():
     # 1-D: (m1 - m2)^2 + (sd1 - sd2)^2
-    assert ev.frechet_distance([0.0], [[1.0]], [2.0], [[4.0]]) == pytest.approx(4 + 1, rel=1e-9)
-    assert ev.frechet_distance(1.0, 9.0, -1.0, 1.0) == pytest.approx(4 + 4, rel=1e-9)
+    assert M.frechet_distance([0.0], [[1.0]], [2.0], [[4.0]]) == pytest.approx(4 + 1, rel=1e-9)
+    assert M.frechet_distance(1.0, 9.0, -1.0, 1.0) == pytest.approx(4 + 4, rel=1e-9)
     rng = np.random.default_rng(1)
     m1, m2 = rng.standard_normal(5), rng.standard_normal(5)
     v1, v2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
     want = float(((m1 - m2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum())
-    assert ev.frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(want, rel=1e-9)
+    assert M.frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(want, rel=1e-9)
     # rotating both Gaussians by the same orthogonal matrix changes nothing
     q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
-    got = ev.frechet_distance(q @ m1, q @ np.diag(v1) @ q.T, q @ m2, q @ np.diag(v2) @ q.T)
+    got = M.frechet_distance(q @ m1, q @ np.diag(v1) @ q.T, q @ m2, q @ np.diag(v2) @ q.T)
     assert got == pytest.approx(want, rel=1e-7)
     # singular covariances are fine (no NaN from the square roots)
     z = np.zeros((3, 3))
-    assert ev.frechet_distance(np.zeros(3), z, np.ones(3), np.eye(3)) == pytest.approx(3 + 3, rel=1e-9)
+    assert M.frechet_distance(np.zeros(3), z, np.ones(3), np.eye(3)) == pytest.approx(3 + 3, rel=1e-9)
 
 
 def test_feature_stats_matches_numpy():
     f = torch.randn(500, 7, dtype=torch.float64) * 2 + 1
-    mu, cov = ev.feature_stats(f)
+    mu, cov = M.feature_stats(f)
     np.testing.assert_allclose(mu, f.numpy().mean(0), rtol=1e-12)
     np.testing.assert_allclose(cov, np.cov(f.numpy(), rowvar=False), rtol=1e-10)
     with pytest.raises(ValueError):
-        ev.feature_stats(torch.zeros(1, 3))
+        M.feature_stats(torch.zeros(1, 3))
 
 
 # --- 2-D distances ------------------------------------------------------------------------------
@@ -92,27 +92,27 @@ def test_feature_stats_matches_numpy():
 def test_sliced_wasserstein_same_vs_shifted():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4000, 2, generator=g), torch.randn(4000, 2, generator=g)
-    same = ev.sliced_wasserstein(a, b, n_proj=128, seed=1)
+    same = M.sliced_wasserstein(a, b, n_proj=128, seed=1)
     assert 0 <= same < 0.08
     # a shift by (1, 0): each direction sees |cos(theta)|, on average 2/pi
-    shifted = ev.sliced_wasserstein(a, b + torch.tensor([1.0, 0.0]), n_proj=128, seed=1)
+    shifted = M.sliced_wasserstein(a, b + torch.tensor([1.0, 0.0]), n_proj=128, seed=1)
     assert shifted == pytest.approx(2 / math.pi, abs=0.06)
     # unequal sizes are subsampled; deterministic given the seed
     c = torch.randn(1500, 2, generator=g)
-    assert ev.sliced_wasserstein(a, c, n_proj=64, seed=3) == ev.sliced_wasserstein(a, c, n_proj=64, seed=3)
-    assert ev.sliced_wasserstein(a, c, n_proj=64, seed=3) < 0.1
-    assert ev.sliced_wasserstein(a, 2 * c, n_proj=64, seed=3) > 0.3
+    assert M.sliced_wasserstein(a, c, n_proj=64, seed=3) == M.sliced_wasserstein(a, c, n_proj=64, seed=3)
+    assert M.sliced_wasserstein(a, c, n_proj=64, seed=3) < 0.1
+    assert M.sliced_wasserstein(a, 2 * c, n_proj=64, seed=3) > 0.3
 
 
 def test_energy_distance_same_vs_shifted():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1500, 2, generator=g), torch.randn(1500, 2, generator=g)
-    same = ev.energy_distance(a, b)
+    same = M.energy_distance(a, b)
     assert abs(same) < 0.01
-    shifted = ev.energy_distance(a, b + torch.tensor([1.0, 0.0]))
+    shifted = M.energy_distance(a, b + torch.tensor([1.0, 0.0]))
     assert shifted > 0.2
     # grows with the shift
-    assert ev.energy_distance(a, b + torch.tensor([2.0, 0.0])) > shifted
+    assert M.energy_distance(a, b + torch.tensor([2.0, 0.0])) > shifted
 
 
 # --- the feature classifier ----------------------------------------------------------------------
@@ -143,55 +143,82 @@ def cache(tmp_path, monkeypatch):
     return d
 
 
-def test_classifier_trains_and_cache_is_reused(tmp_path, cache, monkeypatch, capsys):
-    data = _write_bars_dataset(tmp_path / "bars")
-    clf = ev.get_classifier(str(data), epochs=8, progress=False)
-    assert clf.path.is_file() and clf.path.parent == cache / "classifiers"
-    assert clf.path.with_suffix(".json").is_file()
-    meta = json.loads(clf.path.with_suffix(".json").read_text())
-    assert meta["train_n"] == 120 and meta["test_n"] == 60
-    assert clf.test_accuracy >= 0.9, clf.meta   # an easy task: it must learn it
-    assert "test accuracy" in capsys.readouterr().err
-    feats = clf.features(torch.zeros(3, 1, 16, 16))
-    assert feats.shape == (3, 128)
-
-    # second use: loaded from the cache, no training
-    def boom(*a, **k):
-        raise AssertionError("retrained although a cached classifier was there")
-    from fewstep.training import feature_classifier
-    monkeypatch.setattr(feature_classifier, "train_classifier", boom)
-    again = ev.get_classifier(str(data), epochs=8, progress=False)
-    assert again.path == clf.path and again.test_accuracy == clf.test_accuracy
-    torch.testing.assert_close(again.features(torch.zeros(3, 1, 16, 16)), feats)
-    assert "test accuracy" in capsys.readouterr().err
-
-    # different train data (one more image): the cache does not match, so it retrains
-    from PIL import Image
-    Image.fromarray(np.zeros((16, 16), np.uint8), "L").save(data / "train" / "vertical" / "zzz.png")
-    with pytest.raises(AssertionError, match="retrained"):
-        ev.get_classifier(str(data), epochs=8, progress=False)
-
-
-def test_classifier_refuses_unlabeled_and_2d_data(tmp_path, cache):
+def test_features_command_trains_once_and_eval_never_retrains(tmp_path, cache, monkeypatch, capsys):
+    """`fewstep features` writes a network (sha256 printed); loading it never trains, and a
+    missing or altered pinned file is one clear error."""
     from fewstep.errors import UserError
+    from fewstep.training import feature_classifier as fc
+    data = _write_bars_dataset(tmp_path / "bars")
+    net = tmp_path / "bars-features.safetensors"
+    assert fewstep_main(["features", "--data", str(data), "--out", str(net), "--epochs", "8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    sha = fc.sha256_file(net)
+    assert sha in out
+    meta = fc.read_feature_net(net).meta
+    assert meta["train_n"] == 120 and meta["test_n"] == 60 and meta["seed"] == 0
+
+    def boom(*a, **k):
+        raise AssertionError("trained during an evaluation")
+    monkeypatch.setattr(fc, "train_classifier", boom)
+    clf = fc.get_classifier(str(data), features=net)
+    assert clf.sha256 == sha and clf.test_accuracy >= 0.9, clf.meta   # an easy task: it must learn it
+    assert clf.features(torch.zeros(3, 1, 16, 16)).shape == (3, 128)
+    assert not (cache / "classifiers").exists()
+    # a pinned file that is not the pinned one, or is gone: one error, no training
+    with pytest.raises(UserError, match="not the pinned"):
+        fc.read_feature_net(net, expect_sha256="0" * 64)
+    with pytest.raises(UserError, match="missing"):
+        fc.read_feature_net(tmp_path / "gone.safetensors")
+    # a dataset with no shipped network: say how to make one
+    with pytest.raises(UserError, match="fewstep features"):
+        fc.get_classifier(str(data))
+
+
+def test_features_command_refuses_unlabeled_and_2d_data(tmp_path, capsys):
     from PIL import Image
     d = tmp_path / "plain"
     d.mkdir()
     for i in range(4):
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8), "L").save(d / f"{i}.png")
-    with pytest.raises(UserError, match="labels"):
-        ev.get_classifier(str(d), progress=False)
-    with pytest.raises(UserError, match="image data"):
-        ev.get_classifier("gmm", progress=False)
+    assert fewstep_main(["features", "--data", str(d), "--out", str(tmp_path / "f.safetensors")]) == 2
+    assert "labels" in capsys.readouterr().err
+    assert fewstep_main(["features", "--data", "gmm", "--out", str(tmp_path / "f.safetensors")]) == 2
+    assert "image data" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not FMNIST_DIR.is_dir(), reason="Fashion-MNIST not installed "
                     "(apt-get install dataset-fashion-mnist)")
-def test_classifier_on_fashion_mnist_subset(cache):
-    clf = ev.get_classifier("fmnist", train_limit=2000, epochs=2, progress=False)
-    assert clf.path.name == "fmnist-1x28x28-n2000.safetensors"
-    assert clf.meta["train_n"] == 2000 and clf.meta["test_n"] == 10000
-    assert clf.test_accuracy > 0.6   # 10 classes, chance is 0.1
+def test_the_shipped_feature_network_is_pinned_and_scores_the_full_test_split(tmp_path):
+    from fewstep.errors import UserError
+    from fewstep.figures import EVALUATOR_VERSION, SHIPPED_FEATURE_NETS
+    from fewstep.training import feature_classifier as fc
+    from fewstep.training.evaluator import ImageEvaluator
+    e = ImageEvaluator("fmnist", verbose=False)
+    d = e.describe()
+    assert d["features"]["sha256"] == SHIPPED_FEATURE_NETS["fmnist"][1] and d["evaluator_version"] == EVALUATOR_VERSION
+    assert d["reference_n"] == 10000 and d["features"]["test_accuracy"] > 0.9
+    assert "/" not in json.dumps(d)   # no paths in what reports record
+    # the test split against itself is 0; its first half against the whole is small but not 0
+    assert e.fid(e.test.x) < 1e-6 and 0 < e.fid(e.test.x[:5000]) < 2
+    altered = tmp_path / "net.safetensors"
+    blob = bytearray((fc.ASSETS / SHIPPED_FEATURE_NETS["fmnist"][0]).read_bytes())
+    blob[-1] ^= 1
+    altered.write_bytes(bytes(blob))
+    with pytest.raises(UserError, match="pinned"):
+        fc.read_feature_net(altered, expect_sha256=SHIPPED_FEATURE_NETS["fmnist"][1])
+
+
+def test_figures_of_different_feature_networks_are_refused():
+    from fewstep.errors import UserError
+    from fewstep.figures import check_comparable
+    a = {"metric": "fid-classifier", "evaluator_version": 2, "features": {"sha256": "a" * 64}}
+    b = {"metric": "fid-classifier", "evaluator_version": 2, "features": {"sha256": "b" * 64}}
+    check_comparable([a, dict(a)])
+    with pytest.raises(UserError) as e:
+        check_comparable([a, b])
+    assert "different feature networks" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError):   # a report of the evaluators before: no network named
+        check_comparable([a, {"metric": "fid-classifier", "classifier": {"test_accuracy": 0.92}}])
 
 
 # --- end to end ------------------------------------------------------------------------------------
@@ -212,14 +239,14 @@ def test_eval_2d_end_to_end(gmm_ckpt, tmp_path, capsys):
     assert rc == 0
     rep = json.loads(out.read_text())
     assert rep["metric"] == "swd" and rep["method"] == "rf" and rep["data"] == "gmm"
-    assert rep["num"] == 400 and rep["classifier"] is None
+    assert rep["num"] == 400 and rep["features"] is None and rep["evaluator_version"] >= 2
     assert [r["steps"] for r in rep["results"]] == [1, 2]
     for r in rep["results"]:
         assert math.isfinite(r["swd"]) and r["swd"] > 0 and math.isfinite(r["energy"])
         assert (out.parent / f"gmm-steps{r['steps']}.png").is_file()
     # 30 iterations of training are far from the data: worse than the data-vs-data floor
     assert min(r["swd"] for r in rep["results"]) > rep["reference"]["swd"]
-    assert rep["sample_seconds"] >= 0 and Path(rep["ckpt"]).is_dir()
+    assert rep["sample_seconds"] >= 0 and not Path(rep["ckpt"]).is_absolute()
     table = capsys.readouterr().out
     assert "swd" in table and "energy" in table
 
@@ -258,19 +285,24 @@ def bars_ckpt(tmp_path_factory):
     rc = fewstep_main(["train", "--method", "rf", "--data", str(data), "--preset", "tiny", "--iters", "2",
                        "--out", str(run), "--no-progress"])
     assert rc == 0
+    assert fewstep_main(["features", "--data", str(data), "--out", str(root / "features.safetensors"),
+                         "--epochs", "4", "--no-progress"]) == 0
     return run
 
 
 def test_eval_images_end_to_end(bars_ckpt, tmp_path, cache, capsys):
+    from fewstep.files import sha256_file
     out = tmp_path / "img.json"
+    features = bars_ckpt.parent / "features.safetensors"
     rc = fewstep_main(["eval", "--ckpt", str(bars_ckpt), "--steps", "1,2", "--num", "70", "--batch", "32",
-                       "--out", str(out), "--no-progress"])
+                       "--out", str(out), "--no-progress", "--features", str(features)])
     assert rc == 0
     rep = json.loads(out.read_text())
     assert rep["metric"] == "fid-classifier" and rep["num"] == 70 and rep["test_n"] == 40
-    c = rep["classifier"]
+    c = rep["features"]
     assert 0 <= c["test_accuracy"] <= 1 and c["trusted"] == (c["test_accuracy"] >= 0.9)
-    assert Path(c["path"]).is_file() and Path(c["path"]).parent == cache / "classifiers"
+    assert c["sha256"] == sha256_file(features) and rep["evaluator_version"] >= 2
+    assert str(tmp_path) not in out.read_text() and str(bars_ckpt.parent) not in out.read_text()
     for r in rep["results"]:
         assert math.isfinite(r["fid"]) and r["fid"] >= 0
         # 2 iterations: samples are nearly raw noise, far more pixel-scale energy than bars
@@ -317,5 +349,5 @@ def test_eval_inception_with_a_local_torchscript_file(bars_ckpt, tmp_path):
                        "inception", "--inception-weights", str(weights), "--out", str(out), "--no-progress"])
     assert rc == 0
     rep = json.loads(out.read_text())
-    assert rep["metric"] == "fid-inception" and rep["inception"]["path"] == str(weights)
-    assert rep["classifier"] is None and math.isfinite(rep["results"][0]["fid"])
+    assert rep["metric"] == "fid-inception" and rep["inception"]["file"] == weights.name
+    assert rep["features"] is None and math.isfinite(rep["results"][0]["fid"])

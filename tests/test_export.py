@@ -249,10 +249,17 @@ def test_serving_refuses_a_jump_contract_it_does_not_speak(rf_model_dir, tmp_pat
 
 
 def test_step_quality_reads_eval_figures():
-    """`fewstep eval` names the metric by its features and keys each result by the quantity."""
-    ev = {"metric": "fid-classifier", "num": 10000,
+    """`fewstep eval` names the metric by its features and keys each result by the quantity; a
+    classifier FID is shown only when it was measured on a shipped feature network."""
+    from fewstep.figures import SHIPPED_FEATURE_NETS
+    sha = SHIPPED_FEATURE_NETS["fmnist"][1]
+    ev = {"metric": "fid-classifier", "num": 10000, "features": {"sha256": sha},
           "results": [{"steps": 2, "fid": 153.7, "png": "x.png"}, {"steps": 1, "fid": 192.6}, {"steps": 4}]}
-    assert step_quality({"eval": ev}) == {"metric": "fid-classifier", "num": 10000, "by_steps": {1: 192.6, 2: 153.7}}
+    assert step_quality({"eval": ev}) == {"metric": "fid-classifier", "num": 10000, "features": sha,
+                                          "by_steps": {1: 192.6, 2: 153.7}}
+    # another network's figures, or the old evaluators' (no network named), are not shown
+    assert step_quality({"eval": {**ev, "features": {"sha256": "f" * 64}}}) is None
+    assert step_quality({"eval": {k: v for k, v in ev.items() if k != "features"}}) is None
     assert step_quality({"eval": {"metric": "swd", "num": 500, "results": [{"steps": 1, "swd": 0.1}]}})["by_steps"] \
         == {1: 0.1}
     assert step_quality({"eval": None}) is None and step_quality({"eval": {"results": []}}) is None

@@ -29,7 +29,8 @@ def gmm_tables():
 
 
 def all_preconds(tables):
-    return {"cm": P.CMPrecond(SD), "ctm": P.CTMPrecond(), "analytic": P.AnalyticPrecond(tables)}
+    """cm, ctm, and the `decay` form of the tables (the fixture's) as "analytic-decay"."""
+    return {"cm": P.CMPrecond(SD), "ctm": P.CTMPrecond(), "analytic-decay": P.AnalyticPrecond(tables)}
 
 
 def test_boundary_condition_every_precond(gmm_tables):
@@ -104,8 +105,8 @@ def test_gmm_analytic_lowers_the_gap(gmm_tables):
     times = P.gap_times(5)
     gaps = P.consistency_gap(den, x0, all_preconds(gmm_tables), times, samples=256, substeps=32)
     iu = np.triu_indices(5, 1)
-    assert gaps["analytic"][iu].mean() < 0.5 * gaps["ctm"][iu].mean()
-    assert gaps["analytic"][iu].mean() < 0.5 * gaps["cm"][iu].mean()
+    assert gaps["analytic-decay"][iu].mean() < 0.5 * gaps["ctm"][iu].mean()
+    assert gaps["analytic-decay"][iu].mean() < 0.5 * gaps["cm"][iu].mean()
 
 
 def test_tables_save_load_roundtrip(tmp_path, gmm_tables):
@@ -140,11 +141,32 @@ def test_analytic_coeffs_export_with_dynamic_batch(gmm_tables):
     torch.testing.assert_close(prog.module()(t, s), torch.stack(pc.coeffs(t, s)))
 
 
+def test_fit_probes_agree_and_a_teacher_checkpoint_keys_its_cache(tmp_path, monkeypatch):
+    """jvp and vjp traces give the same statistics; the cache key follows the teacher's weights."""
+    den, x0 = gmm_denoiser()
+    a = P.fit_analytic(den, x0, points=12, samples=128, progress=False, trace="vjp")
+    b = P.fit_analytic(den, x0, points=12, samples=128, progress=False, trace="jvp")
+    np.testing.assert_allclose(a["l"], b["l"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a["rate_raw"], b["rate_raw"], rtol=1e-3, atol=1e-5)
+    from types import SimpleNamespace
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    (ck / "ema-0.999.safetensors").write_bytes(b"weights")
+    t = SimpleNamespace(ckpt=ck, ema="0.999")
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    p1 = P.teacher_tables_path(t, 120, 4096)
+    assert p1.parent == tmp_path / "cache" / "precond" and P.teacher_tables_path(t, 60, 512) != p1
+    (ck / "ema-0.999.safetensors").write_bytes(b"other weights")
+    assert P.teacher_tables_path(t, 120, 4096) != p1
+
+
 def test_make_precond_errors():
     with pytest.raises(UserError):
         P.make_precond("nope")
-    with pytest.raises(UserError):
-        P.make_precond("analytic")
+    for name in P.ANALYTIC_FORMS:
+        with pytest.raises(UserError, match="fitted tables"):
+            P.make_precond(name)
     with pytest.raises(UserError):
         P.variant_rate(np.zeros(3), "nope")
 
@@ -154,7 +176,7 @@ def test_precond_cli_fit_and_gap(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     assert main(["precond", "fit", "--teacher", "exact", "--points", "30", "--samples", "128",
                  "--no-progress"]) == 0
-    assert (tmp_path / "cache" / "precond" / "gmm-exact.safetensors").is_file()
+    assert (tmp_path / "cache" / "precond" / f"gmm-exact-p30-n128-s0-f{P.FIT_FORMAT}.safetensors").is_file()
     out = tmp_path / "gap.png"
     assert main(["precond", "gap", "--teacher", "exact", "--precond", "cm,ctm,analytic", "--times", "4",
                  "--samples", "64", "--substeps", "8", "--out", str(out), "--no-progress"]) == 0
@@ -162,6 +184,12 @@ def test_precond_cli_fit_and_gap(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "gap analytic" in table and "| 80 | 0.002 |" in table
     assert main(["precond", "gap", "--teacher", "exact", "--precond", "bogus"]) == 2
+    # the cache entry is keyed by the settings: the same fit again is reused, another one is new
+    assert main(["precond", "fit", "--teacher", "exact", "--points", "30", "--samples", "128", "--no-progress"]) == 0
+    assert "already cached" in capsys.readouterr().err
+    assert main(["precond", "fit", "--teacher", "exact", "--points", "20", "--samples", "128", "--no-progress"]) == 0
+    names = {p.name.split("-s0")[0] for p in (tmp_path / "cache" / "precond").glob("gmm-exact-*.safetensors")}
+    assert {"gmm-exact-p30-n128", "gmm-exact-p20-n128"} <= names   # (+ the default one `gap` fitted)
     assert main(["precond", "fit", "--teacher", "exact", "--samples", "0"]) == 2
 
 
@@ -217,26 +245,37 @@ def test_backward_flag_survives_save_and_state(tmp_path, gmm_tables):
         assert torch.equal(a, b)
 
 
-def test_method_option_picks_the_variant(monkeypatch, tmp_path):
+def test_the_names_say_the_form(monkeypatch, tmp_path):
+    """`analytic` trains the paper's backward form, `analytic-decay` the project's variant;
+    the old method.precond_variant is refused with the new names."""
     from fewstep.training.build import ExactGMMTeacher, build_method, build_net, resolve_net_config
     from fewstep.training.config import make_config
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path))
-    for variant, backward in (("backward", True), ("decay", False)):
+    assert P.ANALYTIC_FORMS["analytic"] == "backward" and P.ANALYTIC_FORMS["analytic-decay"] == "decay"
+    for name, backward in (("analytic", True), ("analytic-decay", False)):
         cfg = make_config("ctm", data="gmm", preset="toy", teacher="exact",
-                          overrides=["net.hidden=16", "net.depth=1", "method.precond=analytic",
-                                     f"method.precond_variant={variant}", "method.precond_points=20",
-                                     "method.precond_samples=64"])
+                          overrides=["net.hidden=16", "net.depth=1", f"method.precond={name}",
+                                     "method.precond_points=20", "method.precond_samples=64"])
         resolve_net_config(cfg, (2,), 0)
         m = build_method(cfg, teacher=ExactGMMTeacher(cfg))
         m.init_student(build_net(cfg, m))
         assert m.precond.backward is backward
-    with pytest.raises(UserError, match="precond_variant"):
-        build_method(make_config("ctm", data="gmm", preset="toy", overrides=["method.precond_variant=nope"]))
+        tabs = P.tables_variant(P.load_tables(next((tmp_path / "precond").glob("gmm-exact-p20-n64-*")))[0],
+                                P.ANALYTIC_FORMS[name])
+        t, s = torch.tensor([40.0, 2.0]), torch.tensor([0.5, 0.01])
+        for a, b in zip(m.precond.coeffs(t, s), P.AnalyticPrecond(tabs).coeffs(t, s)):
+            torch.testing.assert_close(a, b)
+    cfg = make_config("ctm", data="gmm", preset="toy", teacher="exact",
+                      overrides=["method.precond=analytic", "method.precond_variant=decay"])
+    with pytest.raises(UserError, match="analytic-decay"):
+        build_method(cfg, teacher=ExactGMMTeacher(cfg))
+    # a checkpoint of the old naming still loads for sampling (no teacher; its tables are in it)
+    build_method(cfg)
 
 
 def test_compare_precond_three_arms_end_to_end(tmp_path, monkeypatch):
-    """scripts/compare_precond.py: arms ctm / analytic-decay / analytic-backward train with their
-    own tables (the checkpoints say which form) and the summary has per-seed speed-ups."""
+    """scripts/compare_precond.py: arms ctm / analytic / analytic-decay train with their own
+    tables (the checkpoints say which form) and the summary has per-seed speed-ups."""
     import importlib.util
     import json
     from pathlib import Path
@@ -249,18 +288,20 @@ def test_compare_precond_three_arms_end_to_end(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("compare_precond", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.arm_overrides("analytic-backward") == ["method.precond=analytic", "method.precond_variant=backward"]
+    assert mod.arm_overrides("analytic-decay") == ["method.precond=analytic-decay"]
     out = tmp_path / "cmp"
-    mod.main(["gmm", "--arms", "ctm,analytic-decay,analytic-backward", "--seeds", "0", "--iters", "4",
+    mod.main(["gmm", "--seeds", "0", "--iters", "4",
               "--every", "2", "--batch", "16", "--samples", "200", "--out", str(out),
               "net.hidden=16", "net.depth=1", "method.heun_steps=3", "method.N=6", "method.precond_points=20",
               "method.precond_samples=64", "data.limit=256", "train.warmup=1"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["iters"] == [2, 4] and summary["arms"] == ["ctm", "analytic-decay", "analytic-backward"]
+    assert summary["iters"] == [2, 4] and summary["arms"] == ["ctm", "analytic", "analytic-decay"]
+    assert summary["evaluator"]["metric"] == "swd"
+    assert summary["std_2"]["ctm"] == [0.0, 0.0]   # one seed: no spread
     for steps in ("1", "2"):
-        assert set(summary["speedup"][steps]) == {"analytic-decay", "analytic-backward"}
+        assert set(summary["speedup"][steps]) == {"analytic", "analytic-decay"}
         assert len(summary["speedup"][steps]["analytic-decay"]["per_seed_levels"]) == 1
-    for arm, flag in (("analytic-decay", 0.0), ("analytic-backward", 1.0)):
+    for arm, flag in (("analytic-decay", 0.0), ("analytic", 1.0)):
         mt = load_file(str(ck.list_checkpoints(out / f"{arm}-seed0")[-1] / "method.safetensors"))
         assert float(mt["precond.backward"]) == flag
     assert (out / "curves.png").is_file()

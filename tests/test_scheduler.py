@@ -178,6 +178,59 @@ def test_stop_finishes_what_is_in_flight_then_refuses(served_model_dirs):
     assert isinstance(late.results["late"], ShuttingDown)
 
 
+def test_one_step_requests_on_an_idle_scheduler_run_in_the_callers_thread(served_model_dirs):
+    """run_here, as the sampler's execute() calls it first: 1-step requests meeting an idle
+    scheduler are advanced with one jump call in the caller's thread and their results
+    returned; anything longer, more than the max batch, or a scheduler with work queued or in
+    flight gets None (and nothing is queued). The idle hook (the counters' flush) still runs,
+    once, idle_after after the last tick, wherever it ran."""
+    runner = _runner(served_model_dirs["tiny"])
+    info = ModelInfo.from_manifest(runner.manifest)
+    rec = Recorder(runner)
+    idles = []
+    sched = Scheduler(rec, info, max_batch=4, on_idle=lambda: idles.append(time.monotonic()), idle_after=0.2)
+    time.sleep(0.1)
+    assert idles == []  # nothing ran yet: nothing to flush
+
+    def hook_ran(times):
+        for _ in range(200):
+            if len(idles) == times:
+                return True
+            time.sleep(0.01)
+        return False
+
+    got = sched.run_here([_items(info, [1, 2], [1, 1]), _items(info, [3], [1])])
+    assert [b[0] for b in rec.batches] == [3] and (sched.calls, sched.image_steps) == (1, 3)
+    for res, seeds in zip(got, ([1, 2], [3])):
+        for b, seed in enumerate(seeds):
+            np.testing.assert_allclose(res[b], _alone(runner, seed, 1), atol=1e-5)
+    assert hook_ran(1)  # once, idle_after after the tick
+    # back-to-back requests run here do not run the hook between them (it is a round trip
+    # to the server in the sampler): once, idle_after after the last
+    for seed in range(20, 25):
+        assert sched.run_here([_items(info, [seed], [1])]) is not None
+    assert len(idles) == 1 and sched.calls == 6
+    assert hook_ran(2) and idles[1] - idles[0] >= 0.2
+    # not here: a 2-step request, more images than the max batch
+    assert sched.run_here([_items(info, [4], [2])]) is None
+    assert sched.run_here([_items(info, [5, 6, 7, 8, 9], [1] * 5)]) is None
+    assert sched.calls == 6 and not sched.has_work()  # nothing was queued
+    # nor while the scheduler's thread has work: held in a jump, then queued behind it
+    _hold(sched, info, rec)
+    late = Collect()
+    sched.submit(_items(info, [10], [1]), late.cb("late"))
+    assert sched.run_here([_items(info, [11], [1])]) is None
+    rec.gate.set()
+    assert late.event.wait(30)
+    np.testing.assert_allclose(late.results["late"][0], _alone(runner, 10, 1), atol=1e-5)
+    # a failing jump: the exception is the request's result
+    rec.fail_when = lambda x, t, s: True
+    [err] = sched.run_here([_items(info, [12], [1])])
+    assert isinstance(err, RuntimeError)
+    sched.stop()
+    assert sched.run_here([_items(info, [1], [1])]) is None  # stopped: the caller submits (and hears why)
+
+
 # --- behind the real server -----------------------------------------------------------------------
 
 pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient[grpc] (the serve extra)")
@@ -199,16 +252,17 @@ def one_scheduler(served_model_dirs, tmp_path_factory):
 
 
 def _counters(server, model="tiny", settle=True):
-    """The scheduler's counters once they stop moving (they are flushed when it goes idle)."""
+    """The scheduler's counters once they stop moving (they are flushed 50 ms after it goes
+    idle: two reads further apart than that agree only once it has)."""
     from fewstep.serving.bench import read_jump_counters
 
     last = None
-    for _ in range(100):
+    for _ in range(50):
         now = read_jump_counters(server.metrics_url, model)
         if now == last or not settle:
             return now
         last = now
-        time.sleep(0.05)
+        time.sleep(0.15)
     return last
 
 
@@ -396,3 +450,30 @@ def test_gpu_jump_pads_to_power_of_two_buckets(served_model_dirs, monkeypatch):
     info = ModelInfo.from_manifest(inner.manifest)
     calls.clear()
     assert jump.warm(info) == 5 and calls == [1, 2, 4, 8, 16]
+
+
+def test_trace_stamps_add_up_to_the_request():
+    """serving.trace: the scheduler's tick timings of a traced request and the stage table
+    made of them (the stages add up to the request's time in the stub; outliers trimmed)."""
+    from fewstep.serving.trace import STAGES, TOTAL, stage_means
+
+    info = ModelInfo("m", (2,), 0, sampling.flow_spec(), max_batch=4)
+    sched = Scheduler(lambda x, t, s, labels: x * 0.5, info, max_batch=4, trace=True)
+    trace = {"exec": time.perf_counter(), "queued": time.perf_counter()}
+    got = Collect()
+    sched.submit(_items(info, [1, 2], [3, 3]), got.cb("a"), trace)
+    assert got.event.wait(30)
+    sched.stop()
+    assert trace["ticks"] == 3 and trace["tick"] >= trace["queued"]
+    assert all(trace[k] >= 0 for k in ("batch_s", "jump_s", "settle_s"))
+    records = []
+    for i in range(20):  # made-up stamps: 1 ms in each stage, one request 100x slower
+        r = {"exec": 0.0, "queued": 0.001, "tick": 0.002, "batch_s": 0.001, "jump_s": 0.001, "settle_s": 0.001,
+             "done": 0.006, "answer": 0.007, "built": 0.008, "sent": 0.009}
+        if i == 7:
+            r = {k: v * 100 for k, v in r.items()}
+        records.append(r)
+    means = stage_means(records)
+    assert means["requests"] == 19 and means[TOTAL] == pytest.approx(9.0)
+    assert sum(means[name] for name, _ in STAGES) == pytest.approx(means[TOTAL])
+    assert all(means[name] == pytest.approx(1.0) for name, _ in STAGES)

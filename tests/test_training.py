@@ -57,13 +57,15 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path):
     assert ck.find_checkpoint(only_ema) == only_ema
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "radam"])   # radam: the cd / ctm default (sony/ctm's)
+def test_resume_continues_exactly(tmp_path, optimizer):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert train(a, "--iters", "12", "train.ckpt_every=6", "train.keep=5") == 0
+    opt = f"train.optimizer={optimizer}"
+    assert train(a, "--iters", "12", "train.ckpt_every=6", "train.keep=5", opt) == 0
     shutil.copytree(a, b)
     shutil.rmtree(b / "checkpoints" / "step-0000012")
     # b's log still holds steps 7-12: the resumed run replaces them, not appends to them
-    assert train(b, "--iters", "12", "train.ckpt_every=6", "train.keep=5", "--resume") == 0
+    assert train(b, "--iters", "12", "train.ckpt_every=6", "train.keep=5", "--resume", opt) == 0
     la = [json.loads(l)["loss"] for l in (a / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (b / "metrics.jsonl").read_text().splitlines()]
     assert la == lb and len(la) == 12

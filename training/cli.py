@@ -1,4 +1,4 @@
-"""`fewstep train`, `fewstep sample`, `fewstep eval`."""
+"""`fewstep train`, `fewstep sample`, `fewstep eval`, `fewstep precond`, `fewstep features`."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="fmnist (default), mnist, cifar10, gmm, moons, checkerboard, or a folder of images")
     p.add_argument("--data-dir", help="where the dataset files are")
     p.add_argument("--teacher", help="teacher checkpoint (cd, ctm, cud-distill); 'exact' for the 2-D gmm")
-    p.add_argument("--precond", help="cd, ctm: cm, ctm or analytic (shorthand for method.precond=...)")
+    p.add_argument("--precond", help="cd, ctm: cm, ctm, analytic (the paper's Analytic-Precond) or the project's "
+                                     "analytic-decay, analytic-full, analytic-none (shorthand for method.precond=...)")
     p.add_argument("--iters", type=int, help="training iterations (overrides the preset)")
     p.add_argument("--batch", type=int, help="global batch size (overrides the preset)")
     p.add_argument("--out", help="run directory (default: runs/<method>-<data>)")
@@ -111,4 +112,14 @@ def add_precond_args(p: argparse.ArgumentParser) -> None:
 
 def run_precond(args) -> int:
     from fewstep.training.precond_cli import run
+    return run(args)
+
+
+def add_features_args(p: argparse.ArgumentParser) -> None:
+    from fewstep.training.feature_classifier import add_features_args as add
+    add(p)
+
+
+def run_features(args) -> int:
+    from fewstep.training.feature_classifier import run_features as run
     return run(args)

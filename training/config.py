@@ -21,7 +21,7 @@ TRAIN_DEFAULTS = {
     "iters": 1000,
     "batch": 64,          # global batch (split over DDP ranks)
     "lr": 2e-4,
-    "optimizer": "adam",  # adam | adamw
+    "optimizer": "adam",  # adam | adamw | radam
     "betas": [0.9, 0.999],
     "weight_decay": 0.0,
     "warmup": 200,        # linear lr warm-up, iterations
@@ -94,7 +94,9 @@ def make_config(method: str, data: str | None = None, preset: str | None = None,
         "data": {"name": data, "data_dir": data_dir, "limit": None, "image_size": None,
                  "conditional": False},
         "net": {"preset": p["net"], **net_defaults(p["net"])},
-        "train": {**copy.deepcopy(TRAIN_DEFAULTS), **copy.deepcopy(p["train"])},
+        # the method's own recipe (cd, ctm: sony/ctm's RAdam) over the preset's; overrides win
+        "train": {**copy.deepcopy(TRAIN_DEFAULTS), **copy.deepcopy(p["train"]),
+                  **copy.deepcopy(getattr(mcls, "train_defaults", {}))},
         "teacher": teacher,
     }
     for item in overrides or []:

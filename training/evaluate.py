@@ -1,16 +1,15 @@
-"""`fewstep eval`: sample quality against step count.
+"""`fewstep eval`: sample quality against step count, scored by the one evaluator
+(training/evaluator.py).
 
-Images: FID between Gaussian fits of features of generated samples and of the test split.
-The features come from a small CNN classifier the project trains on the train split of
-the same dataset (training/feature_classifier.py: trained on first use, cached under
-$FEWSTEP_CACHE/classifiers, its test accuracy printed every time; below 90% the metric is
-marked untrusted). Inception FID (training/inception.py) is an option where a local
-TorchScript Inception feature extractor is given. The metrics are in training/metrics.py.
+Images: FID on the shipped feature network's features (pinned by sha256; `--features FILE`
+for a dataset without a shipped one) against the full test split, samples and reference both
+quantised to uint8 as served. Inception FID (training/inception.py) is an option where a local
+TorchScript Inception feature extractor is given (its own metric, `fid-inception`).
 
-2-D data: sliced Wasserstein distance (and energy distance) between samples and fresh
-data drawn from the generator of the dataset.
+2-D data: sliced Wasserstein distance (and energy distance) to the one reference set.
 
-Writes a JSON report (default <checkpoint>/eval.json) and one PNG per step count beside it
+Writes a JSON report (default <checkpoint>/eval.json: the evaluator's version and the feature
+network's sha256, no absolute paths) and one PNG per step count beside it
 (`<stem>-steps<k>.png`: a grid of the first 64 images, or a scatter plot), and prints a
 small table.
 """
@@ -23,11 +22,13 @@ from pathlib import Path
 import torch
 
 from fewstep.errors import UserError
+from fewstep.figures import EVALUATOR_VERSION
 from fewstep.options import check_range, parse_int_list
 from fewstep.training.data import load_dataset
-from fewstep.training.feature_classifier import TRUST_ACCURACY, get_classifier, log
+from fewstep.training.evaluator import ImageEvaluator, PointsEvaluator, quantize
+from fewstep.training.feature_classifier import log
 from fewstep.training.inception import InceptionFeatures
-from fewstep.training.metrics import energy_distance, feature_stats, frechet_distance, high_freq_energy, sliced_wasserstein
+from fewstep.training.metrics import feature_stats, frechet_distance, high_freq_energy
 from fewstep.images import grid_image, save_png
 from fewstep.plots import save_scatter, steps_title
 from fewstep.sampling import to_uint8
@@ -49,20 +50,24 @@ def add_args(p) -> None:
     p.add_argument("--batch", type=int, default=500, help="sampling batch size (default 500)")
     p.add_argument("--out", help="output JSON (default: <checkpoint>/eval.json); PNGs go beside it")
     p.add_argument("--feature", default="classifier", choices=("classifier", "inception"),
-                   help="FID features: the project's classifier (default) or Inception (needs --inception-weights)")
+                   help="FID features: the project's feature network (default) or Inception (needs --inception-weights)")
     p.add_argument("--inception-weights", help="local TorchScript Inception-v3 FID feature extractor")
     p.add_argument("--data-dir", help="where the dataset files are (default: the checkpoint's)")
-    p.add_argument("--classifier-limit", type=int,
-                   help="train the feature classifier on the first N train images only (quick checks; "
-                        "cached separately)")
+    p.add_argument("--features", help="a feature network file from `fewstep features` (default: the shipped "
+                                     "one of the dataset; figures on another network are not comparable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampling option of the model's method, e.g. solver=heun, sample_head=2 (cud)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _quantize(x: torch.Tensor) -> torch.Tensor:
-    """Samples -> what a served uint8 image holds, back in [-1, 1]."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+def portable_path(path) -> str:
+    """A path as a report records it: relative to the working directory when inside it, else
+    its last two parts (never this machine's absolute layout)."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return Path(*p.parts[-2:]).as_posix()
 
 
 def _sample_all(model, steps, seeds, labels, gamma, device, batch, progress, desc, consume):
@@ -83,9 +88,10 @@ def run(args) -> int:
     check_range("--seed", args.seed, 0)
     check_range("--batch", args.batch, 1)
     check_range("--gamma", args.gamma, 0, 1)
-    check_range("--classifier-limit", args.classifier_limit, 1)
     if args.inception_weights and args.feature != "inception":
         raise UserError("--inception-weights is used only with --feature inception")
+    if args.features and args.feature != "classifier":
+        raise UserError("--features names the feature network of the default FID; not with --feature inception")
     progress = not args.no_progress
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -109,7 +115,8 @@ def run(args) -> int:
     labels = class_labels(model.num_classes, num, device)
 
     report = {
-        "ckpt": str(model.ckpt), "method": model.method.name, "data": data_name,
+        "ckpt": portable_path(model.ckpt), "method": model.method.name,
+        "data": portable_path(data_name) if "/" in data_name else data_name,
         "ema": model.ema, "num": num, "seed": args.seed, "gamma": args.gamma,
         "step_in_training": model.config.get("step"), "device": device,
     }
@@ -120,14 +127,13 @@ def run(args) -> int:
         if args.feature != "classifier":
             raise UserError("--feature inception is for image data; 2-D data is scored with the "
                             "sliced Wasserstein distance")
-        ref = load_dataset(data_name, "test", data_dir=data_dir, seed=args.seed + 1).x
-        ref2 = load_dataset(data_name, "test", data_dir=data_dir, seed=args.seed + 2).x
-        ref, ref2 = ref[:num], ref2[:num]
-        floor = {"swd": sliced_wasserstein(ref2, ref, seed=args.seed),
-                 "energy": energy_distance(ref2, ref, seed=args.seed)}
-        report.update(metric="swd", classifier=None, reference={
-            "what": "the metrics between two independent data samples of the same size (the noise floor)",
-            "n": int(ref.shape[0]), **floor})
+        if args.features:
+            raise UserError("--features is for image data; 2-D data is scored with the sliced Wasserstein distance")
+        points = PointsEvaluator(data_name, num, data_dir=data_dir)
+        ref = points.ref
+        report.update(points.describe())
+        report["reference"] = {"what": "the metrics between two independent data samples of the same size "
+                                       "(the noise floor)", "n": int(ref.shape[0]), **points.floor()}
         for k in steps_list:
             chunks = []
             t0 = time.time()
@@ -138,8 +144,7 @@ def run(args) -> int:
             pts = torch.cat(chunks)
             png = out.with_name(f"{out.stem}-steps{k}.png")
             save_scatter(pts.numpy(), png, steps_title(model.method.name, k), ref=ref.numpy())
-            results.append({"steps": k, "swd": sliced_wasserstein(pts, ref, seed=args.seed),
-                            "energy": energy_distance(pts, ref, seed=args.seed),
+            results.append({"steps": k, "swd": points.swd(pts), "energy": points.energy(pts),
                             "seconds": round(dt, 3), "png": png.name})
     else:
         if args.feature == "inception":
@@ -147,35 +152,29 @@ def run(args) -> int:
                 raise UserError("--feature inception needs --inception-weights FILE: Inception weights are "
                                 "not available offline (give a local TorchScript Inception-v3 file)")
             extractor = InceptionFeatures(args.inception_weights, device)
-            report.update(metric="fid-inception", classifier=None,
-                          inception={"path": str(extractor.path)})
+            report.update(metric="fid-inception", evaluator_version=EVALUATOR_VERSION, features=None,
+                          inception={"file": Path(extractor.path).name})
             test = load_dataset(data_name, "test", data_dir=data_dir, image_size=image_size)
-            ref_feats = extractor.features(test.x)
+            ref_stats = feature_stats(extractor.features(quantize(test.x)))
+
+            def fid_of(feats):
+                return frechet_distance(*feature_stats(feats), *ref_stats)
         else:
-            clf = get_classifier(data_name, data_dir=data_dir, train_limit=args.classifier_limit,
-                                 device=device, image_size=image_size, progress=progress)
-            test = load_dataset(data_name, "test", data_dir=data_dir, image_size=image_size)
-            ref_feats, logits = clf.features(test.x, return_logits=True)
-            acc = float((logits.argmax(1) == test.labels).double().mean()) if test.labels is not None else None
-            extractor = clf
-            report.update(metric="fid-classifier", classifier={
-                "test_accuracy": acc if acc is not None else clf.test_accuracy,
-                "trusted": bool((acc if acc is not None else clf.test_accuracy) >= TRUST_ACCURACY),
-                "path": str(clf.path), "train_n": clf.meta.get("train_n"),
-                "train_seconds": clf.meta.get("train_seconds")})
-            if not report["classifier"]["trusted"]:
-                log(f"warning: the feature classifier's test accuracy is below {TRUST_ACCURACY:.0%}: "
-                     "its FID is not to be trusted")
+            extractor = ImageEvaluator(data_name, data_dir=data_dir, image_size=image_size,
+                                       features=args.features, device=device)
+            test = extractor.test
+            report.update(extractor.describe())
+            fid_of = extractor.fid_of_features
+            if not report["features"]["trusted"]:
+                log("warning: the feature network's test accuracy is below 90%: its FID is not to be trusted")
         if tuple(test.shape) != shape:
             raise UserError(f"the model makes {list(shape)} samples but the {data_name} test split holds "
                             f"{list(test.shape)}")
-        ref_stats = feature_stats(ref_feats)
-        # the noise floor: FID between num train images and the test split
+        # the floor: FID between num train images and the reference
         train_ref = load_dataset(data_name, "train", data_dir=data_dir, limit=num, image_size=image_size)
         report["reference"] = {
-            "what": "FID between the first num train images and the test split (the floor)",
-            "n": len(train_ref), "fid": frechet_distance(*feature_stats(extractor.features(train_ref.x)),
-                                                         *ref_stats)}
+            "what": "FID between the first num train images and the full test split (the floor)",
+            "n": len(train_ref), "fid": fid_of(extractor.features(quantize(train_ref.x)))}
         report["test_n"] = int(test.x.shape[0])
         hf_data = high_freq_energy(test.x).mean().item()
         report["reference"]["hf_energy"] = hf_data
@@ -185,7 +184,7 @@ def run(args) -> int:
             t0 = time.time()
 
             def consume(x):
-                xq = _quantize(x)
+                xq = quantize(x)
                 if sum(g.shape[0] for g in grid) < GRID_IMAGES:
                     grid.append(xq[:GRID_IMAGES].cpu())
                 feats.append(extractor.features(xq))
@@ -197,7 +196,7 @@ def run(args) -> int:
             t_sample += dt
             png = out.with_name(f"{out.stem}-steps{k}.png")
             save_png(grid_image(to_uint8(torch.cat(grid)[:GRID_IMAGES])), png)
-            results.append({"steps": k, "fid": frechet_distance(*feature_stats(torch.cat(feats)), *ref_stats),
+            results.append({"steps": k, "fid": fid_of(torch.cat(feats)),
                             "hf_ratio": torch.cat(hf).mean().item() / hf_data,
                             "seconds": round(dt, 3), "png": png.name})
 
@@ -212,9 +211,10 @@ def run(args) -> int:
 
 def _print_table(report: dict) -> None:
     cols = ["steps"] + (["swd", "energy"] if report["metric"] == "swd" else ["fid", "hf_ratio"]) + ["seconds"]
+    feats = report.get("features")
     print(f"{report['method']} on {report['data']}, {report['num']} samples, metric {report['metric']}"
-          + (f" (classifier test accuracy {report['classifier']['test_accuracy']:.2%})"
-             if report.get("classifier") else ""))
+          + (f" (feature network {feats['sha256'][:12]}, test accuracy {feats['test_accuracy']:.2%})"
+             if feats else ""))
     print("  ".join(f"{c:>8}" for c in cols))
     for r in report["results"]:
         cells = []

@@ -1,6 +1,7 @@
-"""The feature classifier of `fewstep eval`'s FID: a small CNN trained on the train split of
-the dataset being scored (on first use; cached under $FEWSTEP_CACHE/classifiers, keyed by
-the exact train data and recipe). Its test accuracy is printed every time; below
+"""The feature network of the project's FID: a small CNN classifier trained ONCE on the train
+split (`fewstep features`, a fixed seed, one CPU thread) and shipped in training/assets/,
+pinned by its sha256 (fewstep/figures.py). It is never trained behind the user's back: a
+missing or altered file is an error. Its test accuracy is printed every time; below
 TRUST_ACCURACY its FID is marked untrusted."""
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from fewstep.errors import UserError
-from fewstep.files import cache_root
+from fewstep.figures import SHIPPED_FEATURE_NETS
+from fewstep.files import sha256_file
 from fewstep.training.data import load_dataset
 
 CLASSIFIER_FORMAT = 1          # bump when the architecture or training recipe changes
+ASSETS = Path(__file__).resolve().parent / "assets"
 TRUST_ACCURACY = 0.90          # below this test accuracy the classifier FID is not trusted
 DEFAULT_EPOCHS = 5
 
@@ -56,6 +58,7 @@ class Classifier:
     meta: dict
     path: Path | None = None
     device: str = "cpu"
+    sha256: str | None = None
 
     @property
     def test_accuracy(self) -> float:
@@ -80,22 +83,6 @@ class Classifier:
         return f
 
 
-def _data_tag(data_name: str) -> str:
-    """A file-name-safe tag for a dataset name (folders: their name + a hash of the path)."""
-    if re.fullmatch(r"[A-Za-z0-9_.-]+", data_name) and "/" not in data_name:
-        return data_name
-    p = Path(os.path.expanduser(data_name)).resolve()
-    h = hashlib.sha256(str(p).encode()).hexdigest()[:8]
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", p.name or "data") + "-" + h
-
-
-def classifier_path(data_name: str, shape, train_limit: int | None = None) -> Path:
-    tag = f"{_data_tag(data_name)}-{'x'.join(str(int(s)) for s in shape)}"
-    if train_limit is not None:
-        tag += f"-n{int(train_limit)}"
-    return cache_root() / "classifiers" / f"{tag}.safetensors"
-
-
 def _fingerprint(x: torch.Tensor, labels: torch.Tensor) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(np.ascontiguousarray(x.numpy()).tobytes())
@@ -113,40 +100,42 @@ def _accuracy(clf: Classifier, x: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).double().mean())
 
 
-def _read_cached(path: Path, device) -> Classifier | None:
+def read_feature_net(path, device="cpu", expect_sha256: str | None = None) -> Classifier:
+    """A feature network file -> Classifier. Missing, unreadable or (with expect_sha256) not the
+    pinned file: one UserError. Never trains."""
     from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"the feature network {path} is missing; restore it (git checkout -- {path}) "
+                        "rather than train a new one: a new network makes figures that cannot be "
+                        "compared with the project's")
+    sha = sha256_file(path)
+    if expect_sha256 is not None and sha != expect_sha256:
+        raise UserError(f"the feature network {path} has sha256 {sha[:12]}, not the pinned {expect_sha256[:12]}; "
+                        f"restore it (git checkout -- {path}): its figures would not be comparable")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("fewstep_classifier", "null"))
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, SafetensorError, ValueError, json.JSONDecodeError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    try:
         net = FeatureNet(int(meta["in_channels"]), int(meta["num_classes"]),
                          int(meta["width"]), int(meta["feat_dim"]))
         net.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError):
-        return None
+    except (OSError, SafetensorError, ValueError, json.JSONDecodeError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path} is not a fewstep feature network ({e})") from None
     net.to(device).eval().requires_grad_(False)
-    return Classifier(net, meta, path, str(device))
+    return Classifier(net, meta, path, str(device), sha)
 
 
-def _write_cached(path: Path, net: FeatureNet, meta: dict) -> None:
-    """Atomically: the weights with the metadata inside (the file the reader trusts), then a
-    JSON copy of the metadata beside it for people."""
+def write_feature_net(path, net: FeatureNet, meta: dict) -> str:
+    """Atomically write the weights with their metadata inside; returns the file's sha256."""
     from safetensors.torch import save_file
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f".tmp-{os.getpid()}"
-    tmp = path.with_name(path.name + tag)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(tmp), metadata={"fewstep_classifier": json.dumps(meta, sort_keys=True)})
     os.replace(tmp, path)
-    jpath = path.with_suffix(".json")
-    jtmp = jpath.with_name(jpath.name + tag)
-    jtmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(jtmp, jpath)
+    return sha256_file(path)
 
 
 def train_classifier(train, test, epochs: int = DEFAULT_EPOCHS, batch: int = 128, lr: float = 2e-3,
@@ -196,41 +185,61 @@ def train_classifier(train, test, epochs: int = DEFAULT_EPOCHS, batch: int = 128
     return net, meta
 
 
-def get_classifier(data_name: str, data_dir=None, train_limit: int | None = None,
-                   epochs: int = DEFAULT_EPOCHS, device="cpu", image_size: int | None = None,
-                   progress: bool = True, verbose: bool = True) -> Classifier:
-    """The feature classifier for a dataset: loaded from the cache when a classifier trained
-    on exactly this train data is there, else trained (and cached atomically).
+def shipped_feature_net(data_name: str, device="cpu") -> Classifier:
+    """The project's feature network of a dataset (training/assets/, pinned by sha256 in
+    fewstep/figures.py). UserError when the dataset has none: train one with `fewstep features`
+    and pass it as `--features FILE`."""
+    if data_name not in SHIPPED_FEATURE_NETS:
+        raise UserError(f"no shipped feature network for {data_name!r} (shipped: {', '.join(SHIPPED_FEATURE_NETS)}): "
+                        f"train one once with `fewstep features --data {data_name} --out FILE` and pass "
+                        "--features FILE (its sha256 is recorded with every figure)")
+    name, sha = SHIPPED_FEATURE_NETS[data_name]
+    return read_feature_net(ASSETS / name, device, expect_sha256=sha)
 
-    Its test accuracy is printed each time. Raises UserError for unlabeled or 2-D data.
-    """
-    train = load_dataset(data_name, "train", data_dir=data_dir, limit=train_limit, image_size=image_size)
-    if len(train.shape) != 3:
-        raise UserError(f"the feature classifier is for image data; {data_name} has samples of shape "
-                        f"{list(train.shape)}")
-    if train.labels is None or train.num_classes < 2:
-        raise UserError(f"the feature classifier needs class labels, and {data_name} has none "
-                        "(a folder needs one subfolder per class); use --feature inception")
-    fp = _fingerprint(train.x, train.labels)
-    path = classifier_path(data_name, train.shape, train_limit)
-    clf = _read_cached(path, device)
-    if clf is not None and (clf.meta.get("format") != CLASSIFIER_FORMAT or clf.meta.get("train_hash") != fp
-                            or clf.meta.get("epochs") != epochs):
-        if verbose:
-            log(f"cached classifier {path} does not match this train data or recipe: retraining")
-        clf = None
-    if clf is None:
-        test = load_dataset(data_name, "test", data_dir=data_dir, image_size=image_size)
-        if verbose:
-            log(f"training the feature classifier on {len(train)} {data_name} train images "
-                 f"({epochs} epochs, device {device}); cached for later runs")
-        net, meta = train_classifier(train, test, epochs=epochs, device=device, progress=progress)
-        meta.update(data=data_name, shape=list(train.shape), train_hash=fp, train_limit=train_limit)
-        _write_cached(path, net, meta)
-        clf = Classifier(net, meta, path, str(device))
-        if verbose:
-            log(f"feature classifier trained in {meta['train_seconds']:.0f} s")
+
+def get_classifier(data_name: str, features=None, device="cpu", verbose: bool = True) -> Classifier:
+    """The feature network of an evaluation: the file `features` when given, else the shipped
+    one of `data_name`. Never trains. Logs its name, sha256 and test accuracy."""
+    clf = read_feature_net(features, device) if features else shipped_feature_net(data_name, device)
     if verbose:
         trust = "trusted" if clf.trusted else f"NOT trusted (below {TRUST_ACCURACY:.0%})"
-        log(f"feature classifier {path}: test accuracy {clf.test_accuracy:.2%} ({trust})")
+        log(f"feature network {clf.path.name} sha256 {clf.sha256[:12]}: test accuracy "
+            f"{clf.test_accuracy:.2%} ({trust})")
     return clf
+
+
+def add_features_args(p) -> None:
+    p.add_argument("--data", default="fmnist", help="labelled image dataset (default fmnist)")
+    p.add_argument("--data-dir", help="where the dataset files are")
+    p.add_argument("--out", required=True, help="the feature network file to write (.safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0, the shipped network's)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    p.add_argument("--limit", type=int, help="train on the first N train images only (quick checks)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_features(args) -> int:
+    """`fewstep features`: train a feature network once (one CPU thread, a fixed seed) and write
+    it. The shipped one is pinned by sha256; a new file is a new evaluator."""
+    from fewstep.options import check_range
+    check_range("--epochs", args.epochs, 1)
+    check_range("--limit", args.limit, 1)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out must name a .safetensors file, got {out}")
+    train = load_dataset(args.data, "train", data_dir=args.data_dir, limit=args.limit)
+    if len(train.shape) != 3:
+        raise UserError(f"feature networks are for image data; {args.data} has samples of shape {list(train.shape)}")
+    if train.labels is None or train.num_classes < 2:
+        raise UserError(f"a feature network needs class labels, and {args.data} has none "
+                        "(a folder needs one subfolder per class)")
+    test = load_dataset(args.data, "test", data_dir=args.data_dir)
+    torch.set_num_threads(1)   # one thread: the same seed gives the same network on this CPU
+    log(f"training a feature network on {len(train)} {args.data} train images ({args.epochs} epochs, seed {args.seed})")
+    net, meta = train_classifier(train, test, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    meta.update(data=args.data, shape=list(train.shape), train_hash=_fingerprint(train.x, train.labels),
+                train_limit=args.limit)
+    meta.pop("train_seconds", None)   # not part of what the network is
+    sha = write_feature_net(out, net, meta)
+    print(f"wrote {out}: test accuracy {meta['test_accuracy']:.2%}, sha256 {sha}")
+    return 0

@@ -119,9 +119,9 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True) -> Pa
         m.to(device)
     extra_params = [p for m in extra.values() for p in m.parameters() if p.requires_grad]
     params = [p for p in net.parameters() if p.requires_grad] + extra_params
-    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(tcfg["optimizer"])
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}.get(tcfg["optimizer"])
     if opt_cls is None:
-        raise UserError(f"train.optimizer must be adam or adamw, got {tcfg['optimizer']!r}")
+        raise UserError(f"train.optimizer must be adam, adamw or radam, got {tcfg['optimizer']!r}")
     opt = opt_cls(params, lr=tcfg["lr"], betas=tuple(tcfg["betas"]), weight_decay=tcfg["weight_decay"])
 
     if prev is not None:

@@ -13,7 +13,8 @@ Both nets share one calling convention:
   (positional embedding, max_positions=10000, as DDPM++); any transform (EDM's
   ln(sigma)/4, a flow's t or 1000*t, ...) is the caller's job.
 * `s` [B] float: a second time (CTM's target time), only when built with `two_times=True`.
-  It has its own mapping MLP and is added to the embedding of `t`.
+  It has its own mapping MLP; `s_embedding='per-block'` (sony/ctm) feeds it to every block
+  through the block's own `affine_s`, 'shared' adds it to the embedding of `t`.
 * `class_labels`: int64 [B] class indices (one-hot inside), or a float [B, label_dim]
   one-hot / soft label, or None (= all-zero label, the "null" class that label dropout
   produces). Ignored when label_dim == 0.
@@ -184,7 +185,7 @@ class UNetBlock(nn.Module):
     def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
                  num_heads=None, channels_per_head=64, dropout=0.0, skip_scale=1.0, eps=1e-5,
                  resample_filter=(1, 1), resample_proj=False, adaptive_scale=True,
-                 init=INIT, init_zero=INIT_ZERO, init_attn=None):
+                 init=INIT, init_zero=INIT_ZERO, init_attn=None, s_affine=False):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -200,6 +201,8 @@ class UNetBlock(nn.Module):
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
         self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        # CTM's s input, per block (sony/ctm `affine_s`): its own projection of the s embedding
+        self.affine_s = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init) if s_affine else None
         self.norm1 = GroupNorm(out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
 
@@ -213,11 +216,13 @@ class UNetBlock(nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, emb_s=None):
         orig = x
         x = self.conv0(silu(self.norm0(x)))
 
         params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        if self.affine_s is not None:
+            params = params + self.affine_s(emb_s).unsqueeze(2).unsqueeze(3).to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
             x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
@@ -250,15 +255,22 @@ class TimeLabelEmbedding:
     """The embedding both nets share: t (and s for two-time nets) and an optional class label.
 
     `init_embedding` builds the modules (map_noise, map_label, map_layer0/1 and, for two-time
-    nets, map_layer0_s/1_s) that `embed` uses.
+    nets, map_layer0_s/1_s) that `embed` uses. How s enters (`s_embedding`):
+      'per-block' (sony/ctm): s has its own embedding vector emb_s, which every block projects
+                  with its own `affine_s` and adds to its affine(emb) (label added to both);
+      'shared'    (fewstep's first CTM): silu(map_layer1_s(...)) added to the t embedding.
     """
+    S_EMBEDDINGS = ('shared', 'per-block')
 
     def init_embedding(self, map_noise, noise_channels, emb_channels, label_dim=0, label_dropout=0.0,
-                       two_times=False):
+                       two_times=False, s_embedding='shared'):
         """Build the embedding's modules, in this order (it fixes the initial weights drawn)."""
+        if s_embedding not in self.S_EMBEDDINGS:
+            raise ValueError(f's_embedding must be one of {self.S_EMBEDDINGS}, got {s_embedding!r}')
         self.label_dim = label_dim
         self.label_dropout = label_dropout
         self.two_times = two_times
+        self.s_per_block = bool(two_times) and s_embedding == 'per-block'
         self.map_noise = map_noise
         self.map_label = Linear(label_dim, noise_channels, **INIT) if label_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **INIT)
@@ -269,22 +281,29 @@ class TimeLabelEmbedding:
             self.map_layer1_s = Linear(emb_channels, emb_channels, **INIT)
 
     def embed(self, t, s, class_labels, batch, device):
-        """Embedding vector [B, emb_channels] from t, optional s and labels."""
+        """(emb [B, emb_channels], emb_s or None) from t, optional s and labels; emb_s is the
+        per-block s embedding (None for one-time and 'shared' nets)."""
         emb = self.map_noise(t)
+        label = None
         if self.map_label is not None:
             y = _label_vector(class_labels, self.label_dim, batch, device)
             if self.training and self.label_dropout:
                 y = y * (torch.rand([batch, 1], device=device) >= self.label_dropout).to(y.dtype)
-            emb = emb + self.map_label(y * np.sqrt(self.label_dim))
+            label = self.map_label(y * np.sqrt(self.label_dim))
+            emb = emb + label
         emb = silu(self.map_layer0(emb))
         emb = silu(self.map_layer1(emb))
-        if self.two_times:
-            if s is None:
-                raise ValueError('this net was built with two_times=True: pass s')
-            emb_s = self.map_noise(_time_vector(s, batch, device))
-            emb_s = silu(self.map_layer0_s(emb_s))
-            emb = emb + silu(self.map_layer1_s(emb_s))
-        return emb
+        if not self.two_times:
+            return emb, None
+        if s is None:
+            raise ValueError('this net was built with two_times=True: pass s')
+        emb_s = self.map_noise(_time_vector(s, batch, device))
+        if self.s_per_block:
+            if label is not None:
+                emb_s = emb_s + label
+            return emb, silu(self.map_layer1_s(silu(self.map_layer0_s(emb_s))))
+        emb_s = silu(self.map_layer0_s(emb_s))
+        return emb + silu(self.map_layer1_s(emb_s)), None
 
 
 class SongUNet(TimeLabelEmbedding, nn.Module):
@@ -303,7 +322,8 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
         embedding_type='positional',    # 'positional' (DDPM++) or 'fourier' (NCSN++).
         channel_mult_noise=1,           # Time embedding size = model_channels * this.
         resample_filter=(1, 1),         # (1,1) for DDPM++, (1,3,3,1) for NCSN++.
-        two_times=False,                # Second time input s (CTM), embedded like t, added.
+        two_times=False,                # Second time input s (CTM), embedded like t.
+        s_embedding='shared',           # How s enters: 'per-block' (sony/ctm) or 'shared' (added to t's).
         extra_heads=0,                  # Extra output heads on the last decoder features.
         prior_shakedrop=False,          # CUD's prior shakedrop on decoder skip concatenations.
         shakedrop_phi=0.75,             # Its phi: skips weigh 2*phi at t=1 and 2*(1-phi) at t=0.
@@ -326,12 +346,14 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
             emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
             resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
             init=INIT, init_zero=INIT_ZERO, init_attn=INIT_ATTN,
+            s_affine=bool(two_times) and s_embedding == 'per-block',
         )
 
         # Mapping: time (and label) -> embedding vector fed to every block.
         map_noise = (PositionalEmbedding(noise_channels, max_positions=10000, endpoint=True)
                      if embedding_type == 'positional' else FourierEmbedding(noise_channels))
-        self.init_embedding(map_noise, noise_channels, emb_channels, label_dim, label_dropout, two_times)
+        self.init_embedding(map_noise, noise_channels, emb_channels, label_dim, label_dropout, two_times,
+                            s_embedding)
 
         # Encoder.
         self.enc = nn.ModuleDict()
@@ -376,12 +398,14 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
     def forward(self, x, t, s=None, class_labels=None, return_features=False, heads=False):
         batch = x.shape[0]
         t = _time_vector(t, batch, x.device)
-        emb = self.embed(t, s, class_labels, batch, x.device).to(x.dtype)
+        emb, emb_s = self.embed(t, s, class_labels, batch, x.device)
+        emb = emb.to(x.dtype)
+        emb_s = None if emb_s is None else emb_s.to(x.dtype)
 
         # Encoder.
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            x = block(x, emb, emb_s) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
 
         # Prior shakedrop (CUD): decoder concatenations become
@@ -408,7 +432,7 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
                     if self.prior_shakedrop:
                         h, skip = h * pos, skip * neg
                     x = torch.cat([h, skip], dim=1)
-                x = block(x, emb)
+                x = block(x, emb, emb_s)
 
         if heads:
             out = [out] + [head(features) for head in self.heads]
@@ -424,21 +448,25 @@ class SongUNet(TimeLabelEmbedding, nn.Module):
 class MLPBlock(nn.Module):
     """Pre-norm residual block: h + fc1(SiLU(fc0(SiLU(LN(h))) + affine(emb)))."""
 
-    def __init__(self, hidden, emb_channels, norm=True):
+    def __init__(self, hidden, emb_channels, norm=True, s_affine=False):
         super().__init__()
         self.norm = nn.LayerNorm(hidden) if norm else nn.Identity()
         self.fc0 = Linear(hidden, hidden, **INIT)
         self.affine = Linear(emb_channels, hidden, **INIT)
         self.fc1 = Linear(hidden, hidden, **INIT_ZERO)
+        self.affine_s = Linear(emb_channels, hidden, **INIT) if s_affine else None
 
-    def forward(self, h, emb):
+    def forward(self, h, emb, emb_s=None):
         x = self.fc0(silu(self.norm(h))) + self.affine(emb)
+        if self.affine_s is not None:
+            x = x + self.affine_s(emb_s)
         return h + self.fc1(silu(x))
 
 
 class MLP(TimeLabelEmbedding, nn.Module):
     def __init__(self, dim=2, hidden=256, depth=4, label_dim=0, two_times=False, extra_heads=0,
-                 emb_dim=64, label_dropout=0.0, norm=True, out_init_weight=1.0, prior_shakedrop=False):
+                 emb_dim=64, label_dropout=0.0, norm=True, out_init_weight=1.0, prior_shakedrop=False,
+                 s_embedding='shared'):
         # prior_shakedrop is accepted so one method config (CUD's) serves both nets: an MLP has
         # no skip concatenations, so there is nothing for it to scale.
         super().__init__()
@@ -448,10 +476,11 @@ class MLP(TimeLabelEmbedding, nn.Module):
 
         # Same time embedding as SongUNet (positional, max_positions=10000).
         self.init_embedding(PositionalEmbedding(emb_dim, max_positions=10000, endpoint=True), emb_dim, hidden,
-                            label_dim, label_dropout, two_times)
+                            label_dim, label_dropout, two_times, s_embedding)
 
         self.inp = Linear(dim, hidden, **INIT)
-        self.blocks = nn.ModuleList([MLPBlock(hidden, hidden, norm=norm) for _ in range(depth)])
+        self.blocks = nn.ModuleList([MLPBlock(hidden, hidden, norm=norm, s_affine=self.s_per_block)
+                                     for _ in range(depth)])
         self.out_norm = nn.LayerNorm(hidden) if norm else nn.Identity()
         self.out = Linear(hidden, dim, init_mode='xavier_uniform', init_weight=out_init_weight)
         self.heads = nn.ModuleList()
@@ -462,10 +491,12 @@ class MLP(TimeLabelEmbedding, nn.Module):
     def forward(self, x, t, s=None, class_labels=None, return_features=False, heads=False):
         batch = x.shape[0]
         t = _time_vector(t, batch, x.device)
-        emb = self.embed(t, s, class_labels, batch, x.device).to(x.dtype)
+        emb, emb_s = self.embed(t, s, class_labels, batch, x.device)
+        emb = emb.to(x.dtype)
+        emb_s = None if emb_s is None else emb_s.to(x.dtype)
         h = self.inp(x)
         for block in self.blocks:
-            h = block(h, emb)
+            h = block(h, emb, emb_s)
         features = h
         out = self.out(silu(self.out_norm(h)))
         if heads:

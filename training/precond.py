@@ -19,10 +19,11 @@ A *preconditioning* is the pair of scalar functions (f, g):
                 g(t, s) = int_{lam_t}^{lam_s} exp(-int_tau^{lam_s} (1 - l)) exp(int_{lam_t}^tau r) dtau
                 f(t, s) = exp(-int_{lam_t}^{lam_s} (1 - l)) - l_t g(t, s)
             l_t = E[tr dD/dx] / d (Hutchinson), r = E<h, dh/dlambda> / E|h|^2 on teacher
-            trajectories, both fitted once on a uniform lambda grid. Variants (`VARIANTS`):
-            decay (r <- min(r, 0), the default), full (r as measured), none (r = 0), and
-            backward: h anchored at s and the jump solved implicitly for x_s,
-            f = E / (1 + l_s g0), g = g0 / (1 + l_s g0).
+            trajectories, both fitted once on a uniform lambda grid. Forms (`ANALYTIC_FORMS`):
+            `analytic` = backward, the paper's backward-Euler form: h anchored at s and the
+            jump solved implicitly for x_s, f = E / (1 + l_s g0), g = g0 / (1 + l_s g0);
+            the project's own, opt-in: `analytic-decay` (r <- min(r, 0)), `analytic-full`
+            (r as measured, the unstable forward form), `analytic-none` (r = 0).
 
 The analytic coefficients are evaluated from tables as
     f = (s/t) exp(L(lam_s) - L(lam_t)) - l(lam_t) g,      g = (1 - s/t) R(lam_t, lam_s)
@@ -38,6 +39,7 @@ its optimum. `consistency_gap` measures it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -48,20 +50,24 @@ import numpy as np
 import torch
 
 from fewstep.errors import UserError
-from fewstep.files import cache_root
-from fewstep.training.checkpoint import derived_file
 from fewstep.training.methods.base import bcast, ode_step
 from fewstep.training.methods.edm import pf_ode_velocity
 from fewstep.sampling import EDM_RHO, EDM_SIGMA_DATA, EDM_T_MAX, EDM_T_MIN, karras
 from fewstep.training.data import DataError, load_dataset
+from fewstep.files import cache_root, sha256_file
+from fewstep.training.checkpoint import weights_file
 
-PRECONDS = ("cm", "ctm", "analytic")
+# The Analytic-Precond names and the table form each one trains with (docs/methods/analytic-precond.md):
+# `analytic` is the paper's method as far as its public text allows (the backward-Euler form);
+# the others are the project's own variants, opt-in under their own names.
+ANALYTIC_FORMS = {"analytic": "backward", "analytic-decay": "decay", "analytic-full": "full", "analytic-none": "none"}
+PRECONDS = ("cm", "ctm") + tuple(ANALYTIC_FORMS)
 DEFAULT_POINTS = 120
 DEFAULT_SAMPLES = 4096
+FIT_BATCH = 256           # samples per teacher call: per sample cheaper on a CPU than 1024 (measured)
+FIT_FORMAT = 2            # bump when the fit computes the statistics differently (part of the cache key)
 RATE_CLIP = 20.0          # |r_lambda| is clipped here (it never is on the teachers we measured)
 VARIANTS = ("decay", "full", "none", "backward")
-DEFAULT_VARIANT = "decay"
-TABLE_STEM = "precond-analytic"   # beside the teacher's weights: precond-analytic[-ema<decay>].safetensors
 TABLE_FORMAT = 1
 
 
@@ -183,14 +189,16 @@ class AnalyticPrecond(Precond):
 
 
 def make_precond(name: str, sigma_data: float = EDM_SIGMA_DATA, tables: dict | None = None) -> Precond:
+    """A preconditioning by name; the analytic ones from the teacher's raw tables (any form:
+    rebuilt in the form the name says)."""
     if name == "ctm":
         return CTMPrecond()
     if name == "cm":
         return CMPrecond(sigma_data)
-    if name == "analytic":
+    if name in ANALYTIC_FORMS:
         if tables is None:
-            raise UserError("the analytic preconditioning needs fitted tables (fewstep precond fit)")
-        return AnalyticPrecond(tables)
+            raise UserError(f"the {name} preconditioning needs fitted tables (fewstep precond fit)")
+        return AnalyticPrecond(tables_variant(tables, ANALYTIC_FORMS[name]))
     raise UserError(f"unknown preconditioning {name!r} (known: {', '.join(PRECONDS)})")
 
 
@@ -268,21 +276,46 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
-def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, *, points: int = DEFAULT_POINTS, samples: int = DEFAULT_SAMPLES,
-                 t_min: float = EDM_T_MIN, t_max: float = EDM_T_MAX, batch: int = 512, seed: int = 0,
-                 progress: bool = True, variant: str = "decay") -> dict:
+def _trace_probe(denoise, x, tt, yb, v, trace: str):
+    """(D(x), v . (dD/dx) v): forward-mode (one jvp pass: D and J v together, no graph kept)
+    or reverse-mode (a forward with graph, then one vector-Jacobian product)."""
+    if trace == "jvp":
+        D, Jv = torch.func.jvp(lambda y: denoise(y, tt, yb), (x,), (v,))
+        return D, (Jv * v)
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        D = denoise(x, tt, yb)
+        (vJ,) = torch.autograd.grad((D * v).sum(), x)
+    return D.detach(), (vJ * v)
+
+
+def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, *, points: int = DEFAULT_POINTS,
+                 samples: int = DEFAULT_SAMPLES, t_min: float = EDM_T_MIN, t_max: float = EDM_T_MAX, batch: int = FIT_BATCH,
+                 seed: int = 0, progress: bool = True, variant: str = "decay", trace: str = "vjp",
+                 log=None) -> dict:
     """Estimate l_lambda and r_lambda of a teacher denoiser and tabulate f, g.
 
     denoise(x, sigma[B], labels[B] or None) -> D (the teacher); x0: data samples [N, ...]
-    (drawn with replacement to `samples`), labels: their class labels or None. For each of `points` lambdas: x_t = x0 + t z,
-    l = mean Hutchinson estimate of tr(dD/dx) / dim (one Rademacher probe per sample);
-    one Heun step of the teacher ODE to the next grid point gives dh/dlambda by a finite
-    difference along the trajectory, and r = E<h, dh/dlambda> / E|h|^2.
-    Returns the tables of `build_tables` (float64 numpy; r per `variant_rate`) plus the raw
-    rate `rate_raw` and E|h|^2 / dim `hh`.
+    (drawn with replacement to `samples`), labels: their class labels or None.
+    Each batch of samples walks ONE teacher trajectory down the lambda grid: it starts on the
+    marginal at t_max (x0 + t_max z) and takes one teacher Heun step per grid point. At every
+    point one pass of the teacher (with its vector-Jacobian product; `trace`="jvp" does it in
+    forward mode, which measured slower on a CPU) gives D, which serves three uses, so nothing
+    is evaluated twice:
+      l = mean Hutchinson estimate of tr(dD/dx) / dim (one Rademacher probe per sample);
+      the Heun step's first slope (x - D) / t;
+      the finite difference dh/dlambda of the previous point (h = D - l x along the trajectory),
+      whence r = E<h, dh/dlambda> / E|h|^2.
+    The Heun step adds one more teacher call (its second slope): a forward with its backward and
+    one forward per point and sample, against a forward with its backward and two forwards when
+    each point drew fresh marginal samples (docs/methods/analytic-precond.md, "Cost"). Returns the tables of `build_tables` (float64 numpy; r per `variant_rate`)
+    plus the raw rate `rate_raw` and E|h|^2 / dim `hh`. log(msg): the ETA after the first batch.
     """
+    import time
     if samples < 1:
         raise UserError(f"--samples must be >= 1, got {samples}")
+    if trace not in ("jvp", "vjp"):
+        raise UserError(f"trace must be jvp or vjp, got {trace!r}")
     lam = lambda_grid(points, t_min, t_max)
     ts = np.exp(-lam)
     n = len(lam)
@@ -291,36 +324,41 @@ def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, 
     idx = torch.randint(0, x0.shape[0], (int(samples),), generator=gen)
     dim = int(np.prod(x0.shape[1:]))
     l_sum = np.zeros(n)
-    # moments for r: <D,D'>, <x,D'>, <D,x'>, <x,x'>, |D|^2, <D,x>, |x|^2 (sums over samples)
+    # moments for r between point i and i+1: <D,D'>, <x,D'>, <D,x'>, <x,x'>, |D|^2, <D,x>, |x|^2
     mom = np.zeros((n, 7))
-    bar = _progress(n, "precond fit", progress)
-    for i in range(n):
-        t = float(ts[i])
-        t_next = float(ts[i + 1]) if i + 1 < n else None
-        g_i = torch.Generator().manual_seed(int(seed) * 100003 + i)
-        for k in range(0, int(samples), batch):
-            xb = x0[idx[k:k + batch]].to(dev)
-            yb = None if labels is None else labels[idx[k:k + batch]].to(dev)
-            z = torch.randn(xb.shape, generator=g_i).to(dev, xb.dtype)
-            v = (torch.randint(0, 2, xb.shape, generator=g_i) * 2 - 1).to(dev, xb.dtype)
-            x = (xb + t * z).detach().requires_grad_(True)
-            tt = torch.full((x.shape[0],), t, device=dev, dtype=x.dtype)
-            with torch.enable_grad():
-                D = denoise(x, tt, yb)
-                (grad,) = torch.autograd.grad((D * v).sum(), x)
-            l_sum[i] += float((grad * v).double().sum()) / dim
-            if t_next is None:
-                continue
+    chunks = list(range(0, int(samples), batch))
+    bar = _progress(n * len(chunks), "precond fit", progress)
+    start = time.time()
+
+    def f64(a, b):
+        return float((a.double() * b.double()).sum())
+
+    for c, k in enumerate(chunks):
+        xb = x0[idx[k:k + batch]].to(dev)
+        yb = None if labels is None else labels[idx[k:k + batch]].to(dev)
+        g_c = torch.Generator().manual_seed(int(seed) * 100003 + c)
+        x = xb + float(ts[0]) * torch.randn(xb.shape, generator=g_c).to(dev, xb.dtype)
+        velocity = pf_ode_velocity(lambda y, u: denoise(y, u, yb))
+        prev = None
+        for i in range(n):
+            tt = torch.full((x.shape[0],), float(ts[i]), device=dev, dtype=x.dtype)
+            v = (torch.randint(0, 2, x.shape, generator=g_c) * 2 - 1).to(dev, x.dtype)
             with torch.no_grad():
-                x = x.detach()
-                D = D.detach()
-                sn = torch.full_like(tt, t_next)
-                velocity = pf_ode_velocity(lambda y, u: denoise(y, u, yb))
-                x2 = ode_step(velocity, x, tt, sn, v=(x - D) / t)   # one teacher Heun step, D reused
-                D2 = denoise(x2, sn, yb)
-                f64 = lambda a, b: float((a.double() * b.double()).sum())  # noqa: E731
-                mom[i] += [f64(D, D2), f64(x, D2), f64(D, x2), f64(x, x2), f64(D, D), f64(D, x), f64(x, x)]
-        bar.update(1)
+                D, vJv = _trace_probe(denoise, x, tt, yb, v, trace)
+                l_sum[i] += float(vJv.double().sum()) / dim
+                if prev is not None:
+                    xp, Dp = prev
+                    mom[i - 1] += [f64(Dp, D), f64(xp, D), f64(Dp, x), f64(xp, x), f64(Dp, Dp), f64(Dp, xp),
+                                   f64(xp, xp)]
+                if i + 1 < n:
+                    sn = torch.full_like(tt, float(ts[i + 1]))
+                    prev = (x, D)
+                    x = ode_step(velocity, x, tt, sn, v=(x - D) / float(ts[i]))   # D reused: one more call
+            bar.update(1)
+        if c == 0 and log is not None and len(chunks) > 1:
+            per = time.time() - start
+            log(f"precond fit: first {x.shape[0]} samples in {per:.0f} s; about {per * len(chunks) / 60:.1f} min "
+                f"for all {samples}")
     bar.close()
     l = l_sum / samples
     rate = np.zeros(n)
@@ -339,7 +377,7 @@ def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, 
     return tables
 
 
-def variant_rate(rate_raw, variant: str = "decay") -> np.ndarray:
+def variant_rate(rate_raw, variant: str) -> np.ndarray:
     """The rate r the tables use: `decay` = min(r, 0) (h is extrapolated only where it shrinks
     along the trajectory, which keeps g O(1) on every jump), `full` = r as measured (the plain
     forward form; g explodes on long jumps), `none` = 0 (only l: no model of h), `backward` = r
@@ -390,13 +428,24 @@ def load_tables(path) -> tuple[dict, dict]:
 
 # --- teachers: where their tables live, their data, their denoiser -----------------------------------
 
-def teacher_tables_path(teacher) -> Path:
-    """Beside the teacher checkpoint; for the exact gmm teacher, in the fewstep cache."""
+def teacher_key(teacher) -> str:
+    """What identifies a teacher's statistics: the sha256 of the weights it samples with (and of
+    its config), or 'gmm-exact' for the closed-form 2-D teacher."""
     ckpt = getattr(teacher, "ckpt", None)
-    if ckpt is not None:
-        ema = getattr(teacher, "ema", None)
-        return Path(ckpt) / derived_file(TABLE_STEM, ema)
-    return cache_root() / "precond" / "gmm-exact.safetensors"
+    if ckpt is None:
+        return "gmm-exact"
+    h = hashlib.sha256()
+    for name in ("config.json", weights_file(getattr(teacher, "ema", None))):
+        h.update(sha256_file(Path(ckpt) / name).encode())
+    return h.hexdigest()[:16]
+
+
+def teacher_tables_path(teacher, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, seed=0) -> Path:
+    """The cached tables of a teacher for these fit settings, shared by `fewstep precond`, cd and
+    ctm: $FEWSTEP_CACHE/precond/<teacher checksum>-p<points>-n<samples>-s<seed>-f<format>.safetensors
+    (a teacher whose weights change gets new tables; each teacher pays for a fit once)."""
+    name = f"{teacher_key(teacher)}-p{int(points)}-n{int(samples)}-s{int(seed)}-f{FIT_FORMAT}.safetensors"
+    return cache_root() / "precond" / name
 
 
 def teacher_device(teacher) -> torch.device:
@@ -421,32 +470,36 @@ def teacher_data(teacher, n: int, seed: int = 0):
     return ds.x, labels
 
 
-def fit_teacher(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, seed=0, batch=512,
-                progress=True, out=None) -> tuple[dict, Path]:
-    """Fit the tables of a teacher and save them (default: beside its checkpoint)."""
+def _log(msg: str) -> None:
+    print(f"[fewstep] {msg}", file=sys.stderr, flush=True)
+
+
+def fit_teacher(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, seed=0, batch=FIT_BATCH,
+                progress=True, out=None, trace="vjp") -> tuple[dict, Path]:
+    """Fit the tables of a teacher and save them (default: its cache entry, teacher_tables_path)."""
     import time
     x0, labels = teacher_data(teacher, max(int(samples), 1), seed)
     dev = teacher_device(teacher)
     start = time.time()
     tables = fit_analytic(teacher.denoise, x0.to(dev), labels, points=points, samples=samples, seed=seed, batch=batch,
-                          progress=progress)
-    meta = {"points": int(points), "samples": int(samples), "seed": int(seed),
-            "teacher": str(getattr(teacher, "ckpt", None) or "exact"), "ema": getattr(teacher, "ema", None),
+                          progress=progress, variant="backward", trace=trace, log=_log)
+    meta = {"points": int(points), "samples": int(samples), "seed": int(seed), "fit_format": FIT_FORMAT,
+            "teacher_key": teacher_key(teacher), "ema": getattr(teacher, "ema", None),
             "seconds": round(time.time() - start, 2)}
-    path = save_tables(out or teacher_tables_path(teacher), tables, meta)
+    path = save_tables(out or teacher_tables_path(teacher, points, samples, seed), tables, meta)
     return tables, path
 
 
-def teacher_tables(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, progress=True, log=True) -> dict:
-    """The saved tables of a teacher, fitted (and saved) first if there are none."""
-    path = teacher_tables_path(teacher)
+def teacher_tables(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, seed=0, progress=True,
+                   log=True) -> dict:
+    """The cached tables of a teacher for these settings, fitted (and cached) first if there are none."""
+    path = teacher_tables_path(teacher, points, samples, seed)
     if path.is_file():
         tabs, _ = load_tables(path)
         return tabs
     if log:
-        print(f"[fewstep] fitting Analytic-Precond statistics ({points} points, {samples} samples) "
-              f"-> {path}", file=sys.stderr)
-    tabs, _ = fit_teacher(teacher, points=points, samples=samples, progress=progress)
+        _log(f"fitting Analytic-Precond statistics ({points} points, {samples} samples) -> {path}")
+    tabs, _ = fit_teacher(teacher, points=points, samples=samples, seed=seed, progress=progress)
     return tabs
 
 

@@ -1,9 +1,11 @@
 """`fewstep precond fit|gap`: Analytic-Precond statistics of a teacher, and consistency gaps.
 
-  fewstep precond fit --teacher CKPT [--points 120] [--samples 4096]
+  fewstep precond fit --teacher CKPT [--points 120] [--samples 4096] [--force]
       estimate l and r of the teacher on `points` lambdas with `samples` data samples
-      (Hutchinson traces), tabulate f(t, s), g(t, s) and save them beside the checkpoint
-      (`precond-analytic*.safetensors`; for `--teacher exact` in the fewstep cache).
+      (Hutchinson traces along teacher trajectories), tabulate f(t, s), g(t, s) and cache them
+      per teacher checksum and fit settings ($FEWSTEP_CACHE/precond/), where `fewstep train
+      --method cd|ctm --precond analytic*` finds them; an existing entry is reused (--force
+      fits again). The time left is shown as the fit runs.
   fewstep precond gap --teacher CKPT --precond cm,ctm,analytic [--times 8]
       the consistency gap E|g* - D|^2 / dim on the (t, s) pairs of a Karras grid, as a table
       (and JSON) and a PNG heat map; also the jump error of the student at initialisation,
@@ -24,10 +26,10 @@ from fewstep.plots import save_figure
 from fewstep.sampling import EDM_SIGMA_DATA
 from fewstep.training import precond as P
 
-GAP_NAMES = ("cm", "ctm", "analytic") + tuple(f"analytic-{v}" for v in P.VARIANTS)
+GAP_NAMES = P.PRECONDS
 
 
-FIT_ONLY = ("points",)
+FIT_ONLY = ("points", "trace")
 GAP_ONLY = ("precond", "times", "substeps")
 
 
@@ -40,11 +42,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int,
                    help=f"data samples (default: fit {P.DEFAULT_SAMPLES} per point, gap 512)")
     p.add_argument("--precond", help=f"gap: comma-separated, from {', '.join(GAP_NAMES)} (default cm,ctm,analytic; "
-                                     f"analytic-{{{','.join(P.VARIANTS)}}}: a variant of the same statistics; plain analytic: "
-                                     f"the default, {P.DEFAULT_VARIANT})")
+                                     "analytic is the paper's backward form, analytic-* the project's variants "
+                                     "of the same statistics)")
     p.add_argument("--times", type=int, help="gap: Karras times from 80 to 0.002, pairs t > s (default 8)")
     p.add_argument("--substeps", type=int, help="gap: Heun steps of the accurate teacher ODE solve (default 64)")
-    p.add_argument("--batch", type=int, default=256, help="samples per teacher call")
+    p.add_argument("--batch", type=int, default=P.FIT_BATCH, help=f"samples per teacher call (default {P.FIT_BATCH})")
+    p.add_argument("--trace", choices=("vjp", "jvp"),
+                   help="fit: the Jacobian-trace probe: reverse mode (default; faster on a CPU, measured) or forward mode")
+    p.add_argument("--force", action="store_true", help="fit: fit again even when the cache holds these tables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="fit: the tables file (default: beside the teacher checkpoint); "
                                  "gap: the PNG heat map (default <teacher ckpt>/precond-gap.png), JSON beside it")
@@ -91,8 +96,14 @@ def run_fit(args) -> int:
     if args.points < 3:
         raise UserError(f"--points must be >= 3, got {args.points}")
     teacher = load_teacher(args.teacher)
+    cached = P.teacher_tables_path(teacher, args.points, args.samples, args.seed)
+    if not args.out and cached.is_file() and not args.force:
+        print(f"{cached}: this teacher's tables for these settings are already cached (--force fits again)",
+              file=sys.stderr)
+        return 0
     tables, path = P.fit_teacher(teacher, points=args.points, samples=args.samples, seed=args.seed,
-                                 batch=args.batch, progress=not args.no_progress, out=args.out)
+                                 batch=args.batch, progress=not args.no_progress, out=args.out,
+                                 trace=args.trace or "vjp")
     _, meta = P.load_tables(path)
     g = tables["g"]
     print(f"wrote {path} ({args.points} points, {args.samples} samples, {meta.get('seconds')} s); "
@@ -107,11 +118,10 @@ def gap_preconds(names, teacher, sigma_data=EDM_SIGMA_DATA, progress=True) -> di
     for name in names:
         if name in ("cm", "ctm"):
             out[name] = P.make_precond(name, sigma_data)
-        elif name.startswith("analytic"):
+        elif name in P.ANALYTIC_FORMS:
             if tabs is None:
                 tabs = P.teacher_tables(teacher, progress=progress)
-            variant = P.DEFAULT_VARIANT if name == "analytic" else name[len("analytic-"):]
-            out[name] = P.AnalyticPrecond(P.tables_variant(tabs, variant))
+            out[name] = P.make_precond(name, tables=tabs)
         else:
             raise UserError(f"unknown preconditioning {name!r} (known: {', '.join(GAP_NAMES)})")
     return out

@@ -135,8 +135,9 @@ class JumpCounters:
     counters on the metrics port, labelled by model and instance), so `fewstep bench` and
     a monitor can read jump calls per image-step and the average jump batch.
 
-    flush() is called from the scheduler when it goes idle (and about once a second while
-    busy): each metric update is a message to the server, kept off the per-step path."""
+    flush() is called from the scheduler 50 ms after it goes idle (and about once a second
+    while busy): each metric update is a round trip to the server, kept off the path of
+    back-to-back requests."""
 
     CALLS = "fewstep_sampler_jump_calls"
     IMAGE_STEPS = "fewstep_sampler_image_steps"

@@ -32,17 +32,20 @@ class ConsistencyBase(Method):
 
     needs_teacher = True
     two_times = False
+    # sony/ctm's optimiser (train_util.py: RAdam, lr 4e-4, no warm-up, no gradient clipping),
+    # also CD's here; they replace the preset's training settings (train.* overrides still win)
+    train_defaults = {"optimizer": "radam", "lr": 4e-4, "warmup": 0, "grad_clip": 0.0}
     common_defaults = {
         "sigma_data": sampling.EDM_SIGMA_DATA,
         "sigma_min": sampling.EDM_T_MIN,  # eps: where every trajectory ends (the boundary condition)
         "sigma_max": sampling.EDM_T_MAX,
         "rho": sampling.EDM_RHO,
         "N": 18,                   # Karras training grid points
-        "precond": "cm",           # cm | ctm | analytic
+        "precond": "cm",           # cm | ctm | analytic (the paper's) | analytic-decay | analytic-full | analytic-none
         "distance": "l2",          # l2 | huber | lpips
         "huber_c": 0.00054,        # pseudo-Huber c = huber_c * sqrt(dim) (iCT)
         "target_ema": 0.999,       # CTM's; CD sets its own
-        "precond_variant": P.DEFAULT_VARIANT,  # decay | backward | full | none (docs/methods/analytic-precond.md)
+        "precond_variant": None,   # legacy: runs before the names said the form recorded it here
         "precond_points": P.DEFAULT_POINTS,    # used when the analytic tables must be fitted first
         "precond_samples": P.DEFAULT_SAMPLES,
         "max_steps": 64,
@@ -56,20 +59,23 @@ class ConsistencyBase(Method):
             raise UserError(f"method.precond must be one of {', '.join(P.PRECONDS)}, got {o['precond']!r}")
         if o["distance"] not in ("l2", "huber", "lpips"):
             raise UserError(f"method.distance must be l2, huber or lpips, got {o['distance']!r}")
-        if o["precond_variant"] not in P.VARIANTS:
-            raise UserError(f"method.precond_variant must be one of {', '.join(P.VARIANTS)}, "
-                            f"got {o['precond_variant']!r}")
+        if o["precond_variant"] is not None and not self._legacy_variant_ok():
+            raise UserError("method.precond_variant is gone: the form is in the name, --precond "
+                            f"{' | '.join(P.ANALYTIC_FORMS)} (analytic = the paper's backward form)")
         if not (isinstance(o["N"], int) and o["N"] >= 2):
             raise UserError(f"method.N must be an integer >= 2, got {o['N']!r}")
         if not 0.0 <= float(o["target_ema"]) < 1.0:
             raise UserError(f"method.target_ema must be in [0, 1), got {o['target_ema']!r}")
-        self.precond = None if o["precond"] == "analytic" else P.make_precond(o["precond"], o["sigma_data"])
+        self.precond = None if o["precond"] in P.ANALYTIC_FORMS else P.make_precond(o["precond"], o["sigma_data"])
         self.target = None
         self._lpips = None
 
     # --- network set-up -------------------------------------------------------------------
     def net_overrides(self):
-        return {"two_times": True} if self.two_times else {}
+        if not self.two_times:
+            return {}
+        return {"two_times": True,
+                "s_embedding": "per-block" if self.opts.get("s_embedding", "per-block") == "per-block" else "shared"}
 
     def init_student(self, net):
         t = self.teacher
@@ -80,20 +86,26 @@ class ConsistencyBase(Method):
             if float(tm.get("sigma_data", sampling.EDM_SIGMA_DATA)) != float(self.opts["sigma_data"]):
                 raise UserError(f"teacher sigma_data {tm.get('sigma_data')} differs from method.sigma_data "
                                 f"{self.opts['sigma_data']}")
-            copy_teacher_weights(t.net, net)
-        if self.opts["precond"] == "analytic" and self.precond is None:
+            copy_teacher_weights(t.net, net, zero_s=self.opts.get("s_embedding") == "shared-zero")
+        if self.opts["precond"] in P.ANALYTIC_FORMS and self.precond is None:
             if t is None:
-                raise UserError("--precond analytic needs --teacher")
+                raise UserError(f"--precond {self.opts['precond']} needs --teacher")
             tabs = P.teacher_tables(t, points=int(self.opts["precond_points"]),
                                     samples=int(self.opts["precond_samples"]))
-            self.precond = P.AnalyticPrecond(P.tables_variant(tabs, self.opts["precond_variant"]))
+            self.precond = P.make_precond(self.opts["precond"], tables=tabs)
         self.target = copy.deepcopy(net).eval().requires_grad_(False)
 
     def state_tensors(self):
         return self.precond.state_tensors() if self.precond is not None else {}
 
+    def _legacy_variant_ok(self) -> bool:
+        """A checkpoint written before the names said the form (precond=analytic with
+        precond_variant) still loads: its method.safetensors holds the tables it trained with."""
+        return self.opts["precond"] == "analytic" and self.opts["precond_variant"] in P.VARIANTS \
+            and self.teacher is None
+
     def load_state_tensors(self, tensors):
-        if self.opts["precond"] == "analytic":
+        if self.opts["precond"] in P.ANALYTIC_FORMS:
             pc = P.AnalyticPrecond.from_state(tensors)
             if pc is not None:
                 self.precond = pc
@@ -190,10 +202,11 @@ def load_lpips(device):
     return fn
 
 
-def copy_teacher_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    """Student <- teacher weights. A two-time student's s branch (map_*_s) is not in the teacher:
-    its last layer is zeroed so that the s embedding adds silu(0) = 0 and the student starts
-    exactly as the teacher."""
+def copy_teacher_weights(src: torch.nn.Module, dst: torch.nn.Module, zero_s: bool = False) -> None:
+    """Student <- teacher weights. A two-time student's s branch (map_*_s, affine_s) is not in the
+    teacher and keeps its random init, as in sony/ctm. zero_s (the 'shared-zero' s embedding):
+    its last layer is zeroed instead, so that the s embedding adds silu(0) = 0 and the student
+    starts exactly as the teacher."""
     s_sd, d_sd = src.state_dict(), dst.state_dict()
     extra = sorted(k for k in d_sd if k not in s_sd)
     unknown = sorted(k for k in s_sd if k not in d_sd)
@@ -203,6 +216,8 @@ def copy_teacher_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
         raise UserError("the student network does not match the teacher's (pass the teacher's --preset and "
                         f"net options): differing weights {', '.join(what)}")
     dst.load_state_dict(s_sd, strict=False)
+    if not zero_s:
+        return
     with torch.no_grad():
         for name, mod in dst.named_modules():
             if name.startswith("map_layer1_s"):

@@ -52,11 +52,19 @@ class CTM(ConsistencyBase):
         "p_mean": -1.2,            # lognormal half of the DSM sigmas
         "p_std": 1.2,
         "gamma": 0.0,              # default sampler stochasticity (0 = deterministic)
+        # how the net takes s: per-block (sony/ctm: every block's own affine_s, random init, not
+        # from the teacher) | shared-zero (fewstep's first CTM: added to the t embedding through a
+        # zero-initialised layer, so the student starts exactly as the teacher)
+        "s_embedding": "per-block",
     }
 
     def __init__(self, opts=None, teacher=None):
+        if opts is not None and "s_embedding" not in opts:
+            opts = {**opts, "s_embedding": "shared-zero"}   # a config written before the option
         super().__init__(opts, teacher)
         o = self.opts
+        if o["s_embedding"] not in ("per-block", "shared-zero"):
+            raise UserError(f"method.s_embedding must be per-block or shared-zero, got {o['s_embedding']!r}")
         if not 0.0 <= float(o["gamma"]) <= 1.0:
             raise UserError(f"method.gamma must be in [0, 1], got {o['gamma']!r}")
         if not (isinstance(o["heun_steps"], int) and o["heun_steps"] >= 1):
@@ -115,8 +123,9 @@ class CTM(ConsistencyBase):
         logn = (torch.randn(half, generator=generator) * float(o["p_std"]) + float(o["p_mean"])).exp()
         pos = torch.rand(b - half, generator=generator, dtype=torch.float64) * float(o["dsm_karras_mult"])
         kar = sampling.karras(pos, o["sigma_min"], o["sigma_max"], o["rho"])
-        sigma = torch.cat([logn.double(), kar]).clamp(float(o["sigma_min"]), float(o["sigma_max"]))
-        return sigma.to(device)
+        # not clamped (sony/ctm neither): the Karras half lies in [sigma_min, sigma_max] by
+        # construction, the lognormal half may leave it, as in the reference
+        return torch.cat([logn.double(), kar]).to(device)
 
     # --- the loss -------------------------------------------------------------------------------
     def loss(self, net, x, labels, progress=0.0):

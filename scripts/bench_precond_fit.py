@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""CPU cost of the Analytic-Precond fit per lambda point and sample, now against a git revision.
+
+    OMP_NUM_THREADS=1 python scripts/bench_precond_fit.py runs/edm-tiny --points 5 --samples 512 --old 70512bf
+
+Loads `fit_analytic` of training/precond.py at `--old` (git show) beside the current one, runs
+both twice on the teacher's data with one thread, and prints the CPU milliseconds per point and
+sample and the extrapolation to the default 120 points x 4096 samples.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fewstep.training import precond as P  # noqa: E402
+from fewstep.training.build import load_model  # noqa: E402
+
+
+def old_module(rev: str):
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:training/precond.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "old_precond.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("old_precond", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("teacher")
+    p.add_argument("--points", type=int, default=5)
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--old", help="git revision of the fit to compare with")
+    p.add_argument("--repeat", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    teacher = load_model(a.teacher)
+    x0, lab = P.teacher_data(teacher, a.samples)
+    arms = [("now", lambda: P.fit_analytic(teacher.denoise, x0, lab, points=a.points, samples=a.samples,
+                                           progress=False))]
+    if a.old:
+        old = old_module(a.old)
+        arms.insert(0, (a.old, lambda: old.fit_analytic(teacher.denoise, x0, lab, points=a.points,
+                                                        samples=a.samples, batch=512, progress=False)))
+    for _ in range(a.repeat):
+        for name, fn in arms:
+            t0 = time.process_time()
+            fn()
+            ms = (time.process_time() - t0) / a.points / a.samples * 1e3
+            print(f"{a.teacher} {name}: {ms:.2f} ms CPU per point and sample; 120 x 4096: "
+                  f"{ms * 120 * 4096 / 6e4:.0f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

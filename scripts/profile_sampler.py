@@ -1,0 +1,232 @@
+"""Where a request's time goes in `<name>_sampler`: its own stage timings (serving.trace),
+py-spy attached to the sampler's Python stubs under a steady load, and the CPU of every
+process per request (docs/PERFORMANCE.md).
+
+    PYTHONPATH=$PWD python scripts/profile_sampler.py --export /tmp/models/cud_fmnist --steps 1,4 --seconds 10
+
+Starts `fewstep serve` on the export (the defaults: inline jump, its instances), then for each
+step count sends one request at a time (1 image, the `image` output, as `fewstep bench`
+does) for `--seconds`. The table gives, in milliseconds per request: the stub's stages as it
+timed them itself (wall time, means: serving/trace.py); what `py-spy record` saw in each
+part of the stub's work, sorted by Python stack (samples / rate / requests; py-spy counts a
+thread that runs or waits for a core, not one that sleeps); and the CPU time of each
+process from /proc (client, tritonserver, each stub).
+A request the sampler refuses at once (seed -1) gives the floor: the gRPC client, the
+server, the ensemble and one round trip into a stub and back, with no work.
+Needs py-spy (pip install py-spy) and permission to attach to the stubs (same user).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fewstep.serving.client import Client, ServingError
+from fewstep.serving.reaper import cpu_seconds
+from fewstep.serving.repository import Options
+from fewstep.serving.session import served
+try:  # a checkout from before serving/trace.py is profiled without the stub's own stage timings
+    from fewstep.serving.trace import ENV as TRACE_ENV, STAGES, TOTAL, read_traces, stage_means
+except ImportError:
+    TRACE_ENV, STAGES, TOTAL = "FEWSTEP_SAMPLER_TRACE", (), None
+
+    def read_traces(paths):
+        return []
+
+    def stage_means(records):
+        return {}
+
+# (part, test on the sample's frames "func (file:line)", first match wins)
+PARTS = [
+    ("jump: ONNX Runtime run()", lambda fr: any("onnxruntime_inference_collection" in f for f in fr)),
+    ("counters flush (metrics IPC)", lambda fr: any(f.startswith("flush (") for f in fr)),
+    ("noise (per-sample generators)", lambda fr: any(f.startswith(("noise (", "start_noise (")) for f in fr)),
+    ("PNG encoding", lambda fr: any(f.startswith("encode_png (") for f in fr)),
+    ("images (quantise)", lambda fr: any(f.startswith("to_images (") for f in fr)),
+    ("stub C++ (no Python frame: IPC, tensors)", lambda fr: not fr or fr == [""]),
+    ("thread hand-offs (queue, condition, GIL)",
+     lambda fr: fr[-1].split("(")[-1].startswith(("threading.py", "concurrent/futures", "queue.py"))),
+    ("response tensors", lambda fr: any(f.startswith("_response (") for f in fr)),
+    ("send (response sender)", lambda fr: any(f.startswith("_answer (") for f in fr)),
+    ("request: read, parse, submit", lambda fr: any(f.startswith("execute (") for f in fr)),
+    ("jump: input checks (runner)", lambda fr: any("export/runner.py" in f for f in fr)),
+    ("scheduler tick bookkeeping", lambda fr: any(f.startswith("_tick (") for f in fr)),
+]
+OTHER = "other"
+
+
+def classify(stack: str) -> str:
+    frames = [f for f in stack.split(";") if f]
+    for part, test in PARTS:
+        if test(frames):
+            return part
+    return OTHER
+
+
+def read_raw(path: Path) -> collections.Counter:
+    """py-spy's raw (collapsed) output -> samples per part."""
+    out = collections.Counter()
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if n.isdigit():
+            out[classify(stack)] += int(n)
+    return out
+
+
+def stub_pids(server) -> dict:
+    """{pid: model name} of the server's Python stubs (from their model.py path)."""
+    out = {}
+    for pid in server.pids():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(args) > 1 and args[1].endswith(b"model.py"):
+            out[pid] = Path(args[1].decode()).parent.parent.name
+    return out
+
+
+def load(client, model: str, steps: int, seconds: float, first_seed: int) -> list:
+    """One request at a time for `seconds`; the latencies (s)."""
+    lat, seed, end = [], first_seed, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        client.infer(model, [seed], steps, outputs=("image",))
+        lat.append(time.perf_counter() - t0)
+        seed += 1
+    return lat
+
+
+def refused(client, model: str, n: int) -> list:
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        try:
+            client.infer(model, [-1], 1, outputs=("image",))
+        except ServingError as e:
+            assert e.code == "INVALID_ARGUMENT", e
+        lat.append(time.perf_counter() - t0)
+    return lat
+
+
+def measure(server, client, model: str, run, pyspy: str | None, rate: int, seconds: float, work: Path, tag: str):
+    """run() under py-spy on the sampler stubs; (latencies, CPU s per process, samples per part)."""
+    stubs = stub_pids(server)
+    samplers = [p for p, m in stubs.items() if m.endswith("_sampler")]
+    procs = []
+    if pyspy:
+        for pid in samplers:
+            procs.append(subprocess.Popen(
+                [pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--duration", str(int(seconds)),
+                 "--format", "raw", "--nonblocking", "-o", str(work / f"{tag}-{pid}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.5)  # attached before the load starts
+    for old in work.glob("trace.*.jsonl"):
+        old.unlink()
+    cpu0 = {p: cpu_seconds([p]) for p in [server.proc.pid, *stubs]}
+    client_cpu0 = time.process_time()
+    lat = run()
+    cpu = {p: cpu_seconds([p]) - c for p, c in cpu0.items()}
+    cpu["client"] = time.process_time() - client_cpu0
+    for proc in procs:
+        proc.wait()
+    parts = collections.Counter()
+    for pid in samplers:
+        parts.update(read_raw(work / f"{tag}-{pid}.txt"))
+    names = {server.proc.pid: "tritonserver", **{p: f"stub {m} ({p})" for p, m in stubs.items()}, "client": "client"}
+    time.sleep(0.2)  # the last answer's trace line is written after its send returns
+    return lat, {names[p]: v for p, v in cpu.items()}, parts, stage_means(read_traces(work.glob("trace.*.jsonl")))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--export", required=True, help="an exported model dir")
+    ap.add_argument("--steps", default="1,4", help="step counts, comma-separated (default 1,4)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="load (and py-spy) seconds per step count")
+    ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--no-py-spy", action="store_true", help="CPU per process only")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    args = ap.parse_args()
+    pyspy = None if args.no_py_spy else (shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"))
+    if pyspy and not Path(pyspy).exists():
+        raise SystemExit("py-spy not found: pip install py-spy (or --no-py-spy)")
+    steps_list = [int(s) for s in args.steps.split(",")]
+    tmp = tempfile.TemporaryDirectory()
+    work = Path(tmp.name)
+    os.environ[TRACE_ENV] = str(work / "trace")  # the stubs inherit the server's environment
+    server, written = served([args.export], Options(), grpc_port=0, http_port=0, metrics_port=0)
+    model = written[0]["name"]
+    report = {"model": model, "rate": args.rate, "seconds": args.seconds, "load_avg": [list(os.getloadavg())],
+              "steps": {}}
+    with tmp, server, Client(server.grpc_url) as client:
+        load(client, model, max(steps_list), 1.0, 10_000_000)  # warm: client, channel, both instances
+        lat, cpu, _, _ = measure(server, client, model, lambda: refused(client, model, 500), None, args.rate,
+                              0, work, "floor")
+        report["floor"] = {"p50_ms": sorted(lat)[len(lat) // 2] * 1e3,
+                           "cpu_ms_per_request": {k: v * 1e3 / len(lat) for k, v in cpu.items()}}
+        for k in steps_list:
+            lat, cpu, parts, stages = measure(server, client, model, lambda: load(client, model, k, args.seconds, 1000 * k),
+                                      pyspy, args.rate, args.seconds, work, f"steps{k}")
+            n = len(lat)
+            report["steps"][k] = {
+                "requests": n, "p50_ms": sorted(lat)[n // 2] * 1e3,
+                "cpu_ms_per_request": {p: v * 1e3 / n for p, v in cpu.items()},
+                "stub_ms_per_request": {p: c / args.rate * 1e3 / n for p, c in parts.most_common()},
+                "stages_ms_per_request": stages,
+            }
+        report["load_avg"].append(list(os.getloadavg()))
+    print(table(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def table(report: dict) -> str:
+    steps = sorted(report["steps"], key=int)
+    lo, hi = steps[0], steps[-1]
+    per_step = (lambda a, b: (b - a) / (int(hi) - int(lo))) if hi != lo else None
+    head = "| part | " + " | ".join(f"{k} step{'s' if int(k) > 1 else ''}, ms/request" for k in steps)
+    head += " | per step, ms |" if per_step else " |"
+    lines = [head, "|---" * (len(steps) + 1 + bool(per_step)) + "|"]
+
+    def row(name, vals):
+        cells = [f"{v:.3f}" for v in vals]
+        if per_step:
+            cells.append(f"{per_step(vals[0], vals[-1]):+.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    for name in [n for n, _ in STAGES] + ([TOTAL] if STAGES else []):
+        vals = [report["steps"][k]["stages_ms_per_request"].get(name) for k in steps]
+        if all(v is not None for v in vals):
+            row(f"stub stage: {name}" if name != TOTAL else f"**stub stage: {name}**", vals)
+    parts = [p for p, _ in PARTS] + [OTHER]
+    for p in parts:
+        vals = [report["steps"][k]["stub_ms_per_request"].get(p, 0.0) for k in steps]
+        if any(vals):
+            row(f"py-spy: {p}", vals)
+    row("**stub, py-spy samples in all**", [sum(report["steps"][k]["stub_ms_per_request"].values()) for k in steps])
+    procs = list(report["steps"][lo]["cpu_ms_per_request"])
+    for p in procs:
+        row(f"CPU of {p} (/proc)", [report["steps"][k]["cpu_ms_per_request"].get(p, 0.0) for k in steps])
+    row("**CPU, every process**", [sum(report["steps"][k]["cpu_ms_per_request"].values()) for k in steps])
+    row("latency p50", [report["steps"][k]["p50_ms"] for k in steps])
+    fl = report["floor"]
+    lines.append("")
+    lines.append(f"floor (a request refused in execute): p50 {fl['p50_ms']:.2f} ms; CPU ms per request "
+                 + ", ".join(f"{p} {v:.2f}" for p, v in fl["cpu_ms_per_request"].items() if v))
+    lines.append(f"requests: " + ", ".join(f"{k} steps {report['steps'][k]['requests']}" for k in steps)
+                 + f"; load average {report['load_avg'][0][0]:.2f} -> {report['load_avg'][-1][0]:.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
