@@ -59,7 +59,7 @@ def _log(msg: str) -> None:
 def _model_dirs(args) -> list[str]:
     if args.model:
         return list(args.model)
-    from fewstep.demo.shipped import prepare_all
+    from fewstep.export.shipped import prepare_all
     t0 = time.time()
     dirs = prepare_all(Path(args.models_dir) if args.models_dir else None,
                        Path(args.cache_dir) if args.cache_dir else None, log=_log)

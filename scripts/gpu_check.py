@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewstep.demo.shipped import _checkpoint_from_shipped, read_ship, shipped_models
+from fewstep.export.shipped import _checkpoint_from_shipped, read_ship, shipped_models
 from fewstep.export.onnx_export import jump_module, random_inputs
 from fewstep.training.build import load_model
 

@@ -10,7 +10,7 @@ ONE weights file (an EMA: by default the one its eval.json was measured on, else
 config's first EMA decay; `--ema none` takes the online weights), method.safetensors
 (tensors some methods need at sampling time) and eval.json when present. `ship.json`
 records the source, step, EMA, file hashes and a summary of the eval figures.
-`fewstep demo` exports the shipped models on its first start (see demo/shipped.py).
+`fewstep demo` exports the shipped models on its first start (see export/shipped.py).
 Optimizer state and the other EMAs are not copied: a shipped model stays well under 25 MB.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fewstep.demo.shipped import MODELS_DIR, SHIP_FILE  # noqa: E402
+from fewstep.export.shipped import MODELS_DIR, SHIP_FILE  # noqa: E402
 from fewstep.export.manifest import sha256_file  # noqa: E402  (the digest format of manifests: "sha256:<hex>")
 
 SIZE_LIMIT = 25 * 1024 * 1024

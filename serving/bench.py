@@ -65,7 +65,7 @@ def run_shipped(args) -> int:
     import copy
     import json
 
-    from fewstep.demo.shipped import prepare_all, shipped_models
+    from fewstep.export.shipped import prepare_all, shipped_models
 
     check_args(args, shipped=True)
     exports = prepare_all(log=lambda msg: print(msg, file=sys.stderr))

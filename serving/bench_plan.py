@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,6 @@ def check_args(args, shipped: bool = False) -> Plan:
     if shipped and (args.model or args.ckpt):
         raise UserError("--serve without --export benchmarks the shipped models: --model and --ckpt need --export DIR")
     if args.quality:
-        from fewstep.serving.bench_report import read_quality
-
         read_quality(args.quality)  # fail before the run, not after it
     if args.export and not Path(args.export).is_dir():
         raise UserError(f"--export {args.export}: not a directory")
@@ -125,3 +124,22 @@ def check_against_model(plan: Plan, meta) -> None:
         raise UserError(f"--steps: {too_many[0]} is above the model's max_steps ({meta.max_steps}) for '{meta.name}'")
     if meta.max_batch and plan.batch > meta.max_batch:
         raise UserError(f"--batch: {plan.batch} is above the model's max batch ({meta.max_batch})")
+
+
+def read_quality(path) -> dict:
+    """A `fewstep eval` report -> {"metric", "key", "values": {steps: value}, "path"}."""
+    p = Path(path)
+    try:
+        report = json.loads(p.read_text())
+    except OSError as e:
+        raise UserError(f"--quality {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--quality {path}: not JSON ({e})") from None
+    results = report.get("results") if isinstance(report, dict) else None
+    if not isinstance(results, list) or not results:
+        raise UserError(f"--quality {path}: not a `fewstep eval` report (no results)")
+    key = next((k for k in ("fid", "swd") if k in results[0]), None)
+    if key is None or any("steps" not in r or key not in r for r in results):
+        raise UserError(f"--quality {path}: every result needs 'steps' and 'fid' (or 'swd')")
+    return {"path": str(p), "metric": report.get("metric", key), "key": key,
+            "values": {int(r["steps"]): float(r[key]) for r in results}}

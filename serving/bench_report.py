@@ -7,14 +7,10 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fewstep.errors import UserError
-
-if TYPE_CHECKING:
-    from fewstep.serving.bench_plan import Plan
+from fewstep.serving.bench_plan import Plan, read_quality
 
 # bench.csv: perf_analyzer's column names where one exists (its latencies are in usec)
 CSV_COLUMNS = [
@@ -187,25 +183,6 @@ def summarize_mix(rows: list[dict]) -> dict:
             "jump_calls": jc,
         }
     return out
-
-
-def read_quality(path) -> dict:
-    """A `fewstep eval` report -> {"metric", "key", "values": {steps: value}, "path"}."""
-    p = Path(path)
-    try:
-        report = json.loads(p.read_text())
-    except OSError as e:
-        raise UserError(f"--quality {path}: cannot read it ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"--quality {path}: not JSON ({e})") from None
-    results = report.get("results") if isinstance(report, dict) else None
-    if not isinstance(results, list) or not results:
-        raise UserError(f"--quality {path}: not a `fewstep eval` report (no results)")
-    key = next((k for k in ("fid", "swd") if k in results[0]), None)
-    if key is None or any("steps" not in r or key not in r for r in results):
-        raise UserError(f"--quality {path}: every result needs 'steps' and 'fid' (or 'swd')")
-    return {"path": str(p), "metric": report.get("metric", key), "key": key,
-            "values": {int(r["steps"]): float(r[key]) for r in results}}
 
 
 def _round(v, nd):

@@ -369,7 +369,7 @@ def test_bench_serve_without_export_runs_every_shipped_model(triton_stack, tmp_p
     """`bench --serve` with no --export: each shipped model on its own server, one after the
     other (here two stand-ins for cd_fmnist and cud_fmnist: the tiny export under two names,
     one with an eval report), outputs per model and the figures side by side."""
-    import fewstep.demo.shipped as shipped
+    import fewstep.export.shipped as shipped
 
     srcs = []
     for name in ("big", "small"):

@@ -47,7 +47,7 @@ def test_ship_and_prepare(tmp_path, monkeypatch):
     that load_model reads with that EMA, exports once, and again only when a source changes."""
     from conftest import make_test_checkpoint
 
-    import fewstep.demo.shipped as shipped
+    import fewstep.export.shipped as shipped
     from fewstep.training.build import load_model
 
     ckpt = make_test_checkpoint(tmp_path / "ck", "shipme", method="rf")
@@ -87,7 +87,7 @@ def test_ship_and_prepare(tmp_path, monkeypatch):
 def test_shipped_default_models(tmp_path, capfd):
     """The models in demo/models: intact (hashes), small, loadable by load_model with their
     checksums verified (no note about an older checkpoint), and scored by the one evaluator."""
-    from fewstep.demo.shipped import _checkpoint_from_shipped, read_ship, shipped_models
+    from fewstep.export.shipped import _checkpoint_from_shipped, read_ship, shipped_models
     from fewstep.export.manifest import sha256_file
     from fewstep.figures import EVALUATOR_VERSION
     from fewstep.files import sha256_file as digest_hex
@@ -520,7 +520,7 @@ def test_rejected_request_message(demo_server):
 # --- `fewstep demo` end to end ----------------------------------------------------------------------
 
 def _default_models_exported() -> bool:
-    from fewstep.demo.shipped import default_cache_dir, read_ship, shipped_models, source_hash
+    from fewstep.export.shipped import default_cache_dir, read_ship, shipped_models, source_hash
     models = shipped_models()
     if not models:
         return False

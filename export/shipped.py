@@ -1,4 +1,6 @@
-"""The demo's default models: small checkpoints shipped in `demo/models/`, exported on demand.
+"""The project's shipped models (the demo's defaults, the bench's `--serve` without --export):
+small checkpoints in `demo/models/`, exported on demand. Here in the export layer, below both
+the demo and serving, which use them.
 
 A shipped model is a directory `demo/models/<name>/` holding
 
@@ -27,7 +29,7 @@ from fewstep.errors import UserError
 from fewstep.files import cache_root, sha256_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+MODELS_DIR = PROJECT_ROOT / "demo" / "models"
 SHIP_FILE = "ship.json"
 EXPORT_MAX_BATCH = 16  # the page asks for 1..16 images in one request
 # the code an export runs (loading the checkpoint, the net, the method's jump, the sampler for
