@@ -47,6 +47,10 @@ from fewstep.serving.bench_report import (  # noqa: F401  (the summary is part o
     CSV_COLUMNS, _slope, build_report, console_table, read_quality, shipped_table, summarize, write_outputs)
 from fewstep.serving.bench_stats import (  # noqa: F401
     jump_calls, parse_jump_counters, parse_stats, read_jump_counters, stats_delta)
+from fewstep.export.shipped import prepare_all, shipped_models
+from fewstep.serving.launcher import find_triton
+from fewstep.serving.repository import Options
+from fewstep.serving.session import served
 
 
 def run_bench(args) -> int:
@@ -65,7 +69,6 @@ def run_shipped(args) -> int:
     import copy
     import json
 
-    from fewstep.export.shipped import prepare_all, shipped_models
 
     check_args(args, shipped=True)
     exports = prepare_all(log=lambda msg: print(msg, file=sys.stderr))
@@ -90,10 +93,6 @@ def bench_one(args) -> dict:
     """One model's run (its own server with --serve); writes its outputs, returns bench.json's content."""
     plan = check_args(args)
     if args.serve:
-        from fewstep.serving.launcher import find_triton
-        from fewstep.serving.repository import Options
-        from fewstep.serving.session import served
-
         find_triton()
         server, written = served([f"{args.model}={args.export}" if args.model else args.export], Options(
             device=args.device, threads=args.threads or 0, instances=args.instances, jump=args.jump),

@@ -12,14 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from fewstep.errors import UserError
+from fewstep import sampling
+from fewstep.export.runner import load_runner
+from fewstep.serving.protocol import Item, ModelInfo, run_group, to_images
 
 
 def onnxruntime_baseline(export_dir: str, threads: int | None, meta, device: str = "cpu"):
     """A callable (seeds, steps, labels, gamma) running the sampler in-process on ONNX Runtime."""
-    from fewstep.export.runner import load_runner
-    from fewstep.serving.protocol import Item, ModelInfo, run_group, to_images
-    from fewstep import sampling
-
     path = Path(export_dir)
     if not path.is_dir():
         raise UserError(f"--export {export_dir}: not a directory")
@@ -42,10 +41,9 @@ def onnxruntime_baseline(export_dir: str, threads: int | None, meta, device: str
 
 def pytorch_baseline(ckpt: str, threads: int | None, meta):
     """A callable (seeds, steps, labels, gamma) sampling the checkpoint with PyTorch (eager, CPU)."""
-    import torch
+    import torch  # here: the PyTorch baseline row only; serving runs without torch
 
-    from fewstep import sampling
-    from fewstep.training.build import load_model
+    from fewstep.training.build import load_model  # torch, as above
 
     if not Path(ckpt).exists():
         raise UserError(f"--ckpt {ckpt}: no such file or directory")

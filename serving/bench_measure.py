@@ -16,6 +16,7 @@ from fewstep.serving.bench_plan import Plan, check_against_model
 from fewstep.serving.bench_stats import jump_calls, parse_stats, read_jump_counters, stats_delta
 from fewstep.serving.client import AsyncClient, ServingError
 from fewstep.serving.reaper import cpu_seconds
+from fewstep.serving.bench_baselines import onnxruntime_baseline, pytorch_baseline
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -340,8 +341,6 @@ class Bench:
         return t or None
 
     def _add_baselines(self) -> None:
-        from fewstep.serving.bench_baselines import onnxruntime_baseline, pytorch_baseline
-
         args, threads = self.args, self.baseline_threads()
         if args.export:
             self.baselines["onnxruntime"], self.baseline_info["onnxruntime"] = \

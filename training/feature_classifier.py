@@ -22,6 +22,7 @@ from fewstep.errors import UserError
 from fewstep.figures import SHIPPED_FEATURE_NETS
 from fewstep.files import sha256_file
 from fewstep.training.data import load_dataset
+from fewstep.options import check_range
 
 CLASSIFIER_FORMAT = 1          # bump when the architecture or training recipe changes
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -221,7 +222,6 @@ def add_features_args(p) -> None:
 def run_features(args) -> int:
     """`fewstep features`: train a feature network once (one CPU thread, a fixed seed) and write
     it. The shipped one is pinned by sha256; a new file is a new evaluator."""
-    from fewstep.options import check_range
     check_range("--epochs", args.epochs, 1)
     check_range("--limit", args.limit, 1)
     out = Path(args.out)
