@@ -59,7 +59,7 @@ test: $(STAMP) system-deps image-test
 LAYOUT := .cache/import-layout
 lint-imports: $(STAMP)
 	rm -rf $(LAYOUT) && mkdir -p $(LAYOUT)/fewstep
-	cp fewstep/*.py $(LAYOUT)/fewstep/
+	find fewstep -name '*.py' -exec cp --parents {} $(LAYOUT)/ \;
 	for d in training export serving demo; do find $$d -name '*.py' -exec cp --parents {} $(LAYOUT)/fewstep/ \; ; done
 	cd $(LAYOUT) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports --no-cache --config $(CURDIR)/pyproject.toml
 

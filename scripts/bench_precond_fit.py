@@ -12,18 +12,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fewstep.training import precond as P
+from fewstep.training.build import load_model
 
-from fewstep.training import precond as P  # noqa: E402
-from fewstep.training.build import load_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose git history holds the old version
 
 
 def old_module(rev: str):

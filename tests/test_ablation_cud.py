@@ -1,19 +1,15 @@
-"""scripts/ablation_cud.py: every arm is scored with the head its authors sample it with."""
+"""fewstep.experiments.ablation_cud (scripts/ablation_cud.py): every arm is scored with the
+head its authors sample it with."""
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ablation_cud.py"
+from fewstep.experiments import ablation_cud
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation_cud", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return ablation_cud
 
 
 def _args(**kw):

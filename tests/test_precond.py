@@ -274,20 +274,16 @@ def test_the_names_say_the_form(monkeypatch, tmp_path):
 
 
 def test_compare_precond_three_arms_end_to_end(tmp_path, monkeypatch):
-    """scripts/compare_precond.py: arms ctm / analytic / analytic-decay train with their own
-    tables (the checkpoints say which form) and the summary has per-seed speed-ups."""
-    import importlib.util
+    """fewstep.experiments.compare_precond (scripts/compare_precond.py): arms ctm / analytic /
+    analytic-decay train with their own tables (the checkpoints say which form) and the summary
+    has per-seed speed-ups."""
     import json
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
     from fewstep.training import checkpoint as ck
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
-    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_precond.py"
-    spec = importlib.util.spec_from_file_location("compare_precond", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from fewstep.experiments import compare_precond as mod
     assert mod.arm_overrides("analytic-decay") == ["method.precond=analytic-decay"]
     out = tmp_path / "cmp"
     mod.main(["gmm", "--seeds", "0", "--iters", "4",
