@@ -16,15 +16,6 @@ from fewstep.training import metrics as M
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small, shared CPU two threads thrash (several times slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # --- high-frequency energy (the speckle measure) ----------------------------------------------
 
 def test_high_freq_energy_hand_values_speckle_and_blur():
