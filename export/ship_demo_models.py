@@ -23,17 +23,18 @@ import shutil
 import sys
 from pathlib import Path
 
-from fewstep.export.manifest import sha256_file  # the digest format of manifests: "sha256:<hex>"
+from fewstep.export.manifest import check_recommended_steps, sha256_file  # sha256_file: the manifests' "sha256:<hex>"
 from fewstep.export.shipped import MODELS_DIR, PROJECT_ROOT as ROOT, SHIP_FILE
+from fewstep.errors import UserError
+from fewstep.files import sha256_file as hex_sha256  # checkpoints record plain hex
+from fewstep.training.checkpoint import find_checkpoint as find_run_checkpoint
 
 SIZE_LIMIT = 25 * 1024 * 1024
 
 
 def find_checkpoint(path: Path) -> Path:
-    from fewstep.errors import UserError
-    from fewstep.training.checkpoint import find_checkpoint as find
     try:
-        return find(path)
+        return find_run_checkpoint(path)
     except UserError as e:
         sys.exit(f"ship_demo_models: {e}")
 
@@ -70,7 +71,6 @@ def record_checksums(model_dir: Path, weights: str) -> None:
     """config.json records the sha256 of the shipped tensors, as a saved checkpoint does
     (training/checkpoint.py), so loading verifies them instead of printing a note. The weights
     are also recorded as model.safetensors: the demo lays them out under that name too."""
-    from fewstep.files import sha256_file as hex_sha256   # checkpoints record plain hex
     cfg = json.loads((model_dir / "config.json").read_text())
     sums = {weights: hex_sha256(model_dir / weights)}
     if weights != "model.safetensors":
@@ -106,8 +106,6 @@ def ship(src: Path, name: str, ema: str | None, models_dir: Path, note: str | No
         report = json.loads((ckpt / "eval.json").read_text())
     weights = pick_weights(ckpt, cfg, ema, report)
     if recommended_steps is not None:  # checked now, not at the demo's first export
-        from fewstep.export.manifest import check_recommended_steps
-        from fewstep.errors import UserError
         mcfg = cfg.get("method") or {}
         try:
             check_recommended_steps(recommended_steps, {"max_steps": int(mcfg.get("max_steps", 64)),

@@ -39,6 +39,9 @@ from fewstep.cli import main as fewstep
 from fewstep.errors import UserError
 from fewstep.figures import EVALUATOR_VERSION, check_comparable
 from fewstep.training import checkpoint as ck
+from fewstep import sampling
+from fewstep.training.data_2d import default_gmm
+from fewstep.training.evaluator import PointsEvaluator
 
 # The flow baseline gets CUD's time input (raw t, time_scale 1) so that the arms differ in the
 # loss only; rf-t999 is the project's rf default (the net sees 999 t).
@@ -127,9 +130,6 @@ def exact_flow(args, steps: list[int]) -> dict[int, float] | None:
     `fewstep eval`: what a perfectly trained rectified flow gets at each step count."""
     if args.data != "gmm":
         return None
-    from fewstep import sampling
-    from fewstep.training.data_2d import default_gmm
-    from fewstep.training.evaluator import PointsEvaluator
     gmm = default_gmm()
     num = args.eval_num or 5000
 
