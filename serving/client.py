@@ -312,10 +312,11 @@ class _Core:
                 raise ServingError("INVALID_ARGUMENT", str(e)) from None
         return self.meta[model]
 
-    def infer(self, model: str, seeds, steps=None, outputs=("image",), retried: list | None = None, **values):
+    def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",),
+              retried: list | None = None, **values):
         """One request of len(seeds) images; {output name: array} (png: a list of bytes).
-        values: the other inputs by keyword (class_labels=, gamma=; `build_inputs`)."""
-        inputs = build_inputs(self.grpc, seeds, steps, **values)
+        values: the table's other inputs by keyword (`build_inputs`)."""
+        inputs = build_inputs(self.grpc, seeds, steps, class_labels=class_labels, gamma=gamma, **values)
         wanted = [self.grpc.InferRequestedOutput(n) for n in outputs]
         try:
             result = yield from self.call(self.client.infer, model, inputs, outputs=wanted, retried=retried)
@@ -328,11 +329,12 @@ class _Core:
                 out[n] = [bytes(b) for b in arr.reshape(-1)] if n == "png" else arr
         return out
 
-    def generate(self, model: str, seeds, steps=None, png: bool = False, retried: list | None = None, **values):
+    def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None, png: bool = False,
+                 retried: list | None = None, **values):
         """uint8 images [K, H, W, C] (float samples [K, D] for 2-D models), or K PNGs."""
         meta = yield from self.model_meta(model, retried)
         out = "png" if png else "image" if meta.is_image else "sample"
-        return (yield from self.infer(model, seeds, steps, (out,), retried, **values))[out]
+        return (yield from self.infer(model, seeds, steps, class_labels, gamma, (out,), retried, **values))[out]
 
     def statistics(self):
         """GetInferenceStatistics of every model, as JSON."""
@@ -427,22 +429,25 @@ class Client:
     def meta(self, model: str, retried: list | None = None) -> ModelMeta:
         return _run(self._core.model_meta(model, retried))
 
-    # values: the request's other inputs by keyword, class_labels=[...], gamma=[...] (a batch) or
-    # class_label=, gamma= (stream: one image); serving.protocol.INPUTS names them, and a keyword
-    # it does not name is refused (`build_inputs`)
-    def infer(self, model: str, seeds, steps=None, outputs=("image",), retried: list | None = None,
-              **values) -> dict:
-        return _run(self._core.infer(model, seeds, steps, outputs, retried, **values))
+    # values: the request table's other inputs (serving.protocol.INPUTS) by keyword, a list for a
+    # batch (one value per seed) or one value for `stream`; a keyword the table does not name is
+    # refused (`build_inputs`). steps, class labels and gamma keep their places in the signatures.
+    def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",),
+              retried: list | None = None, **values) -> dict:
+        return _run(self._core.infer(model, seeds, steps, class_labels, gamma, outputs, retried, **values))
 
-    def generate(self, model: str, seeds, steps=None, retried: list | None = None, **values) -> np.ndarray:
-        return _run(self._core.generate(model, seeds, steps, retried=retried, **values))
+    def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
+                 retried: list | None = None, **values) -> np.ndarray:
+        return _run(self._core.generate(model, seeds, steps, class_labels, gamma, retried=retried, **values))
 
-    def generate_png(self, model: str, seeds, steps=None, retried: list | None = None, **values) -> list[bytes]:
-        return _run(self._core.generate(model, seeds, steps, png=True, retried=retried, **values))
+    def generate_png(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
+                     retried: list | None = None, **values) -> list[bytes]:
+        return _run(self._core.generate(model, seeds, steps, class_labels, gamma, png=True, retried=retried,
+                                        **values))
 
-    def stream(self, model: str, seed: int, steps=None, **values):
+    def stream(self, model: str, seed: int, steps=None, class_label=None, gamma=None, **values):
         """Yields (step, preview) after every sampler step; the last one is the final image."""
-        name, inputs = self._core.stream_inputs(model, seed, steps, **values)
+        name, inputs = self._core.stream_inputs(model, seed, steps, class_label=class_label, gamma=gamma, **values)
         q: queue.Queue = queue.Queue()
         client = self._core.new_client()
         try:
@@ -502,21 +507,25 @@ class AsyncClient:
     async def server_version(self) -> str | None:
         return await _run_async(self._core.server_version())
 
-    # values: as Client's, the request's other inputs by keyword
-    async def infer(self, model: str, seeds, steps=None, outputs=("image",), retried: list | None = None,
-                    **values) -> dict:
-        return await _run_async(self._core.infer(model, seeds, steps, outputs, retried, **values))
+    # values: as Client's, the request table's other inputs by keyword
+    async def infer(self, model: str, seeds, steps=None, class_labels=None, gamma=None, outputs=("image",),
+                    retried: list | None = None, **values) -> dict:
+        return await _run_async(self._core.infer(model, seeds, steps, class_labels, gamma, outputs, retried,
+                                                 **values))
 
-    async def generate(self, model: str, seeds, steps=None, retried: list | None = None, **values) -> np.ndarray:
-        return await _run_async(self._core.generate(model, seeds, steps, retried=retried, **values))
+    async def generate(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
+                       retried: list | None = None, **values) -> np.ndarray:
+        return await _run_async(self._core.generate(model, seeds, steps, class_labels, gamma, retried=retried,
+                                                    **values))
 
-    async def generate_png(self, model: str, seeds, steps=None, retried: list | None = None,
-                           **values) -> list[bytes]:
-        return await _run_async(self._core.generate(model, seeds, steps, png=True, retried=retried, **values))
+    async def generate_png(self, model: str, seeds, steps=None, class_labels=None, gamma=None,
+                           retried: list | None = None, **values) -> list[bytes]:
+        return await _run_async(self._core.generate(model, seeds, steps, class_labels, gamma, png=True,
+                                                    retried=retried, **values))
 
-    async def stream(self, model: str, seed: int, steps=None, **values):
+    async def stream(self, model: str, seed: int, steps=None, class_label=None, gamma=None, **values):
         """Async iterator of (step, preview); the last one is the final image."""
-        name, inputs = self._core.stream_inputs(model, seed, steps, **values)
+        name, inputs = self._core.stream_inputs(model, seed, steps, class_label=class_label, gamma=gamma, **values)
 
         async def requests():
             yield {"model_name": name, "inputs": inputs, "enable_empty_final_response": True}

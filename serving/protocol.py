@@ -69,7 +69,7 @@ INPUTS = {i.name: i for i in (
           lambda model: (1, int(model.max_steps)), noun="an integer", default="the model's default_steps",
           field="steps"),
     Input("class_label", "INT64", True, "class label (required by a class-conditional model)",
-          lambda model: (0, int(model.num_classes) - 1) if model.num_classes else None, noun="an integer",
+          lambda model: (0, int(model.num_classes) - 1) if model.num_classes else None,
           conditional=True, field="label", arg="class_labels"),
     Input("gamma", "FP32", True, "sampler stochasticity (default: the model's gamma)",
           lambda model: GAMMA_RANGE, default="the model's gamma", field="gamma"),
@@ -257,8 +257,9 @@ def _parse_input(info: ModelInfo, inp: Input, raw, n: int) -> np.ndarray | None:
         if not inp.required(info):
             return None
         if inp.conditional:
+            kind = "an integer" if inp.numpy.kind in "iu" else "a number"
             raise InvalidInput(f"{inp.name}: required by the class-conditional model '{info.name}': "
-                               f"{inp.noun or 'a value'} in {range_text(*limits)}")
+                               f"{kind} in {range_text(*limits)}")
         raise InvalidInput(f"{inp.name}: required input is missing")
     if limits is None:
         why = "is unconditional" if inp.conditional else f"takes no {inp.name}"
