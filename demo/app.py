@@ -93,11 +93,12 @@ def build_app(url: str, manifests: dict | None = None, concurrency: int = 4, tim
         return (gr.update(value=meta.default_steps), steps_hint(meta), gr.update(visible=g, value=meta.gamma), label,
                 gr.update(visible=g, value=meta.gamma), label, compare_intro(meta), model_info(meta))
 
-    def _page_request(meta: ModelMeta, steps, seed, randomize, num, gamma, label, values) -> Request:
-        """check_request for the page: a gamma is sent where the model's sampler uses it."""
+    def _page_request(meta: ModelMeta, steps, seed, randomize, num, gamma, label, values=None) -> Request:
+        """check_request for the page: a gamma is sent where the model's sampler uses it; values:
+        the number boxes of the table's other inputs (the Generate tab's; Compare sends none)."""
         if randomize:
             seed = random.randint(0, SEED_MAX)
-        req = check_request(meta, steps, seed, num, label if meta.num_classes else None, **values)
+        req = check_request(meta, steps, seed, num, label if meta.num_classes else None, **(values or {}))
         if gamma_applies(meta) and meta.gamma_unused(req.steps) is None:
             req = dataclasses.replace(req, gamma=gamma_value(gamma))
         return req
