@@ -152,6 +152,7 @@ def test_parity_each_method(exported, method, conditional):
     assert sorted(os.listdir(out)) == ["jump.onnx", "manifest.json"]
 
 
+@pytest.mark.slow  # two exports of a CTM student
 def test_ctm_analytic_tables_change_the_jump(exported):
     """The ctm case really runs Analytic-Precond (not CTM's own f, g), so its parity covers the tables."""
     import onnx
@@ -172,6 +173,7 @@ def test_ctm_analytic_tables_change_the_jump(exported):
     assert np.max(np.abs(analytic - _torch_jump(model, feeds))) > 1e-3
 
 
+@pytest.mark.slow  # exports and samples every step count
 def test_sampler_parity_through_runner(exported):
     """The shared sampler driven by the runner (ONNX Runtime) gives PyTorch's images for the same
     seeds and step count: EDM (Heun, karras grid), class-conditional, stochastic gamma."""
