@@ -16,6 +16,10 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -144,6 +148,49 @@ def running_server(repo: Path, written: list, timeout: float = 180, **server_arg
         yield server
     finally:
         server.stop()
+
+
+def start_serve(args: list[str], timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """`fewstep serve ARGS` in a session of its own; (the process, what it printed up to its
+    "Ctrl-C" ready line, or until it exited or `timeout` passed). The caller stops it."""
+    proc = subprocess.Popen([sys.executable, "-m", "fewstep.cli", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Ctrl-C" in line:
+            break
+    return proc, "".join(lines)
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """SIGKILL of a `start_serve` process group still running (a test's clean-up), and its pipe closed."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proc.stdout.close()
+
+
+def raw_infer(url: str, model: str, inputs, outputs=None, headers=None):
+    """One request through tritonclient itself, none of our client's checks in the way: inputs
+    are (name, array, Triton dtype); returns its InferResult."""
+    import tritonclient.grpc as grpcclient  # the serve extra: the tests that call this skip without it
+
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        ins = []
+        for name, arr, dtype in inputs:
+            inp = grpcclient.InferInput(name, list(arr.shape), dtype)
+            inp.set_data_from_numpy(arr)
+            ins.append(inp)
+        wanted = None if outputs is None else [grpcclient.InferRequestedOutput(o) for o in outputs]
+        return c.infer(model, ins, outputs=wanted, headers=headers, client_timeout=60)
+    finally:
+        c.close()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from fewstep.errors import UserError  # noqa: E402
 from fewstep.serving.client import Client, ServingError  # noqa: E402
 from fewstep.serving.launcher import Server, exposure_warning, free_port  # noqa: E402
 from fewstep.serving.repository import Options, write_repository  # noqa: E402
+from conftest import raw_infer, start_serve, stop_serve  # noqa: E402
 
 FEWSTEP = [sys.executable, "-m", "fewstep.cli"]
 
@@ -116,16 +116,7 @@ def test_serve_refuses_an_injecting_model_dir_with_one_line(served_model_dirs, t
 # --- items 4 and 5 on the session server (gRPC only) -------------------------------------------
 
 def _raw_infer(url, model, inputs, headers=None):
-    c = grpcclient.InferenceServerClient(url)
-    try:
-        ins = []
-        for name, arr, dtype in inputs:
-            i = grpcclient.InferInput(name, list(arr.shape), dtype)
-            i.set_data_from_numpy(arr)
-            ins.append(i)
-        return c.infer(model, ins, headers=headers, client_timeout=60)
-    finally:
-        c.close()
+    return raw_infer(url, model, inputs, headers=headers)
 
 
 def _listening_ports(pid: int) -> set[int]:
@@ -308,21 +299,10 @@ def test_tls_serve_and_generate_then_sigkill_of_serve_leaves_nothing(served_mode
 
     cert, key = _self_signed(tmp_path)
     port, metrics = free_port(), free_port()
-    proc = subprocess.Popen(FEWSTEP + ["serve", "--model", str(served_model_dirs["toyc"]), "--grpc-port", str(port),
-                                       "--metrics-port", str(metrics), "--threads", "1",
-                                       "--grpc-tls-cert", str(cert), "--grpc-tls-key", str(key)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc, text = start_serve(["--model", str(served_model_dirs["toyc"]), "--grpc-port", str(port),
+                              "--metrics-port", str(metrics), "--threads", "1",
+                              "--grpc-tls-cert", str(cert), "--grpc-tls-key", str(key)])
     try:
-        lines = []
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C" in line:
-                break
-        text = "".join(lines)
         assert f"gRPC     127.0.0.1:{port} (TLS)" in text and "HTTP     off" in text, text
         # TLS: a client that checks the certificate gets images; a plaintext client gets nothing
         with Client(f"localhost:{port}", ssl=True, root_certificates=cert) as c:
@@ -356,10 +336,7 @@ def test_tls_serve_and_generate_then_sigkill_of_serve_leaves_nothing(served_mode
         assert not admin_key_file(port).exists()
         assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"fewstep_{proc.pid}_")]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
+        stop_serve(proc)
 
 
 def _parent(pid: int) -> int:

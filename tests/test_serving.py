@@ -24,10 +24,10 @@ from fewstep import sampling
 
 pytest.importorskip("tritonclient.grpc", reason="serving tests need tritonclient[grpc] (the serve extra)")
 
-import tritonclient.grpc as grpcclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from fewstep.serving.client import AsyncClient, Client, ServingError  # noqa: E402
+from conftest import raw_infer, start_serve, stop_serve  # noqa: E402
 
 FEWSTEP = [sys.executable, "-m", "fewstep.cli"]
 
@@ -261,16 +261,7 @@ def test_64_concurrent_mixed_requests_are_correct_and_deterministic(triton_stack
 
 
 def _raw(url, model, inputs, outputs=("image",)):
-    c = grpcclient.InferenceServerClient(url)
-    try:
-        ins = []
-        for name, arr, dtype in inputs:
-            inp = grpcclient.InferInput(name, list(arr.shape), dtype)
-            inp.set_data_from_numpy(arr)
-            ins.append(inp)
-        return c.infer(model, ins, outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
-    finally:
-        c.close()
+    return raw_infer(url, model, inputs, outputs)
 
 
 def test_every_bad_input_is_refused_and_the_server_keeps_serving(triton_stack, client):
@@ -383,21 +374,9 @@ def test_serve_cli_shuts_down_cleanly_on_sigterm_and_sigint(served_model_dirs, t
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         port = free_port()
-        proc = subprocess.Popen(FEWSTEP + ["serve", "--model", str(served_model_dirs["toyc"]), "--grpc-port", str(port),
-                                           "--http-port", str(free_port()), "--metrics-port", str(free_port()),
-                                           "--threads", "1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc, text = start_serve(["--model", str(served_model_dirs["toyc"]), "--grpc-port", str(port),
+                                  "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--threads", "1"])
         try:
-            lines = []
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line)
-                if "Ctrl-C" in line:
-                    break
-            text = "".join(lines)
             assert f"gRPC     127.0.0.1:{port}" in text, text
             # the start-up line says what runs the jump (this host: no GPU, the CPU build of ONNX Runtime)
             assert "toyc: the jump runs on ONNX Runtime's CPUExecutionProvider" in text, text
@@ -414,10 +393,7 @@ def test_serve_cli_shuts_down_cleanly_on_sigterm_and_sigint(served_model_dirs, t
             assert left == [], f"processes left after {sig!r}: {left}"
             assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"fewstep_{proc.pid}_")]
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            proc.stdout.close()
+            stop_serve(proc)
 
 
 def _children(pid: int) -> list[int]:
