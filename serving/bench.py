@@ -47,7 +47,7 @@ from fewstep.serving.bench_report import (  # noqa: F401  (the summary is part o
     CSV_COLUMNS, _slope, build_report, console_table, read_quality, shipped_table, summarize, write_outputs)
 from fewstep.serving.bench_stats import (  # noqa: F401
     jump_calls, parse_jump_counters, parse_stats, read_jump_counters, stats_delta)
-from fewstep.export.shipped import prepare_all, shipped_models
+from fewstep.export import shipped
 from fewstep.serving.launcher import find_triton
 from fewstep.serving.repository import Options
 from fewstep.serving.session import served
@@ -71,9 +71,9 @@ def run_shipped(args) -> int:
 
 
     check_args(args, shipped=True)
-    exports = prepare_all(log=lambda msg: print(msg, file=sys.stderr))
+    exports = shipped.prepare_all(log=lambda msg: print(msg, file=sys.stderr))
     reports = {}
-    for src, export in zip(shipped_models(), exports):
+    for src, export in zip(shipped.shipped_models(), exports):
         sub = copy.copy(args)
         sub.export, sub.out, sub.model = str(export), str(Path(args.out) / src.name), None
         if sub.quality is None and (src / "eval.json").is_file():
