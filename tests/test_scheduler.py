@@ -311,19 +311,22 @@ def test_mixed_step_counts_at_once_equal_each_served_alone(one_scheduler):
 def test_a_request_joins_a_loop_in_flight(one_scheduler):
     from fewstep.serving.client import Client
 
+    # 15 samples of 64 steps: ticks of a batch of 15 keep the loop busy well past the short
+    # request's start, and the short sample fits beside them (max batch 16)
+    long_seeds = list(range(7, 22))
     with Client(one_scheduler.grpc_url, timeout=60) as c:
-        ref_long, ref_short = c.generate("tiny", [7], 64), c.generate("tiny", [8], 1)
+        ref_long, ref_short = c.generate("tiny", long_seeds, 64), c.generate("tiny", [40], 1)
         before = _counters(one_scheduler)
         done = []
         with ThreadPoolExecutor(2) as pool:
-            long = pool.submit(lambda: (c.generate("tiny", [7], 64), done.append("long"))[0])
+            long = pool.submit(lambda: (c.generate("tiny", long_seeds, 64), done.append("long"))[0])
             time.sleep(0.05)
-            short = pool.submit(lambda: (c.generate("tiny", [8], 1), done.append("short"))[0])
+            short = pool.submit(lambda: (c.generate("tiny", [40], 1), done.append("short"))[0])
             assert long.result().tobytes() == ref_long.tobytes() and short.result().tobytes() == ref_short.tobytes()
         after = _counters(one_scheduler)
     assert done == ["short", "long"]
-    # the 1-step sample rode in one of the 64-step sample's ticks: no call of its own
-    assert after["calls"] - before["calls"] == 64 and after["image_steps"] - before["image_steps"] == 65
+    # the 1-step sample rode in one of the 64-step samples' ticks: no call of its own
+    assert after["calls"] - before["calls"] == 64 and after["image_steps"] - before["image_steps"] == 15 * 64 + 1
 
 
 def test_max_batch_is_respected(one_scheduler):
