@@ -14,31 +14,31 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[export,serve,demo,test]'
 	touch $@
 
-# Debian packages the tests and the demo use: the Fashion-MNIST files and chromium for the
-# browser test. Installed only when we are root with apt; otherwise the tests that need them skip.
-system-deps:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  missing=""; \
-	  [ -d $(FMNIST) ] || missing="$$missing dataset-fashion-mnist"; \
-	  [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
-	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
-	  if [ -n "$$missing" ]; then \
-	    echo "apt-get install$$missing"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
-	      || echo "warning: could not install$$missing; tests that need them will skip"; \
-	  fi; \
+# `apt-get install` of the Debian packages a recipe collected in $$missing, when we are root with
+# apt; otherwise (or when it fails) what needs them skips.
+APT_INSTALL = if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "apt-get install$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    || echo "warning: could not install$$missing; what needs them will skip"; \
 	fi
+
+# Debian packages the tests and the demo use: the Fashion-MNIST files, chromium for the
+# browser test and promtool (prometheus) for the adapter rules' test.
+system-deps:
+	@missing=""; \
+	[ -d $(FMNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	$(APT_INSTALL)
 
 # The serving image built from deploy/Dockerfile and started here (scripts/image_test.py): on a
 # stand-in for NVIDIA's base, with podman and debootstrap, which are installed when we are root
 # with apt; elsewhere it is skipped with one line. Ends with `image ok`.
 image-test: $(STAMP)
-	@if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "apt-get install podman debootstrap"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap >/dev/null; \
-	  fi; \
-	fi
+	@missing=""; \
+	command -v podman >/dev/null || missing="$$missing podman"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	$(APT_INSTALL)
 	$(PY) scripts/image_test.py
 
 # deploy/requirements-image.lock: every package of the image, pinned with hashes, for the
