@@ -3,9 +3,11 @@
 
     OMP_NUM_THREADS=1 python scripts/bench_precond_fit.py runs/edm-tiny --points 5 --samples 512 --old 70512bf
 
-Loads `fit_analytic` of training/precond.py at `--old` (git show) beside the current one, runs
-both twice on the teacher's data with one thread, and prints the CPU milliseconds per point and
-sample and the extrapolation to the default 120 points x 4096 samples.
+Loads `fit_analytic` of training/precond.py at `--old` (git show) beside the current one (with
+each trace probe of `--traces`), runs them in turn, `--repeat` times, on the teacher's data with
+one thread in this process, and prints the CPU milliseconds per point and sample and the
+extrapolation to the default 120 points x 4096 samples on one core. (`fewstep precond fit`
+spreads the samples over one process per core: its own log gives the wall time.)
 """
 from __future__ import annotations
 
@@ -42,12 +44,14 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--old", help="git revision of the fit to compare with")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--traces", default=",".join(P.TRACE_PROBES[:2]), help="trace probes of the current fit")
     a = p.parse_args()
     torch.set_num_threads(1)
     teacher = load_model(a.teacher)
     x0, lab = P.teacher_data(teacher, a.samples)
-    arms = [("now", lambda: P.fit_analytic(teacher.denoise, x0, lab, points=a.points, samples=a.samples,
-                                           progress=False))]
+    arms = [(f"now ({trace})", lambda trace=trace: P.fit_analytic(teacher.denoise, x0, lab, points=a.points,
+                                                                    samples=a.samples, progress=False, trace=trace))
+            for trace in a.traces.split(",")]
     if a.old:
         old = old_module(a.old)
         arms.insert(0, (a.old, lambda: old.fit_analytic(teacher.denoise, x0, lab, points=a.points,

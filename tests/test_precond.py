@@ -70,8 +70,8 @@ def test_zero_statistics_give_ctm_exactly():
 def test_gaussian_data_analytic_gap_vanishes_ctm_does_not():
     x0 = torch.randn(2048, 3) * SD
     tabs = P.fit_analytic(gaussian_denoiser, x0, points=60, samples=256, progress=False)
-    # the trace estimate of a multiple of the identity is exact
-    np.testing.assert_allclose(tabs["l"], SD ** 2 / (SD ** 2 + np.exp(-2 * tabs["lam"])), rtol=1e-5)
+    # the trace estimate of a multiple of the identity is exact (up to the forward difference's float32 rounding)
+    np.testing.assert_allclose(tabs["l"], SD ** 2 / (SD ** 2 + np.exp(-2 * tabs["lam"])), rtol=5e-5)
     times = P.gap_times(5)
     gaps = P.consistency_gap(gaussian_denoiser, x0, {"ctm": P.CTMPrecond(), "analytic": P.AnalyticPrecond(tabs)},
                              times, samples=128, substeps=32)
@@ -142,12 +142,13 @@ def test_analytic_coeffs_export_with_dynamic_batch(gmm_tables):
 
 
 def test_fit_probes_agree_and_a_teacher_checkpoint_keys_its_cache(tmp_path, monkeypatch):
-    """jvp and vjp traces give the same statistics; the cache key follows the teacher's weights."""
+    """The three trace probes give the same statistics; the cache key follows the teacher's weights."""
     den, x0 = gmm_denoiser()
     a = P.fit_analytic(den, x0, points=12, samples=128, progress=False, trace="vjp")
-    b = P.fit_analytic(den, x0, points=12, samples=128, progress=False, trace="jvp")
-    np.testing.assert_allclose(a["l"], b["l"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(a["rate_raw"], b["rate_raw"], rtol=1e-3, atol=1e-5)
+    for trace, rtol in (("jvp", 1e-4), ("fd", 1e-3)):      # fd: a forward difference in float32
+        b = P.fit_analytic(den, x0, points=12, samples=128, progress=False, trace=trace)
+        np.testing.assert_allclose(a["l"], b["l"], rtol=rtol, atol=1e-5, err_msg=trace)
+        np.testing.assert_allclose(a["rate_raw"], b["rate_raw"], rtol=10 * rtol, atol=1e-4, err_msg=trace)
     from types import SimpleNamespace
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -301,3 +302,23 @@ def test_compare_precond_three_arms_end_to_end(tmp_path, monkeypatch):
         mt = load_file(str(ck.list_checkpoints(out / f"{arm}-seed0")[-1] / "method.safetensors"))
         assert float(mt["precond.backward"]) == flag
     assert (out / "curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_fit_of_a_checkpoint_is_the_same_in_one_process_or_two(tmp_path, monkeypatch, capsys):
+    """The chunks spread over worker processes sum to the in-process fit's tables, bit for bit,
+    and the fit says how long it will take."""
+    from fewstep.cli import main
+    from fewstep.training.build import load_model
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "edm"
+    assert main(["train", "--method", "edm", "--data", "gmm", "--preset", "toy", "--iters", "20", "--batch", "64",
+                 "--out", str(run), "net.hidden=32", "net.depth=2", "train.sample_every=0"]) == 0
+    teacher = load_model(run)
+    one, _ = P.fit_teacher(teacher, points=8, samples=96, batch=32, workers=1, progress=False, out=tmp_path / "a")
+    capsys.readouterr()
+    two, path = P.fit_teacher(teacher, points=8, samples=96, batch=32, workers=2, progress=False, out=tmp_path / "b")
+    for key in ("l", "rate_raw", "f", "g"):
+        np.testing.assert_array_equal(one[key], two[key], err_msg=key)
+    assert "precond fit: 1 of 3 chunks" in capsys.readouterr().err
+    assert P.load_tables(path)[1]["workers"] == 2

@@ -42,8 +42,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import queue
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +69,11 @@ PRECONDS = ("cm", "ctm") + tuple(ANALYTIC_FORMS)
 DEFAULT_POINTS = 120
 DEFAULT_SAMPLES = 4096
 FIT_BATCH = 256           # samples per teacher call: per sample cheaper on a CPU than 1024 (measured)
-FIT_FORMAT = 2            # bump when the fit computes the statistics differently (part of the cache key)
+FIT_FORMAT = 3            # bump when the fit computes the statistics differently (part of the cache key)
+TRACE_PROBES = ("fd", "vjp", "jvp")
+TRACE_DEFAULT = "fd"      # two forwards per point: the cheapest probe on a CPU (measured)
+FD_STEP = 1e-3            # the forward difference's step along the probe, relative to x_t's scale sqrt(t^2 + sd^2):
+                          # against vjp on the 2-D gmm, l within 6e-5 (a step relative to t alone: 1e-2, rounding)
 RATE_CLIP = 20.0          # |r_lambda| is clipped here (it never is on the teachers we measured)
 VARIANTS = ("decay", "full", "none", "backward")
 TABLE_FORMAT = 1
@@ -277,8 +285,14 @@ def _progress(total, desc, enabled):
 
 
 def _trace_probe(denoise, x, tt, yb, v, trace: str):
-    """(D(x), v . (dD/dx) v): forward-mode (one jvp pass: D and J v together, no graph kept)
-    or reverse-mode (a forward with graph, then one vector-Jacobian product)."""
+    """(D(x), v * (dD/dx) v) per element, by one of three probes (TRACE_PROBES):
+    `fd` a forward difference along v (a second forward, no graph: the cheapest on a CPU,
+    measured), `vjp` reverse mode (a forward with graph, then one vector-Jacobian product), `jvp`
+    forward mode (one pass giving D and J v)."""
+    if trace == "fd":
+        eps = FD_STEP * torch.sqrt(tt * tt + EDM_SIGMA_DATA ** 2).reshape(-1, *([1] * (x.dim() - 1)))
+        D = denoise(x, tt, yb)
+        return D, (denoise(x + eps * v, tt, yb) - D) / eps * v
     if trace == "jvp":
         D, Jv = torch.func.jvp(lambda y: denoise(y, tt, yb), (x,), (v,))
         return D, (Jv * v)
@@ -289,77 +303,62 @@ def _trace_probe(denoise, x, tt, yb, v, trace: str):
     return D.detach(), (vJ * v)
 
 
-def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, *, points: int = DEFAULT_POINTS,
-                 samples: int = DEFAULT_SAMPLES, t_min: float = EDM_T_MIN, t_max: float = EDM_T_MAX, batch: int = FIT_BATCH,
-                 seed: int = 0, progress: bool = True, variant: str = "decay", trace: str = "vjp",
-                 log=None) -> dict:
-    """Estimate l_lambda and r_lambda of a teacher denoiser and tabulate f, g.
-
-    denoise(x, sigma[B], labels[B] or None) -> D (the teacher); x0: data samples [N, ...]
-    (drawn with replacement to `samples`), labels: their class labels or None.
-    Each batch of samples walks ONE teacher trajectory down the lambda grid: it starts on the
-    marginal at t_max (x0 + t_max z) and takes one teacher Heun step per grid point. At every
-    point one pass of the teacher (with its vector-Jacobian product; `trace`="jvp" does it in
-    forward mode, which measured slower on a CPU) gives D, which serves three uses, so nothing
-    is evaluated twice:
-      l = mean Hutchinson estimate of tr(dD/dx) / dim (one Rademacher probe per sample);
-      the Heun step's first slope (x - D) / t;
-      the finite difference dh/dlambda of the previous point (h = D - l x along the trajectory),
-      whence r = E<h, dh/dlambda> / E|h|^2.
-    The Heun step adds one more teacher call (its second slope): a forward with its backward and
-    one forward per point and sample, against a forward with its backward and two forwards when
-    each point drew fresh marginal samples (docs/methods/analytic-precond.md, "Cost"). Returns the tables of `build_tables` (float64 numpy; r per `variant_rate`)
-    plus the raw rate `rate_raw` and E|h|^2 / dim `hh`. log(msg): the ETA after the first batch.
-    """
-    import time
+def _check_fit_args(samples, trace):
     if samples < 1:
         raise UserError(f"--samples must be >= 1, got {samples}")
-    if trace not in ("jvp", "vjp"):
-        raise UserError(f"trace must be jvp or vjp, got {trace!r}")
-    lam = lambda_grid(points, t_min, t_max)
-    ts = np.exp(-lam)
-    n = len(lam)
-    dev = x0.device
+    if trace not in TRACE_PROBES:
+        raise UserError(f"trace must be one of {', '.join(TRACE_PROBES)}, got {trace!r}")
+
+
+def _fit_plan(x0, samples, batch, seed):
+    """The samples each chunk walks: the same for any number of worker processes."""
     gen = torch.Generator().manual_seed(int(seed))
     idx = torch.randint(0, x0.shape[0], (int(samples),), generator=gen)
+    return [idx[k:k + batch] for k in range(0, int(samples), batch)]
+
+
+def walk_chunk(denoise, x0, labels, rows, c: int, ts, *, seed: int = 0, trace: str = TRACE_DEFAULT, tick=None):
+    """One chunk's sums along one teacher trajectory down the grid `ts`: (l_sum[n], mom[n, 7]).
+
+    The batch starts on the marginal at ts[0] (x0 + t z) and takes one Euler (DDIM) step per grid
+    point with the D the trace probe returns, so each point costs the probe alone. Chunk c draws
+    its noise and probes from its own generator, so the sums do not depend on which process
+    walks which chunk. tick(): called once per point (progress)."""
+    n = len(ts)
+    dev = x0.device
+    xb = x0[rows].to(dev)
+    yb = None if labels is None else labels[rows].to(dev)
+    g_c = torch.Generator().manual_seed(int(seed) * 100003 + int(c))
+    x = xb + float(ts[0]) * torch.randn(xb.shape, generator=g_c).to(dev, xb.dtype)
     dim = int(np.prod(x0.shape[1:]))
     l_sum = np.zeros(n)
     # moments for r between point i and i+1: <D,D'>, <x,D'>, <D,x'>, <x,x'>, |D|^2, <D,x>, |x|^2
     mom = np.zeros((n, 7))
-    chunks = list(range(0, int(samples), batch))
-    bar = _progress(n * len(chunks), "precond fit", progress)
-    start = time.time()
 
     def f64(a, b):
         return float((a.double() * b.double()).sum())
 
-    for c, k in enumerate(chunks):
-        xb = x0[idx[k:k + batch]].to(dev)
-        yb = None if labels is None else labels[idx[k:k + batch]].to(dev)
-        g_c = torch.Generator().manual_seed(int(seed) * 100003 + c)
-        x = xb + float(ts[0]) * torch.randn(xb.shape, generator=g_c).to(dev, xb.dtype)
-        velocity = pf_ode_velocity(lambda y, u: denoise(y, u, yb))
-        prev = None
-        for i in range(n):
-            tt = torch.full((x.shape[0],), float(ts[i]), device=dev, dtype=x.dtype)
-            v = (torch.randint(0, 2, x.shape, generator=g_c) * 2 - 1).to(dev, x.dtype)
-            with torch.no_grad():
-                D, vJv = _trace_probe(denoise, x, tt, yb, v, trace)
-                l_sum[i] += float(vJv.double().sum()) / dim
-                if prev is not None:
-                    xp, Dp = prev
-                    mom[i - 1] += [f64(Dp, D), f64(xp, D), f64(Dp, x), f64(xp, x), f64(Dp, Dp), f64(Dp, xp),
-                                   f64(xp, xp)]
-                if i + 1 < n:
-                    sn = torch.full_like(tt, float(ts[i + 1]))
-                    prev = (x, D)
-                    x = ode_step(velocity, x, tt, sn, v=(x - D) / float(ts[i]))   # D reused: one more call
-            bar.update(1)
-        if c == 0 and log is not None and len(chunks) > 1:
-            per = time.time() - start
-            log(f"precond fit: first {x.shape[0]} samples in {per:.0f} s; about {per * len(chunks) / 60:.1f} min "
-                f"for all {samples}")
-    bar.close()
+    prev = None
+    for i in range(n):
+        tt = torch.full((x.shape[0],), float(ts[i]), device=dev, dtype=x.dtype)
+        v = (torch.randint(0, 2, x.shape, generator=g_c) * 2 - 1).to(dev, x.dtype)
+        with torch.no_grad():
+            D, vJv = _trace_probe(denoise, x, tt, yb, v, trace)
+            l_sum[i] = float(vJv.double().sum()) / dim
+            if prev is not None:
+                xp, Dp = prev
+                mom[i - 1] = [f64(Dp, D), f64(xp, D), f64(Dp, x), f64(xp, x), f64(Dp, Dp), f64(Dp, xp), f64(xp, xp)]
+            if i + 1 < n:
+                prev = (x, D)
+                x = x + (float(ts[i + 1]) - float(ts[i])) * (x - D) / float(ts[i])   # Euler = DDIM: D reused
+        if tick is not None:
+            tick()
+    return l_sum, mom
+
+
+def tables_from_sums(lam, l_sum, mom, samples: int, dim: int, variant: str) -> dict:
+    """The tables of `build_tables` from the summed statistics of every chunk."""
+    n = len(lam)
     l = l_sum / samples
     rate = np.zeros(n)
     h = float(lam[1] - lam[0])
@@ -375,6 +374,49 @@ def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, 
     tables["rate_raw"] = rate
     tables["hh"] = (mom[:, 4] - 2 * l * mom[:, 5] + l * l * mom[:, 6]) / (samples * dim)
     return tables
+
+
+def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, *, points: int = DEFAULT_POINTS,
+                 samples: int = DEFAULT_SAMPLES, t_min: float = EDM_T_MIN, t_max: float = EDM_T_MAX, batch: int = FIT_BATCH,
+                 seed: int = 0, progress: bool = True, variant: str = "decay", trace: str = TRACE_DEFAULT,
+                 log=None) -> dict:
+    """Estimate l_lambda and r_lambda of a teacher denoiser and tabulate f, g (in this process).
+
+    denoise(x, sigma[B], labels[B] or None) -> D (the teacher); x0: data samples [N, ...]
+    (drawn with replacement to `samples`), labels: their class labels or None.
+    Each chunk of `batch` samples walks ONE teacher trajectory down the lambda grid
+    (`walk_chunk`). At every point one trace probe gives D, which serves three uses, so nothing
+    is evaluated twice:
+      l = mean Hutchinson estimate of tr(dD/dx) / dim (one Rademacher probe per sample);
+      the Euler (DDIM) step to the next point;
+      the finite difference dh/dlambda of the previous point (h = D - l x along the trajectory),
+      whence r = E<h, dh/dlambda> / E|h|^2.
+    So a point and sample cost the probe alone: two forwards with `fd` (docs/methods/
+    analytic-precond.md, "What a fit costs"). `fit_teacher` spreads the chunks over processes.
+    Returns the tables of `build_tables` (float64 numpy; r per `variant_rate`) plus the raw rate
+    `rate_raw` and E|h|^2 / dim `hh`. log(msg): the ETA after the first chunk.
+    """
+    _check_fit_args(samples, trace)
+    lam = lambda_grid(points, t_min, t_max)
+    ts = np.exp(-lam)
+    plan = _fit_plan(x0, samples, batch, seed)
+    bar = _progress(len(lam) * len(plan), "precond fit", progress)
+    start = time.time()
+    l_sum, mom = np.zeros(len(lam)), np.zeros((len(lam), 7))
+    for c, rows in enumerate(plan):
+        lc, mc = walk_chunk(denoise, x0, labels, rows, c, ts, seed=seed, trace=trace, tick=lambda: bar.update(1))
+        l_sum += lc
+        mom += mc
+        if c == 0 and log is not None and len(plan) > 1:
+            _log_eta(log, time.time() - start, 1, len(plan), samples)
+    bar.close()
+    return tables_from_sums(lam, l_sum, mom, samples, int(np.prod(x0.shape[1:])), variant)
+
+
+def _log_eta(log, seconds, done, chunks, samples, workers=1):
+    """The time a fit will take, from its first `done` chunks (each process walks one at a time)."""
+    log(f"precond fit: {done} of {chunks} chunks in {seconds:.0f} s; about "
+        f"{seconds * math.ceil(chunks / workers) / done / 60:.1f} min for all {samples} samples")
 
 
 def variant_rate(rate_raw, variant: str) -> np.ndarray:
@@ -474,18 +516,95 @@ def _log(msg: str) -> None:
     print(f"[fewstep] {msg}", file=sys.stderr, flush=True)
 
 
-def fit_teacher(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, seed=0, batch=FIT_BATCH,
-                progress=True, out=None, trace="vjp") -> tuple[dict, Path]:
-    """Fit the tables of a teacher and save them (default: its cache entry, teacher_tables_path)."""
-    import time
+# --- the fit of a teacher checkpoint, its chunks spread over worker processes -----------------------
+
+_WORKER = {}
+
+
+def _fit_worker_init(ckpt, ema, samples, seed, trace, ts, ticks):
+    from fewstep.training.build import load_model
+    torch.set_num_threads(1)
+    teacher = load_model(ckpt, ema=ema)
     x0, labels = teacher_data(teacher, max(int(samples), 1), seed)
-    dev = teacher_device(teacher)
+    _WORKER.update(teacher=teacher, x0=x0, labels=labels, seed=seed, trace=trace, ts=ts, ticks=ticks)
+
+
+def _fit_worker_chunk(job):
+    c, rows = job
+    w = _WORKER
+    l_sum, mom = walk_chunk(w["teacher"].denoise, w["x0"], w["labels"], rows, c, w["ts"], seed=w["seed"],
+                            trace=w["trace"], tick=lambda: w["ticks"].put(1))
+    return c, l_sum, mom
+
+
+def fit_workers(teacher) -> int:
+    """Worker processes of a fit by default: one per thread torch may use (OMP_NUM_THREADS, a
+    run's train.threads), each at one thread; one (in-process) for a teacher without a checkpoint
+    or on a GPU."""
+    if getattr(teacher, "ckpt", None) is None or teacher_device(teacher).type != "cpu":
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def _fit_parallel(teacher, x0, samples, points, seed, batch, trace, workers, progress):
+    lam = lambda_grid(points)
+    ts = np.exp(-lam)
+    plan = _fit_plan(x0, samples, batch, seed)
+    workers = max(1, min(int(workers), len(plan)))
+    bar = _progress(len(lam) * len(plan), f"precond fit ({workers} processes)", progress)
+    ctx = multiprocessing.get_context("spawn")
+    ticks = ctx.Queue()
+    sums = {}
     start = time.time()
-    tables = fit_analytic(teacher.denoise, x0.to(dev), labels, points=points, samples=samples, seed=seed, batch=batch,
-                          progress=progress, variant="backward", trace=trace, log=_log)
+    with ctx.Pool(workers, initializer=_fit_worker_init,
+                  initargs=(str(teacher.ckpt), getattr(teacher, "ema", None), samples, seed, trace, ts, ticks)) as pool:
+        pending = pool.imap_unordered(_fit_worker_chunk, list(enumerate(plan)))
+        done = threading.Event()
+
+        def collect():
+            try:
+                for c, l_sum, mom in pending:
+                    sums[c] = (l_sum, mom)
+                    if len(sums) == 1 and len(plan) > 1:
+                        _log_eta(_log, time.time() - start, 1, len(plan), samples, workers)
+            finally:
+                done.set()
+
+        collector = threading.Thread(target=collect, daemon=True)
+        collector.start()
+        while not done.is_set():
+            try:
+                ticks.get(timeout=0.5)
+                bar.update(1)
+            except queue.Empty:
+                pass
+        collector.join()
+    bar.close()
+    if len(sums) != len(plan):
+        raise RuntimeError("precond fit: a worker process failed (its error is above)")
+    l_sum = sum(sums[c][0] for c in range(len(plan)))     # chunk order: the same sums for any worker count
+    mom = sum(sums[c][1] for c in range(len(plan)))
+    return tables_from_sums(lam, l_sum, mom, samples, int(np.prod(x0.shape[1:])), "backward")
+
+
+def fit_teacher(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, seed=0, batch=FIT_BATCH,
+                progress=True, out=None, trace=TRACE_DEFAULT, workers=None) -> tuple[dict, Path]:
+    """Fit the tables of a teacher and save them (default: its cache entry, teacher_tables_path).
+    workers: processes that walk the chunks (default `fit_workers`); the tables are the same for
+    any number."""
+    _check_fit_args(samples, trace)
+    x0, labels = teacher_data(teacher, max(int(samples), 1), seed)
+    workers = fit_workers(teacher) if workers is None else int(workers)
+    start = time.time()
+    if workers > 1:
+        tables = _fit_parallel(teacher, x0, samples, points, seed, batch, trace, workers, progress)
+    else:
+        dev = teacher_device(teacher)
+        tables = fit_analytic(teacher.denoise, x0.to(dev), labels, points=points, samples=samples, seed=seed,
+                              batch=batch, progress=progress, variant="backward", trace=trace, log=_log)
     meta = {"points": int(points), "samples": int(samples), "seed": int(seed), "fit_format": FIT_FORMAT,
-            "teacher_key": teacher_key(teacher), "ema": getattr(teacher, "ema", None),
-            "seconds": round(time.time() - start, 2)}
+            "teacher_key": teacher_key(teacher), "ema": getattr(teacher, "ema", None), "trace": trace,
+            "workers": workers, "seconds": round(time.time() - start, 2)}
     path = save_tables(out or teacher_tables_path(teacher, points, samples, seed), tables, meta)
     return tables, path
 

@@ -29,7 +29,7 @@ from fewstep.training import precond as P
 GAP_NAMES = P.PRECONDS
 
 
-FIT_ONLY = ("points", "trace")
+FIT_ONLY = ("points", "trace", "workers")
 GAP_ONLY = ("precond", "times", "substeps")
 
 
@@ -47,8 +47,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--times", type=int, help="gap: Karras times from 80 to 0.002, pairs t > s (default 8)")
     p.add_argument("--substeps", type=int, help="gap: Heun steps of the accurate teacher ODE solve (default 64)")
     p.add_argument("--batch", type=int, default=P.FIT_BATCH, help=f"samples per teacher call (default {P.FIT_BATCH})")
-    p.add_argument("--trace", choices=("vjp", "jvp"),
-                   help="fit: the Jacobian-trace probe: reverse mode (default; faster on a CPU, measured) or forward mode")
+    p.add_argument("--trace", choices=P.TRACE_PROBES,
+                   help=f"fit: the Jacobian-trace probe (default {P.TRACE_DEFAULT}: a forward difference, the cheapest "
+                        "on a CPU, measured; vjp reverse mode, jvp forward mode)")
+    p.add_argument("--workers", type=int,
+                   help="fit: processes that walk the samples (default: one per thread torch may use, "
+                        "OMP_NUM_THREADS; the tables are the same for any number)")
     p.add_argument("--force", action="store_true", help="fit: fit again even when the cache holds these tables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="fit: the tables file (default: beside the teacher checkpoint); "
@@ -93,6 +97,8 @@ def run(args) -> int:
 def run_fit(args) -> int:
     _positive("samples", args.samples)
     _positive("batch", args.batch)
+    if args.workers is not None:
+        _positive("workers", args.workers)
     if args.points < 3:
         raise UserError(f"--points must be >= 3, got {args.points}")
     teacher = load_teacher(args.teacher)
@@ -103,7 +109,7 @@ def run_fit(args) -> int:
         return 0
     tables, path = P.fit_teacher(teacher, points=args.points, samples=args.samples, seed=args.seed,
                                  batch=args.batch, progress=not args.no_progress, out=args.out,
-                                 trace=args.trace or "vjp")
+                                 trace=args.trace or P.TRACE_DEFAULT, workers=args.workers)
     _, meta = P.load_tables(path)
     g = tables["g"]
     print(f"wrote {path} ({args.points} points, {args.samples} samples, {meta.get('seconds')} s); "
