@@ -59,8 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--arms", default=",".join(ARMS),
                    help="comma-separated preconditionings, the first is the baseline (default ctm,analytic,analytic-decay)")
-    p.add_argument("--only", help="train this preconditioning only, then stop (run two "
-                   "such processes side by side on a GPU, then once more without --only to evaluate)")
+    p.add_argument("--only", help="train and score this preconditioning only, then stop (run two "
+                   "such processes side by side, then once more without --only to gather the curves)")
     p.add_argument("--no-train", action="store_true", help="evaluate the checkpoints already in --out")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p.parse_intermixed_args(argv)
@@ -209,12 +209,14 @@ def main(argv=None):
         for pc in (args.only,) if args.only else arms:
             print(f"[compare] training ctm arm={pc} seed={seed}", file=sys.stderr, flush=True)
             times[f"{pc}-{seed}"] = round(train_one(args, pc, seed), 1)
-    if args.only:
-        return
     if args.data == "gmm":
         metric = GMMMetric(args.samples)
     else:
-        metric = FIDMetric(ck.read_config(ck.find_checkpoint(run_dir(out, base, seeds[0]))))
+        metric = FIDMetric(ck.read_config(ck.find_checkpoint(run_dir(out, args.only or base, seeds[0]))))
+    if args.only:   # its own checkpoints scored here, so the run without --only only gathers them
+        for seed in seeds:
+            evaluate_run(args, args.only, seed, metric)
+        return
     results = {pc: {s: evaluate_run(args, pc, s, metric) for s in seeds} for pc in arms}
     its = sorted(set.intersection(*(set(r) for pc in arms for r in results[pc].values())))
     if not its:
