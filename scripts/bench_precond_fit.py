@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fewstep.training import precond as P
@@ -45,24 +46,39 @@ def main() -> None:
     p.add_argument("--old", help="git revision of the fit to compare with")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--traces", default=",".join(P.TRACE_PROBES[:2]), help="trace probes of the current fit")
+    p.add_argument("--second-seed", action="store_true",
+                   help="also the first probe with seed 1: the spread the differences are read against")
     a = p.parse_args()
     torch.set_num_threads(1)
+    P.keep_freed_memory()
     teacher = load_model(a.teacher)
     x0, lab = P.teacher_data(teacher, a.samples)
-    arms = [(f"now ({trace})", lambda trace=trace: P.fit_analytic(teacher.denoise, x0, lab, points=a.points,
-                                                                    samples=a.samples, progress=False, trace=trace))
-            for trace in a.traces.split(",")]
+    traces = a.traces.split(",")
+
+    def now(trace, seed=0):
+        return lambda: P.fit_analytic(teacher.denoise, x0, lab, points=a.points, samples=a.samples, progress=False,
+                                      trace=trace, seed=seed, variant="backward")
+    arms = [(f"now ({trace})", now(trace)) for trace in traces]
+    if a.second_seed:
+        arms.append((f"now ({traces[0]}), seed 1", now(traces[0], seed=1)))
     if a.old:
         old = old_module(a.old)
         arms.insert(0, (a.old, lambda: old.fit_analytic(teacher.denoise, x0, lab, points=a.points,
-                                                        samples=a.samples, batch=512, progress=False)))
+                                                        samples=a.samples, progress=False, variant="backward")))
+    tables = {}
     for _ in range(a.repeat):
         for name, fn in arms:
             t0 = time.process_time()
-            fn()
+            tables[name] = fn()
             ms = (time.process_time() - t0) / a.points / a.samples * 1e3
             print(f"{a.teacher} {name}: {ms:.2f} ms CPU per point and sample; 120 x 4096: "
                   f"{ms * 120 * 4096 / 6e4:.0f} min", flush=True)
+    ref_name = f"now ({traces[0]})"
+    ref = tables[ref_name]
+    for name, tab in tables.items():
+        if name != ref_name:
+            print(f"{name} against {ref_name}: " + ", ".join(
+                f"max |d{k}| {np.max(np.abs(tab[k][:-1] - ref[k][:-1])):.4f}" for k in ("l", "rate_raw", "f", "g")))
 
 
 if __name__ == "__main__":
