@@ -322,3 +322,7 @@ def test_fit_of_a_checkpoint_is_the_same_in_one_process_or_two(tmp_path, monkeyp
         np.testing.assert_array_equal(one[key], two[key], err_msg=key)
     assert "precond fit: 1 of 3 chunks" in capsys.readouterr().err
     assert P.load_tables(path)[1]["workers"] == 2
+    # a worker that cannot load the teacher fails the fit with its error (no hang, no silent retry)
+    teacher.ckpt = tmp_path / "gone"
+    with pytest.raises(UserError):
+        P.fit_teacher(teacher, points=8, samples=96, batch=32, workers=2, progress=False, out=tmp_path / "c")

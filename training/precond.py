@@ -537,17 +537,19 @@ def keep_freed_memory() -> bool:
 
 
 def _fit_worker_init(ckpt, ema, samples, seed, trace, ts, ticks):
-    from fewstep.training.build import load_model   # here: build imports the methods, which import this module
     torch.set_num_threads(1)
     keep_freed_memory()
-    teacher = load_model(ckpt, ema=ema)
-    x0, labels = teacher_data(teacher, max(int(samples), 1), seed)
-    _WORKER.update(teacher=teacher, x0=x0, labels=labels, seed=seed, trace=trace, ts=ts, ticks=ticks)
+    _WORKER.update(spec=(ckpt, ema, samples), seed=seed, trace=trace, ts=ts, ticks=ticks)
 
 
 def _fit_worker_chunk(job):
-    c, rows = job
     w = _WORKER
+    if "teacher" not in w:   # loaded by the first chunk, not the initializer: an error reaches the parent
+        from fewstep.training.build import load_model   # here: build imports the methods, which import this module
+        ckpt, ema, samples = w["spec"]
+        w["teacher"] = load_model(ckpt, ema=ema)
+        w["x0"], w["labels"] = teacher_data(w["teacher"], max(int(samples), 1), w["seed"])
+    c, rows = job
     l_sum, mom = walk_chunk(w["teacher"].denoise, w["x0"], w["labels"], rows, c, w["ts"], seed=w["seed"],
                             trace=w["trace"], tick=lambda: w["ticks"].put(1))
     return c, l_sum, mom
@@ -576,6 +578,7 @@ def _fit_parallel(teacher, x0, samples, points, seed, batch, trace, workers, pro
                   initargs=(str(teacher.ckpt), getattr(teacher, "ema", None), samples, seed, trace, ts, ticks)) as pool:
         pending = pool.imap_unordered(_fit_worker_chunk, list(enumerate(plan)))
         done = threading.Event()
+        failed = []
 
         def collect():
             try:
@@ -583,6 +586,8 @@ def _fit_parallel(teacher, x0, samples, points, seed, batch, trace, workers, pro
                     sums[c] = (l_sum, mom)
                     if len(sums) == 1 and len(plan) > 1:
                         _log_eta(_log, time.time() - start, 1, len(plan), samples, workers)
+            except Exception as e:  # noqa: BLE001 - a worker's error, raised in the caller's thread below
+                failed.append(e)
             finally:
                 done.set()
 
@@ -595,9 +600,12 @@ def _fit_parallel(teacher, x0, samples, points, seed, batch, trace, workers, pro
             except queue.Empty:
                 pass
         collector.join()
+        while not ticks.empty():
+            ticks.get()
+            bar.update(1)
     bar.close()
-    if len(sums) != len(plan):
-        raise RuntimeError("precond fit: a worker process failed (its error is above)")
+    if failed:
+        raise failed[0]
     l_sum = sum(sums[c][0] for c in range(len(plan)))     # chunk order: the same sums for any worker count
     mom = sum(sums[c][1] for c in range(len(plan)))
     return tables_from_sums(lam, l_sum, mom, samples, int(np.prod(x0.shape[1:])), "backward")
