@@ -8,9 +8,10 @@ concurrency 1 the requests go round robin, one at a time: the in-process ONNX Ru
 sampler (`serving.bench_baselines`, this process), server A, server B (the order turns each
 round), so all three see the same background load on a shared host; latency p50 per step
 count, and CPU per request: this process's CPU around each call plus each server's
-processes (/proc) over the block. Then images/s at `--concurrency` requests in flight,
-blocks of A and B alternating. The ratios to the in-process sampler, and the overhead
-split per request and per step, are computed as `fewstep bench` does.
+processes (/proc) over the block (so the servers run without the watchdog's probes). Then
+images/s at `--concurrency` requests in flight, blocks of A and B alternating. The ratios to
+the in-process sampler, and the overhead split per request and per step, are computed as
+`fewstep bench` does.
 """
 from __future__ import annotations
 
@@ -39,8 +40,12 @@ class Served:
     def __init__(self, checkout: str, export: str, log: Path, extra: str = ""):
         self.port = free_port()
         env = dict(os.environ, PYTHONPATH=str(Path(checkout).resolve()))
+        # no watchdog probes: each is a jump of every model every 2 s, and this script charges
+        # a server's CPU over the whole block to its requests (on cd_fmnist the probes read as
+        # +1 ms of CPU per step; docs/PERFORMANCE.md)
         cmd = [sys.executable, "-m", "fewstep", "serve", "--model", export, "--grpc-port", str(self.port),
-               "--http-port", str(free_port()), "--metrics-port", str(free_port()), *extra.split()]
+               "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--probe-interval", "0",
+               *extra.split()]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"127.0.0.1:{self.port}"

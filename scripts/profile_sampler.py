@@ -12,7 +12,10 @@ part of the stub's work, sorted by Python stack (samples / rate / requests; py-s
 thread that runs or waits for a core, not one that sleeps); and the CPU time of each
 process from /proc (client, tritonserver, each stub).
 A request the sampler refuses at once (seed -1) gives the floor: the gRPC client, the
-server, the ensemble and one round trip into a stub and back, with no work.
+server, the ensemble and one round trip into a stub and back, with no work; measured back to
+back, and again with the server idle before each refusal as long as a 1-step request spends
+in the stub (the cadence of one request at a time: the server's threads sleep through the
+jump, and a request after a few milliseconds idle costs more here than one right after another).
 Needs py-spy (pip install py-spy) and permission to attach to the stubs (same user).
 """
 from __future__ import annotations
@@ -106,9 +109,12 @@ def load(client, model: str, steps: int, seconds: float, first_seed: int) -> lis
     return lat
 
 
-def refused(client, model: str, n: int) -> list:
+def refused(client, model: str, n: int, gap_s: float = 0.0) -> list:
+    """Latencies (s) of n requests the sampler refuses in execute(), each after `gap_s` idle."""
     lat = []
     for _ in range(n):
+        if gap_s:
+            time.sleep(gap_s)
         t0 = time.perf_counter()
         try:
             client.infer(model, [-1], 1, outputs=("image",))
@@ -183,6 +189,15 @@ def main() -> int:
                 "stub_ms_per_request": {p: c / args.rate * 1e3 / n for p, c in parts.most_common()},
                 "stages_ms_per_request": stages,
             }
+        # the floor again with the server idle before each request as long as a 1-step request
+        # spends in the stub: at concurrency 1 the server's threads sleep through the jump, and
+        # on this host a request after a few ms idle costs more than one right after another
+        first = report["steps"][min(steps_list)]["stages_ms_per_request"].get(TOTAL)
+        gap_s = (first or report["steps"][min(steps_list)]["p50_ms"]) / 1e3
+        lat, cpu, _, _ = measure(server, client, model, lambda: refused(client, model, 300, gap_s), None,
+                                 args.rate, 0, work, "floor-idle")
+        report["floor_after_idle"] = {"gap_ms": gap_s * 1e3, "p50_ms": sorted(lat)[len(lat) // 2] * 1e3,
+                                      "cpu_ms_per_request": {k: v * 1e3 / len(lat) for k, v in cpu.items()}}
         report["load_avg"].append(list(os.getloadavg()))
     print(table(report))
     if args.out:
@@ -221,8 +236,13 @@ def table(report: dict) -> str:
     row("latency p50", [report["steps"][k]["p50_ms"] for k in steps])
     fl = report["floor"]
     lines.append("")
-    lines.append(f"floor (a request refused in execute): p50 {fl['p50_ms']:.2f} ms; CPU ms per request "
-                 + ", ".join(f"{p} {v:.2f}" for p, v in fl["cpu_ms_per_request"].items() if v))
+    lines.append(f"floor (a request refused in execute), back to back: p50 {fl['p50_ms']:.2f} ms; CPU ms per "
+                 "request " + ", ".join(f"{p} {v:.2f}" for p, v in fl["cpu_ms_per_request"].items() if v))
+    fi = report.get("floor_after_idle")
+    if fi:
+        lines.append(f"floor after {fi['gap_ms']:.1f} ms idle (the 1-step request's time in the stub): p50 "
+                     f"{fi['p50_ms']:.2f} ms; CPU ms per request "
+                     + ", ".join(f"{p} {v:.2f}" for p, v in fi["cpu_ms_per_request"].items() if v))
     lines.append(f"requests: " + ", ".join(f"{k} steps {report['steps'][k]['requests']}" for k in steps)
                  + f"; load average {report['load_avg'][0][0]:.2f} -> {report['load_avg'][-1][0]:.2f}")
     return "\n".join(lines)
