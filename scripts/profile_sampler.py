@@ -16,6 +16,8 @@ server, the ensemble and one round trip into a stub and back, with no work; meas
 back, and again with the server idle before each refusal as long as a 1-step request spends
 in the stub (the cadence of one request at a time: the server's threads sleep through the
 jump, and a request after a few milliseconds idle costs more here than one right after another).
+Last, the 1-step request taken apart (`paired`): `--rounds` rounds of the in-process sampler
+then one Triton request, with each side's jump, the stub's own time and what is left outside it.
 Needs py-spy (pip install py-spy) and permission to attach to the stubs (same user).
 """
 from __future__ import annotations
@@ -31,7 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from fewstep import sampling
+from fewstep.export.runner import load_runner
 from fewstep.serving.client import Client, ServingError
+from fewstep.serving.protocol import Item, ModelInfo, run_group, to_images
 from fewstep.serving.reaper import cpu_seconds
 from fewstep.serving.repository import Options
 from fewstep.serving.session import served
@@ -124,6 +131,51 @@ def refused(client, model: str, n: int, gap_s: float = 0.0) -> list:
     return lat
 
 
+def paired(client, model: str, export: str, work: Path, n: int) -> dict:
+    """The 1-step request taken apart: n rounds of the in-process sampler (the bench's baseline:
+    ONNX Runtime, 1 thread, this process; its jump timed on its own) then one Triton request,
+    one at a time, so both see the same host. Medians, ms, of: each side's request, each
+    side's jump (Triton's from the stub's trace), the stub's time for the request, and what
+    is left outside the stub (gRPC client, server, ensemble, IPC)."""
+    runner = load_runner(export, backend="onnxruntime", threads=1)
+    info = ModelInfo.from_manifest(runner.manifest)
+    gamma = sampling.check_request(info.spec, 1)
+    jump_s = []
+
+    def timed_jump(*a):
+        t0 = time.perf_counter()
+        out = runner(*a)
+        jump_s.append(time.perf_counter() - t0)
+        return out
+
+    label = 0 if info.num_classes else None
+    labels = None if label is None else [label]
+    for old in work.glob("trace.*.jsonl"):
+        old.unlink()
+    local, served_lat = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        x = run_group(timed_jump, info, [Item(20_000_000 + i, 1, gamma, label)])
+        if info.is_image:
+            to_images(info, x)
+        local.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        client.infer(model, [20_000_000 + i], 1, class_labels=labels, outputs=("image",))
+        served_lat.append(time.perf_counter() - t0)
+    time.sleep(0.2)  # the last trace line is written after the response is sent
+    recs = sorted(read_traces(work.glob("trace.*.jsonl")), key=lambda r: r["exec"])[-n:]
+    if len(recs) < n:
+        return {}
+    stub = [r["sent"] - r["exec"] for r in recs]
+    med = lambda a: float(np.median(a)) * 1e3  # noqa: E731
+    return {"rounds": n, "in-process request": med(local), "in-process jump": med(jump_s),
+            "Triton request": med(served_lat), "stub: the jump": med([r["jump_s"] for r in recs]),
+            "stub: the rest (read, validate, noise, settle, response)": med(
+                [t - r["jump_s"] for t, r in zip(stub, recs)]),
+            "outside the stub (client, gRPC, server, ensemble, IPC)": med(
+                [lat - t for lat, t in zip(served_lat, stub)])}
+
+
 def measure(server, client, model: str, run, pyspy: str | None, rate: int, seconds: float, work: Path, tag: str):
     """run() under py-spy on the sampler stubs; (latencies, CPU s per process, samples per part)."""
     stubs = stub_pids(server)
@@ -160,6 +212,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="load (and py-spy) seconds per step count")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--no-py-spy", action="store_true", help="CPU per process only")
+    ap.add_argument("--rounds", type=int, default=300,
+                    help="rounds of in-process / Triton 1-step requests taken apart (default 300)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
     pyspy = None if args.no_py_spy else (shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"))
@@ -198,6 +252,8 @@ def main() -> int:
                                  args.rate, 0, work, "floor-idle")
         report["floor_after_idle"] = {"gap_ms": gap_s * 1e3, "p50_ms": sorted(lat)[len(lat) // 2] * 1e3,
                                       "cpu_ms_per_request": {k: v * 1e3 / len(lat) for k, v in cpu.items()}}
+        if STAGES:
+            report["paired"] = paired(client, model, args.export, work, args.rounds)
         report["load_avg"].append(list(os.getloadavg()))
     print(table(report))
     if args.out:
@@ -243,6 +299,11 @@ def table(report: dict) -> str:
         lines.append(f"floor after {fi['gap_ms']:.1f} ms idle (the 1-step request's time in the stub): p50 "
                      f"{fi['p50_ms']:.2f} ms; CPU ms per request "
                      + ", ".join(f"{p} {v:.2f}" for p, v in fi["cpu_ms_per_request"].items() if v))
+    pa = report.get("paired")
+    if pa:
+        lines.append("")
+        lines.append(f"1 step, {pa['rounds']} rounds of in-process then Triton, medians (ms): "
+                     + "; ".join(f"{k} {v:.3f}" for k, v in pa.items() if k != "rounds"))
     lines.append(f"requests: " + ", ".join(f"{k} steps {report['steps'][k]['requests']}" for k in steps)
                  + f"; load average {report['load_avg'][0][0]:.2f} -> {report['load_avg'][-1][0]:.2f}")
     return "\n".join(lines)
