@@ -304,7 +304,7 @@ def table(report: dict) -> str:
         lines.append("")
         lines.append(f"1 step, {pa['rounds']} rounds of in-process then Triton, medians (ms): "
                      + "; ".join(f"{k} {v:.3f}" for k, v in pa.items() if k != "rounds"))
-    lines.append(f"requests: " + ", ".join(f"{k} steps {report['steps'][k]['requests']}" for k in steps)
+    lines.append("requests: " + ", ".join(f"{k} steps {report['steps'][k]['requests']}" for k in steps)
                  + f"; load average {report['load_avg'][0][0]:.2f} -> {report['load_avg'][-1][0]:.2f}")
     return "\n".join(lines)
 
