@@ -35,6 +35,7 @@ from fewstep.demo.checks import (MAX_IMAGES, SEED_MAX, Request, check_request, c
                                  format_latency, gamma_applies, gamma_value, metric_name, model_info, steps_note,
                                  steps_text)
 from fewstep.serving.client import DEADLINE_S, ModelMeta  # noqa: E402
+from fewstep.serving.launcher import free_port  # noqa: E402
 
 CSS = """
 #fewstep-status:empty { display: none; }
@@ -336,9 +337,13 @@ class NoUploads:
 
 
 def launch(app, host: str = "127.0.0.1", port: int | None = 7860, quiet: bool = True):
-    """Start the page without blocking; returns its local URL."""
+    """Start the page without blocking; returns its local URL. port 0: a free one (as for the
+    server's ports; gradio would bind port 0 and then fail to reach its own page)."""
     import gradio as gr  # noqa: F401
     from starlette.middleware import Middleware
+
+    if port == 0:
+        port = free_port(host)
 
     app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=quiet,
                show_error=True, ssr_mode=False, inbrowser=False, css=CSS, footer_links=["api"],

@@ -14,7 +14,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="attach to a running server at this gRPC HOST:PORT instead of starting one")
     p.add_argument("--host", default="127.0.0.1", help="address the page (and the server it starts) bind to")
     p.add_argument("--port", type=int, default=None,
-                   help="the page's port (default 7860, or the next free one up to 7959)")
+                   help="the page's port (default 7860, or the next free one up to 7959; 0: any free one)")
     p.add_argument("--model", action="append", metavar="[NAME=]DIR",
                    help="serve these exported model dirs (repeatable) instead of the default models")
     p.add_argument("--models-dir", help="shipped default models (default: demo/models)")
