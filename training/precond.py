@@ -312,11 +312,21 @@ def _check_fit_args(samples, trace):
         raise UserError(f"trace must be one of {', '.join(TRACE_PROBES)}, got {trace!r}")
 
 
-def _fit_plan(x0, samples, batch, seed):
-    """The samples each chunk walks: the same for any number of worker processes."""
+def _fit_plan(x0, samples, points, batch, seed, t_min=EDM_T_MIN, t_max=EDM_T_MAX):
+    """(lambda grid, its times, the samples each chunk walks): the same for any number of
+    worker processes."""
+    lam = lambda_grid(points, t_min, t_max)
     gen = torch.Generator().manual_seed(int(seed))
     idx = torch.randint(0, x0.shape[0], (int(samples),), generator=gen)
-    return [idx[k:k + batch] for k in range(0, int(samples), batch)]
+    return lam, np.exp(-lam), [idx[k:k + batch] for k in range(0, int(samples), batch)]
+
+
+def _tables_of_chunks(lam, chunk_sums, x0, samples: int, variant: str) -> dict:
+    """The tables from every chunk's (l_sum, mom), summed in chunk order (so the same sums
+    whichever process walked which chunk)."""
+    l_sum = sum(c[0] for c in chunk_sums)
+    mom = sum(c[1] for c in chunk_sums)
+    return tables_from_sums(lam, l_sum, mom, samples, int(np.prod(x0.shape[1:])), variant)
 
 
 def walk_chunk(denoise, x0, labels, rows, c: int, ts, *, seed: int = 0, trace: str = TRACE_DEFAULT, tick=None):
@@ -399,20 +409,17 @@ def fit_analytic(denoise, x0: torch.Tensor, labels: torch.Tensor | None = None, 
     `rate_raw` and E|h|^2 / dim `hh`. log(msg): the ETA after the first chunk.
     """
     _check_fit_args(samples, trace)
-    lam = lambda_grid(points, t_min, t_max)
-    ts = np.exp(-lam)
-    plan = _fit_plan(x0, samples, batch, seed)
+    lam, ts, plan = _fit_plan(x0, samples, points, batch, seed, t_min, t_max)
     bar = _progress(len(lam) * len(plan), "precond fit", progress)
     start = time.time()
-    l_sum, mom = np.zeros(len(lam)), np.zeros((len(lam), 7))
+    chunk_sums = []
     for c, rows in enumerate(plan):
-        lc, mc = walk_chunk(denoise, x0, labels, rows, c, ts, seed=seed, trace=trace, tick=lambda: bar.update(1))
-        l_sum += lc
-        mom += mc
+        chunk_sums.append(walk_chunk(denoise, x0, labels, rows, c, ts, seed=seed, trace=trace,
+                                     tick=lambda: bar.update(1)))
         if c == 0 and log is not None and len(plan) > 1:
             _log_eta(log, time.time() - start, 1, len(plan), samples)
     bar.close()
-    return tables_from_sums(lam, l_sum, mom, samples, int(np.prod(x0.shape[1:])), variant)
+    return _tables_of_chunks(lam, chunk_sums, x0, samples, variant)
 
 
 def _log_eta(log, seconds, done, chunks, samples, workers=1):
@@ -565,9 +572,7 @@ def fit_workers(teacher) -> int:
 
 
 def _fit_parallel(teacher, x0, samples, points, seed, batch, trace, workers, progress):
-    lam = lambda_grid(points)
-    ts = np.exp(-lam)
-    plan = _fit_plan(x0, samples, batch, seed)
+    lam, ts, plan = _fit_plan(x0, samples, points, batch, seed)
     workers = max(1, min(int(workers), len(plan)))
     bar = _progress(len(lam) * len(plan), f"precond fit ({workers} processes)", progress)
     ctx = multiprocessing.get_context("spawn")
@@ -606,9 +611,7 @@ def _fit_parallel(teacher, x0, samples, points, seed, batch, trace, workers, pro
     bar.close()
     if failed:
         raise failed[0]
-    l_sum = sum(sums[c][0] for c in range(len(plan)))     # chunk order: the same sums for any worker count
-    mom = sum(sums[c][1] for c in range(len(plan)))
-    return tables_from_sums(lam, l_sum, mom, samples, int(np.prod(x0.shape[1:])), "backward")
+    return _tables_of_chunks(lam, [sums[c] for c in range(len(plan))], x0, samples, "backward")
 
 
 def fit_teacher(teacher, *, points=DEFAULT_POINTS, samples=DEFAULT_SAMPLES, seed=0, batch=FIT_BATCH,
